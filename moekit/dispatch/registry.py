@@ -1,0 +1,72 @@
+"""Engine registry: engines are selected by name; ``auto`` picks the fastest that supports the inputs.
+
+An engine computes ``y_t = sum_k weights_tk * E_{ids_tk}(x_t)`` over the non-empty slots of a
+:class:`~moekit.types.Routing`. Every engine is tested against ``reference``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..experts import ExpertBank
+from ..types import Routing
+
+__all__ = ["Engine", "register_engine", "get_engine", "resolve_engine", "ENGINES"]
+
+EngineFn = Callable[[torch.Tensor, Routing, ExpertBank], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A named engine. ``supports(x, bank)`` returns None when it can run, else the reason it cannot."""
+
+    name: str
+    fn: EngineFn
+    supports: Callable[[torch.Tensor, ExpertBank], str | None]
+    priority: int  # higher is preferred by ``auto``
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+        return self.fn(x_TD, routing, bank)
+
+
+ENGINES: dict[str, Engine] = {}
+
+
+def _always(x: torch.Tensor, bank: ExpertBank) -> str | None:
+    return None
+
+
+def register_engine(name: str, priority: int = 0, supports=_always):
+    """Decorator registering ``fn(x_TD, routing, bank) -> y_TD`` under ``name``."""
+
+    def wrap(fn: EngineFn) -> EngineFn:
+        ENGINES[name] = Engine(name, fn, supports, priority)
+        return fn
+
+    return wrap
+
+
+def get_engine(name: str) -> Engine:
+    if name not in ENGINES:
+        close = difflib.get_close_matches(name, list(ENGINES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown engine {name!r}{hint}; available: {sorted(ENGINES)} or 'auto'")
+    return ENGINES[name]
+
+
+def resolve_engine(name: str, x_TD: torch.Tensor, bank: ExpertBank) -> Engine:
+    """The engine to run for ``name`` on these inputs; ``auto`` picks the best supported one."""
+    if name == "auto":
+        for engine in sorted(ENGINES.values(), key=lambda e: -e.priority):
+            if engine.supports(x_TD, bank) is None:
+                return engine
+        raise RuntimeError("no registered engine supports these inputs")  # reference supports everything
+    engine = get_engine(name)
+    reason = engine.supports(x_TD, bank)
+    if reason is not None:
+        raise ValueError(f"engine {name!r} cannot run here: {reason}; use engine='auto' or 'reference'")
+    return engine

@@ -1,0 +1,142 @@
+"""The MoE layer: Router -> Routing -> Engine(x, Routing, ExpertBank) (+ shared experts).
+
+Dim legend: T tokens, D model dim, F expert hidden dim, E experts, K slots per token.
+
+A drop-in replacement for a feed-forward module (``[..., D] -> [..., D]``). Its definition::
+
+    y_t = sum_k weights_tk * w_down[e] @ (act(w_gate[e] @ x_t) * (w_up[e] @ x_t)),  e = expert_ids_tk
+          (+ shared_experts(x_t))
+
+Shared experts (DeepSeekMoE, arXiv 2401.06066) are one dense FFN of ``num_shared_experts * hidden_dim``
+that every token uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..configs import check, check_choice
+from ..dispatch import ENGINES, resolve_engine
+from ..experts import ACTIVATIONS, ExpertBank, FeedForward
+from ..routing import Router, RouterConfig
+from ..types import LayerStats, Routing, RoutingContext
+
+__all__ = ["MoEConfig", "MoE", "routing_stats"]
+
+EngineName = Literal["auto", "reference", "sorted", "grouped_mm"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward layer.
+
+    Attributes:
+        dim: model dimension D.
+        hidden_dim: hidden dimension F of each routed expert.
+        num_experts: routed experts E.
+        top_k: experts per token K (for expert choice: average experts per token, which sets capacity).
+        activation: ``swiglu`` (gated), ``gelu`` or ``relu``.
+        num_shared_experts: shared experts every token uses (one dense FFN of that many times hidden_dim).
+        engine: ``auto`` picks the fastest engine that supports the device and dtype.
+        router: scorer, selector and balancing settings.
+    """
+
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int = 2
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    num_shared_experts: int = 0
+    engine: EngineName = "auto"
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "hidden_dim", "num_experts", "top_k"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"moe.{name}={value!r} must be a positive integer")
+        check(self.top_k <= self.num_experts,
+              f"top_k={self.top_k} exceeds num_experts={self.num_experts}; lower top_k or raise num_experts")
+        check(self.num_shared_experts >= 0,
+              f"moe.num_shared_experts={self.num_shared_experts} must be >= 0 (0 means none)")
+        check_choice("moe", "activation", self.activation, ACTIVATIONS)
+        check_choice("moe", "engine", self.engine, ("auto", *sorted(ENGINES)))
+        check(isinstance(self.router, RouterConfig), f"moe.router must be a RouterConfig, got {self.router!r}")
+        self.router.validate_for(self.num_experts, self.top_k)
+
+    @property
+    def active_hidden(self) -> int:
+        """Hidden units each token uses: ``(top_k + num_shared_experts) * hidden_dim``."""
+        return (self.top_k + self.num_shared_experts) * self.hidden_dim
+
+
+def routing_stats(routing: Routing, bias_E: torch.Tensor | None = None) -> LayerStats:
+    """Per-layer statistics of one routing decision (device tensors; no host sync here)."""
+    E = routing.num_experts
+    scores_TE = routing.scores_TE.detach()
+    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
+    ids_TK = routing.expert_ids_TK
+    return LayerStats(
+        counts_E=routing.counts_E(E),
+        num_slots=ids_TK.numel(),
+        num_dropped=(ids_TK < 0).sum(),
+        token_entropy=entropy / math.log(E) if E > 1 else entropy,
+        bias_E=None if bias_E is None else bias_E.detach().clone(),
+    )
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts feed-forward layer; ``forward(x, ctx=None)`` maps ``[..., D] -> [..., D]``.
+
+    Args:
+        config: the layer's :class:`MoEConfig`.
+        name: the layer's name in a :class:`RoutingContext` (losses and statistics are recorded under it).
+    """
+
+    def __init__(self, config: MoEConfig, name: str = "moe") -> None:
+        super().__init__()
+        self.config = config
+        self.name = name
+        self.router = Router(config.dim, config.num_experts, config.top_k, config.router)
+        self.experts = ExpertBank(config.num_experts, config.dim, config.hidden_dim, config.activation)
+        self.shared_experts = (
+            FeedForward(config.dim, config.num_shared_experts * config.hidden_dim, config.activation)
+            if config.num_shared_experts > 0 else None)
+
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.config.dim:
+            raise ValueError(f"MoE expects inputs of shape [..., {self.config.dim}], got {tuple(x.shape)}; "
+                             f"check MoEConfig.dim")
+        return x.reshape(-1, self.config.dim)
+
+    def route(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None, num_sequences: int = 1) -> Routing:
+        """The routing decision alone (losses go to ``ctx`` when given)."""
+        return self.router(self._flatten(x_TD), ctx, layer=self.name, num_sequences=num_sequences)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+        x_TD = self._flatten(x)
+        num_sequences = x.shape[0] if x.dim() == 3 else 1
+        routing = self.route(x_TD, ctx, num_sequences)
+        y_TD = self.combine(x_TD, routing, ctx)
+        return y_TD.view(x.shape)
+
+    def combine(self, x_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None = None) -> torch.Tensor:
+        """Run the experts for a given routing (plus shared experts) and record statistics."""
+        engine = resolve_engine(self.config.engine, x_TD, self.experts)
+        y_TD = engine(x_TD, routing, self.experts)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        if ctx is not None and ctx.collect_stats:
+            bias = self.router.expert_bias if self.router.uses_bias else None
+            ctx.add_stats(self.name, routing_stats(routing, bias))
+        return y_TD
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, top_k={c.top_k}, "
+                f"shared={c.num_shared_experts}, engine={c.engine}")

@@ -1,0 +1,43 @@
+"""Balancing losses: pure functions of router outputs, returned unweighted (the router weights them).
+
+Dim legend: T tokens, E experts, K slots per token, B sequences, S tokens per sequence.
+
+- Switch/GShard load-balancing loss (arXiv 2101.03961 eqs. 4-6): ``E * sum_i f_i * P_i`` where ``f_i`` is the
+  fraction of assignments routed to expert ``i`` (no gradient) and ``P_i`` the mean router probability.
+  Uniform routing gives exactly 1. The sequence-level form (DeepSeek) computes it per sequence and averages.
+- Router z-loss (ST-MoE, arXiv 2202.08906 eq. 5): ``mean_t (logsumexp_j z_tj)^2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["load_balancing_loss", "z_loss"]
+
+
+def load_balancing_loss(
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_sequences: int = 1
+) -> torch.Tensor:
+    """Switch load-balancing loss, unweighted; ``num_sequences > 1`` averages it over sequences.
+
+    Args:
+        probs_TE: router probabilities (rows summing to 1) with gradient.
+        ids_TK: selected experts before capacity dropping (``-1`` slots ignored).
+        num_sequences: ``B`` when the ``T = B*S`` rows are ``B`` sequences laid out one after the other.
+    """
+    T, E = probs_TE.shape
+    if T % num_sequences:
+        raise ValueError(f"{T} tokens do not split into {num_sequences} equal sequences; "
+                         f"use aux_loss_level='batch' for ragged input")
+    B = num_sequences
+    ids_BN = (ids_TK + 1).reshape(B, -1)  # empty slots (-1) land in column 0, dropped below
+    assigned_BE = torch.zeros(B, E + 1, device=probs_TE.device, dtype=probs_TE.dtype)
+    assigned_BE = assigned_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN, dtype=probs_TE.dtype))[:, 1:]
+    f_BE = assigned_BE / assigned_BE.sum(-1, keepdim=True).clamp_min(1.0)
+    P_BE = probs_TE.view(B, T // B, E).mean(1)
+    return (E * (f_BE.detach() * P_BE).sum(-1)).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss, unweighted."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
