@@ -26,6 +26,7 @@ class FeedForward(nn.Module):
         else:
             self.register_parameter("w_gate", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
+        """``ctx`` is accepted (and unused) so that dense and MoE feed-forwards are interchangeable."""
         h_gate = F.linear(x, self.w_gate) if self.w_gate is not None else None
         return F.linear(hidden(self.activation, h_gate, F.linear(x, self.w_up)), self.w_down)

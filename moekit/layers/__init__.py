@@ -1,5 +1,6 @@
 """MoE layers and their variants (compositions of Router, Engine and ExpertBank)."""
 
 from .moe import MoE, MoEConfig, routing_stats
+from .registry import FFN_BUILDERS, build_ffn, register_ffn
 
-__all__ = ["MoE", "MoEConfig", "routing_stats"]
+__all__ = ["MoE", "MoEConfig", "routing_stats", "FFN_BUILDERS", "build_ffn", "register_ffn"]
