@@ -48,6 +48,8 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
         return "grouped_mm is a loop of matmuls on CPU (no faster); it is chosen automatically only on CUDA"
     if x.dtype != torch.bfloat16:
         return f"grouped_mm on CUDA wants bfloat16 inputs, got {x.dtype}"
+    if bank.dim % 8 or bank.hidden_dim % 8:
+        return f"grouped_mm needs dim and hidden_dim divisible by 8 (16-byte strides), got {bank.dim}, {bank.hidden_dim}"
     return None
 
 
@@ -64,11 +66,12 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     order_N = torch.argsort(ids_N, stable=True)
     offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
     token_N = order_N // K
-    x_ND = x_TD[token_N]
+    valid_N = ids_N[order_N] < E
+    # Rows past the last offset are left unwritten by grouped_mm (forward and backward): mask them both ways.
+    x_ND = torch.where(valid_N[:, None], x_TD[token_N], x_TD.new_zeros(()))
     h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E)
     h_gate = F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) if bank.gated else None
     out_ND = F.grouped_mm(hidden(bank.activation, h_gate, h_up), bank.w_down.transpose(-2, -1), offs=offs_E)
-    valid_N = ids_N[order_N] < E
     weights_N = routing.weights_TK.reshape(-1)[order_N].to(out_ND.dtype)
     out_ND = torch.where(valid_N[:, None], out_ND * weights_N[:, None], out_ND.new_zeros(()))
     return torch.zeros_like(x_TD).index_add(0, token_N, out_ND)
