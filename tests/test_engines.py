@@ -153,3 +153,14 @@ def test_permuting_tokens_permutes_output():
     x = torch.randn(9, 16)
     perm = torch.randperm(9)
     assert_close(moe(x)[perm], moe(x[perm]), "permutation equivariance")
+
+
+def test_auto_picks_sorted_on_cpu_and_grouped_mm_refuses_clearly():
+    from moekit.dispatch import resolve_engine
+    bank = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=2, top_k=1)).experts
+    x = torch.randn(3, 8)
+    assert resolve_engine("auto", x, bank).name == "sorted"
+    with pytest.raises(ValueError, match="grouped_mm.*cannot run here.*CUDA"):
+        resolve_engine("grouped_mm", x, bank)
+    with pytest.raises(ValueError, match="did you mean 'sorted'"):
+        resolve_engine("sortd", x, bank)
