@@ -164,3 +164,19 @@ def test_auto_picks_sorted_on_cpu_and_grouped_mm_refuses_clearly():
         resolve_engine("grouped_mm", x, bank)
     with pytest.raises(ValueError, match="did you mean 'sorted'"):
         resolve_engine("sortd", x, bank)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
+def test_sorted_moe_ffn_gradcheck_float64(activation):
+    from moekit.ops import sorted_moe_ffn
+    torch.manual_seed(0)
+    E, D, F, T = 3, 5, 4, 6
+    counts = [3, 0, 4]  # expert 1 gets nothing
+    token_N = torch.tensor([0, 2, 5, 1, 2, 3, 4])
+    dbl = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, D, **dbl)
+    w = torch.rand(7, **dbl)
+    w_gate = torch.randn(E, F, D, **dbl) if activation == "swiglu" else None
+    w_up, w_down = torch.randn(E, F, D, **dbl), torch.randn(E, D, F, **dbl)
+    inputs = (x, w, token_N, counts, w_gate, w_up, w_down, activation)
+    assert torch.autograd.gradcheck(lambda *a: sorted_moe_ffn(*a), inputs, eps=1e-6, atol=1e-5)
