@@ -37,14 +37,17 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
+def saved_activation_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module | None = None) -> int:
     """Bytes of the tensors autograd saves for backward during ``fn()`` (a device-independent proxy for
-    training memory on CPU, where the allocator keeps no peak statistics). Storages are counted once."""
+    training memory on CPU, where the allocator keeps no peak statistics). Storages are counted once;
+    ``module``'s parameters (which exist anyway) are not counted."""
     seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
