@@ -36,7 +36,8 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
     counts = counts.tolist()
     valid_N = order_N[counts[0]:]  # drop the empty slots, which sort first
     token_N = valid_N // K
-    out_ND = expert_ffn(x_TD[token_N], bank.w_gate, bank.w_up, bank.w_down, counts[1:], bank.activation)
+    out_ND = expert_ffn(x_TD[token_N], bank.w_gate, bank.w_up, bank.w_down, counts[1:], bank.activation,
+                        bank.b_gate, bank.b_up, bank.b_down)
     weights_N = routing.weights_TK.reshape(-1)[valid_N].to(out_ND.dtype)
     return torch.zeros_like(x_TD).index_add(0, token_N, out_ND * weights_N[:, None])
 
@@ -65,9 +66,16 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
     token_N = order_N // K
     x_ND = x_TD[token_N]
-    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E)
-    h_gate = F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) if bank.gated else None
+    sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; zeroed below
+
+    def bias(b):
+        return 0.0 if b is None else b[sorted_ids_N]
+
+    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E) + bias(bank.b_up)
+    h_gate = (F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) + bias(bank.b_gate)
+              if bank.gated else None)
     out_ND = F.grouped_mm(hidden(bank.activation, h_gate, h_up), bank.w_down.transpose(-2, -1), offs=offs_E)
+    out_ND = out_ND + bias(bank.b_down)
     valid_N = ids_N[order_N] < E
     weights_N = routing.weights_TK.reshape(-1)[order_N].to(out_ND.dtype)
     out_ND = torch.where(valid_N[:, None], out_ND * weights_N[:, None], out_ND.new_zeros(()))
