@@ -101,6 +101,18 @@ def _hf_state(block: nn.Module) -> dict[str, torch.Tensor]:
     return dict(block.state_dict(keep_vars=True))
 
 
+class _ReadRecorder(dict):
+    """A dict that remembers which keys were read, to find block tensors an adapter never looked at."""
+
+    def __init__(self, data: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def convert_block(block: nn.Module, adapter: Adapter, *, name: str = "moe", engine: str = "auto",
                   copy: bool = False, verify: bool = True) -> MoE:
     """A moekit :class:`MoE` computing what the transformers ``block`` computes, from the same weights.
@@ -121,7 +133,12 @@ def convert_block(block: nn.Module, adapter: Adapter, *, name: str = "moe", engi
     """
     cfg = replace(adapter.moe_config(block), engine=engine)
     hf = _hf_state(block)
-    mk = adapter.to_moekit(hf, cfg)
+    recorder = _ReadRecorder(hf)
+    mk = adapter.to_moekit(recorder, cfg)
+    unread = sorted(set(hf) - recorder.read)
+    if unread:
+        raise ConversionError(f"{adapter.name}: block tensors {unread} are not mapped by the adapter and would "
+                              f"be dropped; the block differs from the {type(block).__name__} moekit knows")
     want = _expected_shapes(cfg)
     if "router.expert_bias" not in mk:
         mk["router.expert_bias"] = torch.zeros(cfg.num_experts, device=hf[next(iter(hf))].device)
