@@ -166,8 +166,9 @@ def test_auto_picks_sorted_on_cpu_and_grouped_mm_refuses_clearly():
         resolve_engine("sortd", x, bank)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
-def test_sorted_moe_ffn_gradcheck_float64(activation):
+@pytest.mark.parametrize("activation,use_bias", [("swiglu", False), ("gelu", False), ("relu", False),
+                                                 ("swiglu", True), ("clamped_swiglu", True), ("gelu", True)])
+def test_sorted_moe_ffn_gradcheck_float64(activation, use_bias):
     from moekit.ops import sorted_moe_ffn
     torch.manual_seed(0)
     E, D, F, T = 3, 5, 4, 6
@@ -176,7 +177,10 @@ def test_sorted_moe_ffn_gradcheck_float64(activation):
     dbl = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(T, D, **dbl)
     w = torch.rand(7, **dbl)
-    w_gate = torch.randn(E, F, D, **dbl) if activation == "swiglu" else None
+    gated = activation.endswith("swiglu")
+    w_gate = torch.randn(E, F, D, **dbl) if gated else None
     w_up, w_down = torch.randn(E, F, D, **dbl), torch.randn(E, D, F, **dbl)
-    inputs = (x, w, token_N, counts, w_gate, w_up, w_down, activation)
+    biases = (torch.randn(E, F, **dbl) if gated else None, torch.randn(E, F, **dbl),
+              torch.randn(E, D, **dbl)) if use_bias else ()
+    inputs = (x, w, token_N, counts, w_gate, w_up, w_down, activation, *biases)
     assert torch.autograd.gradcheck(lambda *a: sorted_moe_ffn(*a), inputs, eps=1e-6, atol=1e-5)

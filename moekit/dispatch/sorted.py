@@ -37,7 +37,7 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
     valid_N = order_N[counts[0]:]  # drop the empty slots, which sort first
     weights_N = routing.weights_TK.reshape(-1)[valid_N]
     return sorted_moe_ffn(x_TD, weights_N, valid_N // K, counts[1:], bank.w_gate, bank.w_up, bank.w_down,
-                          bank.activation)
+                          bank.activation, bank.b_gate, bank.b_up, bank.b_down)
 
 
 def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
@@ -47,8 +47,6 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
         return "grouped_mm is a loop of matmuls on CPU (no faster); it is chosen automatically only on CUDA"
     if x.dtype != torch.bfloat16:
         return f"grouped_mm on CUDA wants bfloat16 inputs, got {x.dtype}"
-    if bank.dim % 8 or bank.hidden_dim % 8:
-        return f"grouped_mm needs dim and hidden_dim divisible by 8 (16-byte strides), got {bank.dim}, {bank.hidden_dim}"
     return None
 
 
@@ -65,12 +63,21 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     order_N = torch.argsort(ids_N, stable=True)
     offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
     token_N = order_N // K
-    valid_N = ids_N[order_N] < E
-    # Rows past the last offset are left unwritten by grouped_mm (forward and backward): mask them both ways.
-    x_ND = torch.where(valid_N[:, None], x_TD[token_N], x_TD.new_zeros(()))
-    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E)
-    h_gate = F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) if bank.gated else None
-    out_ND = F.grouped_mm(hidden(bank.activation, h_gate, h_up), bank.w_down.transpose(-2, -1), offs=offs_E)
+    valid_N1 = (ids_N[order_N] < E)[:, None]
+    zero = x_TD.new_zeros(())
+    # grouped_mm leaves rows past the last offset unwritten, in forward and in backward: every tensor that
+    # crosses it is masked so that neither garbage values nor garbage gradients reach x or the biases.
+    x_ND = torch.where(valid_N1, x_TD[token_N], zero)
+    sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; masked
+
+    def bias(b):
+        return 0.0 if b is None else b[sorted_ids_N]
+
+    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E) + bias(bank.b_up)
+    h_gate = (F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) + bias(bank.b_gate)
+              if bank.gated else None)
+    a_NF = torch.where(valid_N1, hidden(bank.activation, h_gate, h_up), zero)
+    out_ND = F.grouped_mm(a_NF, bank.w_down.transpose(-2, -1), offs=offs_E) + bias(bank.b_down)
     weights_N = routing.weights_TK.reshape(-1)[order_N].to(out_ND.dtype)
-    out_ND = torch.where(valid_N[:, None], out_ND * weights_N[:, None], out_ND.new_zeros(()))
+    out_ND = torch.where(valid_N1, out_ND * weights_N[:, None], zero)
     return torch.zeros_like(x_TD).index_add(0, token_N, out_ND)

@@ -3,7 +3,8 @@
 Dim legend: E experts, F expert hidden dim, D model dim, T tokens.
 
 Expert ``e`` computes ``w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))`` for SwiGLU and
-``w_down[e] @ act(w_up[e] @ x)`` for GELU / ReLU. Only banks hold expert parameters; engines decide how the
+``w_down[e] @ act(w_up[e] @ x)`` for GELU / ReLU. With ``use_bias`` every projection adds its own per-expert
+bias (``b_gate, b_up: [E, F]``, ``b_down: [E, D]``), as in GPT-OSS or a dense BERT FFN split into experts. Only banks hold expert parameters; engines decide how the
 tokens reach them.
 """
 
@@ -26,10 +27,12 @@ class ExpertBank(nn.Module):
         num_experts: E.
         dim: D.
         hidden_dim: F.
-        activation: ``swiglu`` (has ``w_gate``), ``gelu`` or ``relu`` (no ``w_gate``).
+        activation: ``swiglu`` / ``clamped_swiglu`` (have ``w_gate``), ``gelu`` or ``relu`` (no ``w_gate``).
+        use_bias: give every projection a per-expert bias (initialised to zero).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu") -> None:
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
+                 use_bias: bool = False) -> None:
         super().__init__()
         check_choice("experts", "activation", activation, ACTIVATIONS)
         check(num_experts >= 1 and dim >= 1 and hidden_dim >= 1,
@@ -41,6 +44,11 @@ class ExpertBank(nn.Module):
             self.w_gate = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         else:
             self.register_parameter("w_gate", None)
+        self.use_bias = use_bias
+        for name, shape, wanted in (("b_gate", (num_experts, hidden_dim), use_bias and is_gated(activation)),
+                                    ("b_up", (num_experts, hidden_dim), use_bias),
+                                    ("b_down", (num_experts, dim), use_bias)):
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)) if wanted else None)
         self.reset_parameters()
 
     @property
@@ -54,13 +62,19 @@ class ExpertBank(nn.Module):
             if self.w_gate is not None:
                 nn.init.normal_(self.w_gate, std=std or self.dim**-0.5)
             nn.init.normal_(self.w_down, std=std or self.hidden_dim**-0.5)
+            for b in (self.b_gate, self.b_up, self.b_down):
+                if b is not None:
+                    b.zero_()
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
         """Run expert ``e`` on every row of ``x_TD`` (the readable definition; used by the reference)."""
-        h_up = F.linear(x_TD, self.w_up[e])
-        h_gate = F.linear(x_TD, self.w_gate[e]) if self.gated else None
-        return F.linear(hidden(self.activation, h_gate, h_up), self.w_down[e])
+        def bias(b):
+            return None if b is None else b[e]
+
+        h_up = F.linear(x_TD, self.w_up[e], bias(self.b_up))
+        h_gate = F.linear(x_TD, self.w_gate[e], bias(self.b_gate)) if self.gated else None
+        return F.linear(hidden(self.activation, h_gate, h_up), self.w_down[e], bias(self.b_down))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-                f"activation={self.activation}")
+                f"activation={self.activation}, use_bias={self.use_bias}")

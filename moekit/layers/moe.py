@@ -8,7 +8,8 @@ A drop-in replacement for a feed-forward module (``[..., D] -> [..., D]``). Its 
           (+ shared_experts(x_t))
 
 Shared experts (DeepSeekMoE, arXiv 2401.06066) are one dense FFN of ``num_shared_experts * hidden_dim``
-that every token uses.
+(or ``shared_hidden_dim``) units that every token uses. Qwen2-MoE scales their output per token by a learned
+sigmoid gate, ``sigmoid(w_shared_gate @ x_t)`` (``use_shared_gate``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..configs import check, check_choice
@@ -40,8 +42,12 @@ class MoEConfig:
         hidden_dim: hidden dimension F of each routed expert.
         num_experts: routed experts E.
         top_k: experts per token K (for expert choice: average experts per token, which sets capacity).
-        activation: ``swiglu`` (gated), ``gelu`` or ``relu``.
+        activation: ``swiglu`` / ``clamped_swiglu`` (gated), ``gelu`` or ``relu``.
         num_shared_experts: shared experts every token uses (one dense FFN of that many times hidden_dim).
+        shared_hidden_dim: hidden size of that shared FFN when it is not ``num_shared_experts * hidden_dim``
+            (Qwen2-MoE); ``None`` keeps the product.
+        use_shared_gate: scale the shared experts' output by ``sigmoid(w_shared_gate @ x)`` (Qwen2-MoE).
+        use_ffn_bias: the routed experts' projections carry per-expert biases (GPT-OSS, split BERT FFNs).
         engine: ``auto`` picks the fastest engine that supports the device and dtype.
         router: scorer, selector and balancing settings.
     """
@@ -50,8 +56,11 @@ class MoEConfig:
     hidden_dim: int
     num_experts: int
     top_k: int = 2
-    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    activation: Literal["swiglu", "clamped_swiglu", "gelu", "relu"] = "swiglu"
     num_shared_experts: int = 0
+    shared_hidden_dim: int | None = None
+    use_shared_gate: bool = False
+    use_ffn_bias: bool = False
     engine: EngineName = "auto"
     router: RouterConfig = field(default_factory=RouterConfig)
 
@@ -63,15 +72,27 @@ class MoEConfig:
               f"top_k={self.top_k} exceeds num_experts={self.num_experts}; lower top_k or raise num_experts")
         check(self.num_shared_experts >= 0,
               f"moe.num_shared_experts={self.num_shared_experts} must be >= 0 (0 means none)")
+        check(self.shared_hidden_dim is None or (self.num_shared_experts > 0 and self.shared_hidden_dim >= 1),
+              f"moe.shared_hidden_dim={self.shared_hidden_dim} needs num_shared_experts >= 1 and a positive "
+              f"size; set num_shared_experts=1 or leave shared_hidden_dim=None")
+        check(not self.use_shared_gate or self.num_shared_experts > 0,
+              "moe.use_shared_gate=True needs num_shared_experts >= 1 (there is nothing to gate)")
         check_choice("moe", "activation", self.activation, ACTIVATIONS)
         check_choice("moe", "engine", self.engine, ("auto", *sorted(ENGINES)))
         check(isinstance(self.router, RouterConfig), f"moe.router must be a RouterConfig, got {self.router!r}")
         self.router.validate_for(self.num_experts, self.top_k)
 
     @property
+    def shared_size(self) -> int:
+        """Hidden units of the shared FFN (0 without shared experts)."""
+        if self.shared_hidden_dim is not None:
+            return self.shared_hidden_dim
+        return self.num_shared_experts * self.hidden_dim
+
+    @property
     def active_hidden(self) -> int:
-        """Hidden units each token uses: ``(top_k + num_shared_experts) * hidden_dim``."""
-        return (self.top_k + self.num_shared_experts) * self.hidden_dim
+        """Hidden units each token uses: ``top_k * hidden_dim`` plus the shared FFN's."""
+        return self.top_k * self.hidden_dim + self.shared_size
 
 
 def routing_stats(routing: Routing, bias_E: torch.Tensor | None = None) -> LayerStats:
@@ -103,10 +124,14 @@ class MoE(nn.Module):
         self.config = config
         self.name = name
         self.router = Router(config.dim, config.num_experts, config.top_k, config.router)
-        self.experts = ExpertBank(config.num_experts, config.dim, config.hidden_dim, config.activation)
+        self.experts = ExpertBank(config.num_experts, config.dim, config.hidden_dim, config.activation,
+                                  use_bias=config.use_ffn_bias)
         self.shared_experts = (
-            FeedForward(config.dim, config.num_shared_experts * config.hidden_dim, config.activation)
+            FeedForward(config.dim, config.shared_size, config.activation)
             if config.num_shared_experts > 0 else None)
+        self.register_parameter(
+            "w_shared_gate",
+            nn.Parameter(torch.zeros(1, config.dim)) if config.use_shared_gate else None)
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.config.dim:
@@ -130,7 +155,10 @@ class MoE(nn.Module):
         engine = resolve_engine(self.config.engine, x_TD, self.experts)
         y_TD = engine(x_TD, routing, self.experts)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.w_shared_gate is not None:
+                shared_TD = torch.sigmoid(F.linear(x_TD, self.w_shared_gate)) * shared_TD
+            y_TD = y_TD + shared_TD
         if ctx is not None and ctx.collect_stats:
             bias = self.router.expert_bias if self.router.uses_bias else None
             ctx.add_stats(self.name, routing_stats(routing, bias))

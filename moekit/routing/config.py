@@ -38,6 +38,9 @@ class RouterConfig:
         z_loss_coef: ST-MoE router z-loss coefficient (1e-3 in ST-MoE); 0 disables.
         bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing speed gamma (1e-3 in V3); 0 disables.
         jitter_eps: multiplicative input jitter in training (Switch: 1e-2); 0 disables.
+        use_logit_bias: the router's linear map has a learned bias, ``logits = W x + b`` (GPT-OSS).
+        use_selection_bias: selection adds the ``expert_bias`` buffer to the scores even when it is not
+            updated (``bias_update_rate=0``), e.g. a DeepSeek-V3 checkpoint's trained correction bias.
     """
 
     score_func: ScoreFunc = "softmax"
@@ -54,6 +57,8 @@ class RouterConfig:
     z_loss_coef: float = 0.0
     bias_update_rate: float = 0.0
     jitter_eps: float = 0.0
+    use_logit_bias: bool = False
+    use_selection_bias: bool = False
 
     def __post_init__(self) -> None:
         check_choice("router", "score_func", self.score_func, ("softmax", "sigmoid"))
@@ -85,6 +90,6 @@ class RouterConfig:
                   f"top_k={top_k} exceeds the {self.topk_groups} kept groups x {per_group} experts each; "
                   f"raise router.topk_groups or lower top_k")
         if self.selector == "expert_choice":
-            check(self.bias_update_rate == 0 and self.num_groups == 1,
-                  "router.selector='expert_choice' balances by construction; set bias_update_rate=0 and "
-                  "num_groups=1")
+            check(self.bias_update_rate == 0 and self.num_groups == 1 and not self.use_selection_bias,
+                  "router.selector='expert_choice' balances by construction; set bias_update_rate=0, "
+                  "use_selection_bias=False and num_groups=1")

@@ -39,11 +39,19 @@ class Router(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.normal_(self.weight, std=dim**-0.5)
+        self.register_parameter(
+            "bias", nn.Parameter(torch.zeros(num_experts)) if self.config.use_logit_bias else None)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
 
     @property
     def uses_bias(self) -> bool:
+        """Whether selection adds ``expert_bias`` (updated by :meth:`step`, or loaded and fixed)."""
+        return self.config.bias_update_rate > 0 or self.config.use_selection_bias
+
+    @property
+    def updates_bias(self) -> bool:
+        """Whether :meth:`step` updates ``expert_bias`` (auxiliary-loss-free balancing)."""
         return self.config.bias_update_rate > 0
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -51,7 +59,7 @@ class Router(nn.Module):
         if self.training and self.config.jitter_eps > 0:
             eps = self.config.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x_TD, self.weight.float())
+        return F.linear(x_TD, self.weight.float(), None if self.bias is None else self.bias.float())
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         if self.config.score_func == "softmax":
@@ -97,7 +105,7 @@ class Router(nn.Module):
             if cf is not None:
                 ids_TK, weights_TK = limit_capacity(
                     ids_TK, weights_TK, self.num_experts, capacity(T, self.num_experts, self.top_k, cf))
-        if self.training and self.uses_bias:
+        if self.training and self.updates_bias:
             with torch.no_grad():
                 self.pending_counts += torch.bincount(
                     ids_TK.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].float()
@@ -129,7 +137,7 @@ class Router(nn.Module):
         Call after ``optimizer.step()``. Uses the assignment counts gathered by training forwards since the
         last call (summed over ``process_group`` when distributed), then resets them.
         """
-        if not self.uses_bias:
+        if not self.updates_bias:
             return
         counts_E = self.pending_counts
         if process_group is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -145,7 +153,7 @@ def update_expert_biases(model: nn.Module, process_group=None) -> int:
 
     Returns the number of routers that use the auxiliary-loss-free bias.
     """
-    routers = [m for m in model.modules() if isinstance(m, Router) and m.uses_bias]
+    routers = [m for m in model.modules() if isinstance(m, Router) and m.updates_bias]
     for router in routers:
         router.step(process_group)
     return len(routers)

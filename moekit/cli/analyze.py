@@ -1,0 +1,132 @@
+"""``moekit analyze``: run text through an MoE model and report its routing (table, JSON and PNG plots).
+
+Copy-paste examples (CPU)::
+
+    # a random tiny model of any supported transformers architecture (no download)
+    python -m moekit.cli.analyze --tiny mixtral --stdlib 200 --out runs/analyze-tiny
+    # a transformers checkpoint folder on disk (loaded offline, MoE blocks patched by moekit)
+    python -m moekit.cli.analyze --hf /path/to/OLMoE-1B-7B --text notes.txt --out runs/analyze-olmoe
+    # any model a Python function builds: fn() -> model or (model, tokenizer)
+    python -m moekit.cli.analyze --model mypkg.models:build --stdlib 400
+
+On one GPU add ``--device cuda``. Writes ``table.txt``, ``tokens.txt``, ``report.json`` and ``load.png``,
+``coactivation.png``, ``entropy.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["register", "build_parser", "run", "main"]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (choose one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="PATH", help="a transformers model folder (offline); its MoE blocks are patched")
+    src.add_argument("--tiny", metavar="ARCH", help="a random tiny transformers model: mixtral, qwen2_moe, "
+                     "qwen3_moe, olmoe, deepseek_v3, gpt_oss")
+    src.add_argument("--model", metavar="MODULE:FN", help="a function returning a model or (model, tokenizer)")
+    txt = p.add_argument_group("text")
+    txt.add_argument("--text", metavar="FILE", action="append", default=[],
+                     help="text file, one passage per non-empty line (repeatable); default: stdlib docstrings")
+    txt.add_argument("--stdlib", type=int, default=400, metavar="N",
+                     help="number of standard-library docstring sentences when no --text is given (default 400)")
+    run_g = p.add_argument_group("run")
+    run_g.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
+    run_g.add_argument("--engine", default="auto", help="moekit engine for patched blocks (default auto)")
+    run_g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run_g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    run_g.add_argument("--max-length", type=int, default=128, help="tokens kept per passage (default 128)")
+    run_g.add_argument("--per-expert", type=int, default=5, help="tokens listed per expert (default 5)")
+    run_g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moekit analyze", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``analyze`` sub-command to a ``moekit`` argument parser's subparsers."""
+    p = subparsers.add_parser("analyze", help="routing analysis of an MoE model (table, JSON, PNG plots)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _load_model(args):
+    import moekit.hf as mh
+
+    if args.tiny:
+        from moekit.hf.tiny import tiny_model
+
+        return mh.patch(tiny_model(args.tiny, vocab_size=256, num_layers=4), engine=args.engine), None
+    if args.hf:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.hf, local_files_only=True)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.hf, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+        return mh.patch(model, engine=args.engine), tokenizer
+    module, _, fn = args.model.partition(":")
+    if not fn:
+        raise SystemExit(f"--model expects MODULE:FUNCTION, got {args.model!r}")
+    built = getattr(importlib.import_module(module), fn)()
+    model, tokenizer = built if isinstance(built, tuple) else (built, None)
+    if not any(type(m).__name__ == "MoE" for m in model.modules()):
+        model = mh.patch(model, engine=args.engine)
+    return model, tokenizer
+
+
+def _texts(args) -> list[str]:
+    if args.text:
+        lines = []
+        for path in args.text:
+            lines += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return lines
+    from moekit.analysis import stdlib_sentences
+
+    return stdlib_sentences(args.stdlib)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.analysis import analyze, save_plots
+
+    model, tokenizer = _load_model(args)
+    model.to(args.device)
+    texts = _texts(args)
+    if not texts:
+        raise SystemExit("no text to analyse: the --text files are empty")
+    report = analyze(model, texts, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                     per_expert=args.per_expert)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, tokens = report.table(), report.token_table(args.per_expert)
+    (out / "table.txt").write_text(table + "\n", encoding="utf-8")
+    (out / "tokens.txt").write_text(tokens + "\n", encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    print(table)
+    print()
+    print(tokens)
+    if not args.no_plots:
+        for path in save_plots(report, out):
+            print(f"wrote {path}")
+    print(f"wrote {out / 'table.txt'}, {out / 'tokens.txt'}, {out / 'report.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
