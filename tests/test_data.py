@@ -125,3 +125,22 @@ def test_data_errors_explain_the_fix(tmp_path):
     tiny = load_data(DataConfig(source="arithmetic", synthetic_bytes=1000))
     with pytest.raises(ConfigError, match="fewer than model.context"):
         list(val_batches(tiny, 2, 4096, 1))
+
+
+def test_hugging_face_tokenizer_from_a_local_folder(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["def f(x):\n    return x + 1\n" * 20, "import os\n" * 20],
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path / "tok")
+    data = load_data(DataConfig(max_files=4, max_bytes=40_000, tokenizer=str(tmp_path / "tok")))
+    assert data.tokenizer.vocab_size > 256 and data.train.max() >= 256  # merges are in use
+    assert data.bytes_per_token > 1.0
+    text = "def f(x):\n    return x + 1\n"
+    assert data.tokenizer.decode(data.tokenizer.encode(text)) == text
+    with pytest.raises(ConfigError, match="cannot load tokenizer"):
+        load_data(DataConfig(tokenizer=str(tmp_path / "no-such-tokenizer")))

@@ -139,3 +139,15 @@ def test_on_step_hooks_see_every_step():
     for step in range(2):
         train_step(model, opt, data, cfg, step, torch.device("cpu"))
     assert calls == [1, 2]
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_clear_error(tmp_path, monkeypatch):
+    from moekit.configs import ConfigError
+    from moekit.data import tokenizers
+
+    class Wide(tokenizers.ByteTokenizer):
+        vocab_size = 300
+
+    monkeypatch.setattr("moekit.data.dataset.get_tokenizer", lambda name: Wide())
+    with pytest.raises(ConfigError, match="--model.vocab_size=300"):
+        train(tiny(), tmp_path, progress=False)

@@ -127,7 +127,7 @@ def summary_table(summary: dict) -> str:
     """The end-of-run table: headline figures, then one row per MoE layer (load CV, dead experts)."""
     rows = [("validation loss", summary.get("val_loss")), ("validation bits/byte", summary.get("val_bpb")),
             ("steps", summary.get("step")), ("tokens", summary.get("tokens")),
-            ("tokens/s", summary.get("tokens_per_s")), ("MFU", summary.get("mfu")),
+            ("tokens/s", summary.get("tokens_per_s")), ("MFU", f"{summary.get('mfu', 0.0):.2%}"),
             ("matmul peak GFLOP/s", summary.get("peak_flops", 0) / 1e9),
             ("wall time s", summary.get("wall_time_s")),
             ("params (active)", f"{summary.get('total_params', 0):,} ({summary.get('active_params', 0):,})")]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import to_dict
+from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch
 from ..models import LanguageModel, count
 from ..routing import update_expert_biases
@@ -152,6 +152,10 @@ class _Run:
         self.model = LanguageModel(cfg.model).to(self.device)
         self.optimizer = build_optimizer(self.model, tc)
         self.data = load_data(cfg.data)
+        if self.data.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer {cfg.data.tokenizer!r} has {self.data.tokenizer.vocab_size} tokens "
+                              f"but model.vocab_size={cfg.model.vocab_size}; set "
+                              f"--model.vocab_size={self.data.tokenizer.vocab_size}")
         self.counts, self.peak = count(self.model), measure_matmul_peak(self.device)
         self.state = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
         if resume:
