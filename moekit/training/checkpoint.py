@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from ..configs import ConfigError, to_dict
+from ..configs import ConfigError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_state", "write_json", "read_json",
            "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE"]
@@ -90,7 +90,6 @@ def _load_tensors(path: Path, step: int) -> tuple[dict[str, torch.Tensor], dict]
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the run folder holds no complete checkpoint")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))

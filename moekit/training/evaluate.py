@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import ConfigError
 from ..data import TokenData, val_batches
 from ..types import LayerStats, RoutingContext
 
@@ -25,7 +26,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from ..configs import ConfigError
         raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
     return torch.device(name)
 

@@ -32,7 +32,9 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
     if train:
         steps = [r["step"] for r in train]
         ax.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.25, lw=0.8)
-        ax.plot(steps, _ema([r["loss"] for r in train]), color="tab:blue", label="train (EMA)")
+        # Memory of about n/20 steps (2 to 20): a long EMA would lag far behind the curve of a short run.
+        alpha = min(0.5, max(0.05, 20 / len(train)))
+        ax.plot(steps, _ema([r["loss"] for r in train], alpha), color="tab:blue", label="train (EMA)")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
                 label="validation")

@@ -29,14 +29,15 @@ from ..data import TokenData, load_data, train_batch
 from ..models import LanguageModel, count
 from ..routing import update_expert_biases
 from ..types import RoutingContext
-from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, load_checkpoint, read_json, save_checkpoint, write_json
+from .checkpoint import (CONFIG_FILE, STATE_FILE, CheckpointError, load_checkpoint, read_json, save_checkpoint,
+                         write_json)
 from .config import RunConfig
 from .evaluate import autocast, evaluate, resolve_device
 from .metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics, summary_table
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 
-__all__ = ["train", "TrainResult", "train_step"]
+__all__ = ["train", "TrainResult", "train_step", "call_on_step"]
 
 
 @dataclass
@@ -51,6 +52,13 @@ class TrainResult:
     def losses(self) -> list[float]:
         """Training loss of every step, in step order."""
         return [r["loss"] for r in self.records if "loss" in r]
+
+
+def call_on_step(model: nn.Module, step: int) -> None:
+    """The train-step hook: ``module.on_step(step)`` for every module that has one (``step`` steps are done)."""
+    for module in model.modules():
+        if callable(getattr(module, "on_step", None)):
+            module.on_step(step)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenData, cfg: RunConfig, step: int,
@@ -73,9 +81,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     update_expert_biases(model)
-    for module in model.modules():
-        if callable(getattr(module, "on_step", None)):
-            module.on_step(step + 1)
+    call_on_step(model, step + 1)
     ce, aux = ce_sum / tc.grad_accum, aux_sum / tc.grad_accum
     out = {"loss": ce + aux, "ce": ce, "aux": aux, "grad_norm": float(grad_norm)}
     if stats:
@@ -160,9 +166,7 @@ class _Run:
         self.state = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
         if resume:
             self.state = load_checkpoint(out_dir, self.model, self.optimizer, restore_rng=True)
-            for module in self.model.modules():
-                if callable(getattr(module, "on_step", None)):
-                    module.on_step(self.state["step"])
+            call_on_step(self.model, self.state["step"])  # hooks that keep state re-derive it from the step
         self.log = MetricsLog(out_dir / "metrics.jsonl", resume_step=self.state["step"] if resume else None)
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=progress)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context
