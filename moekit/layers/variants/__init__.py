@@ -1,0 +1,9 @@
+"""MoE variants: compositions of Router, Engine and ExpertBank, each registered with ``@register_ffn``.
+
+Importing this package registers every variant's builder (``moekit.layers`` imports it).
+"""
+
+from . import coe  # noqa: F401
+from .coe import ChainOfExperts, CoEConfig
+
+__all__ = ["ChainOfExperts", "CoEConfig"]

@@ -1,0 +1,46 @@
+"""Helpers shared by the MoE variants: option parsing, flattening, statistics.
+
+Dim legend: T tokens, D model dim, E experts, K slots per token, B batch, S sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...configs import from_dict
+from ...types import LayerStats, Routing, RoutingContext
+from ..moe import routing_stats
+
+__all__ = ["parse_options", "flatten", "record_stats", "add_extra"]
+
+
+def parse_options(cls, options: dict):
+    """The variant's config dataclass from the model's ``variant`` table (errors name ``variant.<key>``)."""
+    return from_dict(cls, dict(options or {}), prefix="variant")
+
+
+def flatten(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """``[..., D] -> [T, D]`` plus the number of equal sequences (``B`` for ``[B, S, D]`` input)."""
+    if x.shape[-1] != dim:
+        raise ValueError(f"expected inputs of shape [..., {dim}], got {tuple(x.shape)}; check MoEConfig.dim")
+    return x.reshape(-1, dim), (x.shape[0] if x.dim() == 3 else 1)
+
+
+def record_stats(ctx: RoutingContext | None, layer: str, routing: Routing | None, **extra) -> None:
+    """Record a :class:`LayerStats` (when ``ctx.collect_stats``) with variant statistics in ``extra``."""
+    if ctx is None or not ctx.collect_stats:
+        return
+    if routing is not None:
+        ctx.add_stats(layer, routing_stats(routing))
+    add_extra(ctx, layer, **extra)
+
+
+def add_extra(ctx: RoutingContext | None, layer: str, **extra) -> None:
+    """Add variant statistics to an existing (or a fresh, empty) :class:`LayerStats` of ``layer``."""
+    if ctx is None or not ctx.collect_stats:
+        return
+    if layer not in ctx.stats:
+        ctx.add_stats(layer, LayerStats(counts_E=torch.zeros(1), num_slots=0, num_dropped=torch.zeros(()),
+                                        token_entropy=torch.zeros(())))
+    for key, value in extra.items():
+        ctx.stats[layer].extra[key] = value.detach() if isinstance(value, torch.Tensor) else value
