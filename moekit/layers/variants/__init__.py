@@ -3,7 +3,8 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe  # noqa: F401
+from . import coe, moepp  # noqa: F401
 from .coe import ChainOfExperts, CoEConfig
+from .moepp import MoEPlusPlus, MoEPPConfig
 
-__all__ = ["ChainOfExperts", "CoEConfig"]
+__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig"]
