@@ -3,8 +3,9 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe, moepp  # noqa: F401
+from . import coe, moepp, topp  # noqa: F401
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
+from .topp import TopPConfig, TopPMoE
 
-__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig"]
+__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE"]
