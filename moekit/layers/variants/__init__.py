@@ -3,9 +3,11 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe, moepp, topp  # noqa: F401
+from . import coe, moepp, pr_moe, topp  # noqa: F401
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
+from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .topp import TopPConfig, TopPMoE
 
-__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE"]
+__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
+           "ResidualMoE", "ResidualMoEConfig"]
