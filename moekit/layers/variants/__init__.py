@@ -3,11 +3,12 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe, moepp, pr_moe, topp  # noqa: F401
+from . import coe, moepp, pr_moe, smoe_dropout, topp  # noqa: F401
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
+from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .topp import TopPConfig, TopPMoE
 
 __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
-           "ResidualMoE", "ResidualMoEConfig"]
+           "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig"]
