@@ -3,12 +3,14 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe, moepp, pr_moe, smoe_dropout, topp  # noqa: F401
+from . import coe, moepp, pr_moe, smoe_dropout, thor, topp  # noqa: F401
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
+from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 from .topp import TopPConfig, TopPMoE
 
 __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
-           "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig"]
+           "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
+           "THOR", "THORConfig", "consistency_loss", "add_consistency_loss"]
