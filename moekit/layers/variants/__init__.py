@@ -3,7 +3,8 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import coe, moepp, pr_moe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, moepp, pr_moe, smoe_dropout, thor, topp  # noqa: F401
+from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
@@ -13,4 +14,5 @@ from .topp import TopPConfig, TopPMoE
 
 __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
            "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
-           "THOR", "THORConfig", "consistency_loss", "add_consistency_loss"]
+           "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
+           "BlockFFN", "BlockFFNConfig"]
