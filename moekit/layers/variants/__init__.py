@@ -3,11 +3,12 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, moepp, pr_moe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, moepp, pr_moe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
+from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 from .topp import TopPConfig, TopPMoE
@@ -15,4 +16,5 @@ from .topp import TopPConfig, TopPMoE
 __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
            "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
            "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
-           "BlockFFN", "BlockFFNConfig"]
+           "BlockFFN", "BlockFFNConfig",
+           "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers"]

@@ -11,7 +11,7 @@ from ...configs import from_dict
 from ...types import LayerStats, Routing, RoutingContext
 from ..moe import routing_stats
 
-__all__ = ["parse_options", "flatten", "record_stats", "add_extra"]
+__all__ = ["parse_options", "flatten", "record_stats", "add_extra", "make_shared_experts", "run_experts"]
 
 
 def parse_options(cls, options: dict):
@@ -44,3 +44,21 @@ def add_extra(ctx: RoutingContext | None, layer: str, **extra) -> None:
                                         token_entropy=torch.zeros(())))
     for key, value in extra.items():
         ctx.stats[layer].extra[key] = value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def make_shared_experts(moe) -> "FeedForward | None":
+    """The layer's shared experts (one dense FFN of ``num_shared_experts * hidden_dim``), or None."""
+    from ...experts import FeedForward
+    return (FeedForward(moe.dim, moe.num_shared_experts * moe.hidden_dim, moe.activation)
+            if moe.num_shared_experts > 0 else None)
+
+
+def run_experts(moe, bank, shared, x_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None,
+                layer: str) -> torch.Tensor:
+    """Engine over ``bank`` (+ shared experts) for a given routing, recording the layer's statistics."""
+    from ...dispatch import resolve_engine
+    y_TD = resolve_engine(moe.engine, x_TD, bank)(x_TD, routing, bank)
+    if shared is not None:
+        y_TD = y_TD + shared(x_TD)
+    record_stats(ctx, layer, routing)
+    return y_TD
