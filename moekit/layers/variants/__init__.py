@@ -6,7 +6,9 @@ Importing this package registers every variant's builder (``moekit.layers`` impo
 from . import blockffn, coe, moepp, pr_moe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
+from .mod import MixtureOfDepths, MoDConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
+from .mor import MixtureOfRecursions, MoRConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
@@ -17,4 +19,5 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
            "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
            "BlockFFN", "BlockFFNConfig",
-           "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers"]
+           "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
+           "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig"]
