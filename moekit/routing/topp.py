@@ -18,15 +18,18 @@ __all__ = ["select_topp", "router_entropy"]
 
 
 def select_topp(probs_TE: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p selection. Returns ``(expert_ids_TE, weights_TE)`` with ``K = E`` slots in descending probability
-    order; slots past each token's set are ``-1`` with weight 0."""
+    """Top-p selection. Returns ``(expert_ids_TK, weights_TK)`` in descending probability order, ``K`` = the
+    largest set of any token (at most E); slots past each token's set are ``-1`` with weight 0."""
     sorted_TE, order_TE = probs_TE.detach().sort(dim=-1, descending=True)
     before_TE = sorted_TE.cumsum(-1) - sorted_TE  # exclusive cumulative sum
     keep_TE = before_TE <= threshold
     keep_TE[:, 0] = True
-    ids_TE = order_TE.masked_fill(~keep_TE, -1)
-    weights_TE = probs_TE.gather(1, order_TE).masked_fill(~keep_TE, 0.0)
-    return ids_TE, weights_TE
+    # kept slots are a prefix in sorted order: trim to the widest token (one host sync; engines sync anyway)
+    k = int(keep_TE.sum(-1).max())
+    keep_TK, order_TK = keep_TE[:, :k], order_TE[:, :k]
+    ids_TK = order_TK.masked_fill(~keep_TK, -1)
+    weights_TK = probs_TE.gather(1, order_TK).masked_fill(~keep_TK, 0.0)
+    return ids_TK, weights_TK
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:

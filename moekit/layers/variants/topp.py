@@ -1,6 +1,6 @@
 """Dynamic top-p routing MoE ("Harder Tasks Need More Experts", Huang et al. 2024, arXiv 2403.07652).
 
-Dim legend: T tokens, D model dim, E experts, K = E slots (unused ones are -1).
+Dim legend: T tokens, D model dim, E experts, K slots (the widest token's set; unused ones are -1).
 
 ``p = softmax(W_r x)``; each token uses the smallest prefix of its experts sorted by probability whose mass
 reaches the threshold ``P`` (:func:`moekit.routing.topp.select_topp`); ``y = sum_{i in S} p_i E_i(x)`` with raw
