@@ -98,7 +98,6 @@ def bench_mod(args, rows):
     block = FeedForward(args.dim, 4 * args.dim)
     x = torch.randn(max(1, args.tokens // 256), 256, args.dim)
     full = lambda h, ctx=None: block(h)  # noqa: E731  (a stand-in block: the FFN delta of a transformer block)
-    dense = MixtureOfDepths(args.dim, MoDConfig(capacity=1.0), name="mod")
     t_full = timed(lambda: block(x).square().mean().backward(), args.repeats)
     for cap in (0.5, 0.125):
         mod = MixtureOfDepths(args.dim, MoDConfig(capacity=cap), name="mod")
@@ -113,7 +112,6 @@ def bench_mod(args, rows):
             mod(x, full)
         rows.append(dict(variant="mod", setting=f"capacity={cap}", baseline_s=t_full, variant_s=t,
                          speedup=t_full / t, flop_ratio=c_full.get_total_flops() / c_mod.get_total_flops()))
-    del dense
 
 
 def main() -> None:
