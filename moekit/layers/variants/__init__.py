@@ -3,9 +3,10 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, moepp, pr_moe, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, gmoe, moepp, pr_moe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
+from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .mor import MixtureOfRecursions, MoRConfig
@@ -20,4 +21,5 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
            "BlockFFN", "BlockFFNConfig",
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
-           "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig"]
+           "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
+           "GraphOfTokensMoE", "GMoEConfig"]
