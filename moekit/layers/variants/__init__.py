@@ -3,7 +3,7 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, gmoe, moepp, pr_moe, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, gmoe, moepp, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE
@@ -11,6 +11,7 @@ from .mod import MixtureOfDepths, MoDConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .mor import MixtureOfRecursions, MoRConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
+from .promoe import ProMoE, ProMoEConfig
 from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
@@ -22,4 +23,4 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "BlockFFN", "BlockFFNConfig",
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
            "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
-           "GraphOfTokensMoE", "GMoEConfig"]
+           "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig"]
