@@ -3,13 +3,14 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, gmoe, moepp, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, gmoe, moepp, mumoe, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .mor import MixtureOfRecursions, MoRConfig
+from .mumoe import MultilinearMoE, MuMoEConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .promoe import ProMoE, ProMoEConfig
 from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
@@ -23,4 +24,5 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "BlockFFN", "BlockFFNConfig",
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
            "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
-           "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig"]
+           "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
+           "MultilinearMoE", "MuMoEConfig"]
