@@ -3,11 +3,12 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, gmoe, moepp, mumoe, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
+from .mofme import MoFME, MoFMEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .mor import MixtureOfRecursions, MoRConfig
 from .mumoe import MultilinearMoE, MuMoEConfig
@@ -25,4 +26,4 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
            "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
            "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
-           "MultilinearMoE", "MuMoEConfig"]
+           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig"]
