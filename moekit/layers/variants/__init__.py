@@ -3,7 +3,7 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE
@@ -14,6 +14,7 @@ from .mor import MixtureOfRecursions, MoRConfig
 from .mumoe import MultilinearMoE, MuMoEConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .promoe import ProMoE, ProMoEConfig
+from .readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner, RoutingPlan, planner_distillation_loss
 from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
@@ -26,4 +27,5 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
            "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
            "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
-           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig"]
+           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig",
+           "ReadMEConfig", "ReadMEMoE", "ReadMEPlanner", "RoutingPlan", "planner_distillation_loss"]
