@@ -4,6 +4,8 @@ CP and tensor-ring forwards and gradients, entmax15, the parameter-matched rank,
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moekit import RoutingContext
 from moekit.configs import ConfigError
@@ -96,6 +98,19 @@ def test_entmax15_is_sparse_on_the_simplex_matches_bisection_and_gradchecks():
     torch.testing.assert_close(p, (z / 2 - lo).clamp_min(0).square())
     assert torch.autograd.gradcheck(entmax15, (torch.randn(4, 6, dtype=torch.float64, requires_grad=True),))
     torch.testing.assert_close(entmax15(z.t(), dim=0), p.t())
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), n=st.integers(1, 9), scale=st.floats(0.01, 100.0), shift=st.floats(-50, 50),
+       seed=st.integers(0, 2**16))
+def test_entmax15_properties(rows, n, scale, shift, seed):
+    z = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    p = entmax15(z)
+    torch.testing.assert_close(p.sum(-1), torch.ones(rows, dtype=torch.float64))
+    assert torch.all(p >= 0)
+    torch.testing.assert_close(entmax15(z + shift), p)  # shift invariant
+    order = z.argsort(-1)
+    assert torch.all(p.gather(1, order).diff(dim=-1) >= -1e-12)  # monotone in the scores
 
 
 def test_matched_rank_matches_dense_parameters_and_the_released_gpt2_settings():
