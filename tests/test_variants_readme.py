@@ -149,3 +149,5 @@ def test_switch_rate_statistic_and_builder_options():
         build_ffn("readme", tiny_moe(), {"planner_dim": 12, "planner_heads": 4})
     with pytest.raises(ConfigError, match="variant.per_layer"):
         build_ffn("readme", tiny_moe(), {"per_layers": True})
+    with pytest.raises(ConfigError, match=r"router.capacity_factor=None \(got 1.5\)"):
+        ReadMEPlanner(tiny_moe(router=dict(capacity_factor=1.5)), ReadMEConfig(**SMALL))

@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import torch
 
-from ...configs import from_dict
+from ...configs import check, from_dict
 from ...types import LayerStats, Routing, RoutingContext
 from ..moe import routing_stats
 
-__all__ = ["parse_options", "flatten", "record_stats", "add_extra", "make_shared_experts", "run_experts"]
+__all__ = ["parse_options", "require_router", "flatten", "record_stats", "add_extra", "make_shared_experts", "run_experts"]
 
 
 def parse_options(cls, options: dict):
     """The variant's config dataclass from the model's ``variant`` table (errors name ``variant.<key>``)."""
     return from_dict(cls, dict(options or {}), prefix="variant")
+
+
+# The router settings a variant with its own softmax top-k routing implements (no capacity, bias or groups).
+PLAIN_TOPK = dict(score_func="softmax", selector="topk", num_groups=1, bias_update_rate=0.0, capacity_factor=None,
+                  eval_capacity_factor=None)
+
+
+def require_router(router, variant: str, why: str, **expected) -> None:
+    """Raise :class:`ConfigError` naming every ``router.<field>`` that differs from what ``variant`` supports."""
+    wrong = [f"router.{k}={v!r} (got {getattr(router, k)!r})" for k, v in expected.items() if getattr(router, k) != v]
+    check(not wrong, f"{variant} {why}; set {', '.join(wrong)}")
 
 
 def flatten(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:

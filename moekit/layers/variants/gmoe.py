@@ -49,7 +49,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoE, MoEConfig
 from ..registry import register_ffn
-from ._common import add_extra, flatten, parse_options
+from ._common import PLAIN_TOPK, add_extra, flatten, parse_options, require_router
 
 __all__ = ["GMoEConfig", "GraphOfTokensMoE", "ATTENTION_KEY", "mix_probabilities"]
 
@@ -86,12 +86,8 @@ class GraphOfTokensMoE(nn.Module):
     def __init__(self, moe: MoEConfig, config: GMoEConfig | None = None, name: str = "gmoe") -> None:
         super().__init__()
         self.config, self.name = config or GMoEConfig(), name
-        r = moe.router
-        check(r.score_func == "softmax" and r.selector == "topk" and r.num_groups == 1
-              and r.bias_update_rate == 0 and r.capacity_factor is None and r.eval_capacity_factor is None,
-              "graph-of-tokens routing mixes softmax probabilities for a dropless top-k selection; set "
-              "router.score_func='softmax', selector='topk', num_groups=1, bias_update_rate=0 and "
-              "capacity_factor=eval_capacity_factor=None")
+        require_router(moe.router, "graph-of-tokens routing", "mixes softmax probabilities for a dropless top-k",
+                       **PLAIN_TOPK)
         self.moe = MoE(moe, name=name)
         if self.config.similarity == "learned":
             self.similarity_weight = nn.Parameter(torch.eye(moe.dim))  # W_s; identity: self-similarity first

@@ -40,7 +40,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import flatten, make_shared_experts, parse_options, record_stats
+from ._common import PLAIN_TOPK, flatten, make_shared_experts, parse_options, record_stats, require_router
 
 __all__ = ["MoFMEConfig", "MoFME"]
 
@@ -73,12 +73,8 @@ class MoFME(nn.Module):
     def __init__(self, moe: MoEConfig, config: MoFMEConfig | None = None, name: str = "mofme") -> None:
         super().__init__()
         self.moe_config, self.config, self.name = moe, config or MoFMEConfig(), name
-        r = moe.router
-        check(r.score_func == "softmax" and r.selector == "topk" and r.num_groups == 1 and r.bias_update_rate == 0
-              and r.capacity_factor is None and r.eval_capacity_factor is None,
-              "MoFME averages softmax probabilities for a dropless top-k selection; set router.score_func="
-              "'softmax', selector='topk', num_groups=1, bias_update_rate=0, capacity_factor=None")
-        self.router = Router(moe.dim, moe.num_experts, moe.top_k, r)
+        require_router(moe.router, "MoFME", "averages softmax probabilities for a dropless top-k", **PLAIN_TOPK)
+        self.router = Router(moe.dim, moe.num_experts, moe.top_k, moe.router)
         self.ffn = FeedForward(moe.dim, moe.hidden_dim, moe.activation)
         self.gamma = nn.Parameter(torch.ones(moe.num_experts, moe.hidden_dim))
         self.beta = nn.Parameter(torch.zeros(moe.num_experts, moe.hidden_dim))

@@ -47,7 +47,7 @@ from ...routing.entmax import entmax15
 from ...types import LayerStats, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import add_extra, flatten, make_shared_experts, parse_options
+from ._common import add_extra, flatten, make_shared_experts, parse_options, require_router
 
 __all__ = ["MuMoEConfig", "MultilinearMoE", "CPMultilinear", "TRMultilinear", "matched_rank"]
 
@@ -135,9 +135,9 @@ class MultilinearMoE(nn.Module):
     def __init__(self, moe: MoEConfig, config: MuMoEConfig | None = None, name: str = "mumoe") -> None:
         super().__init__()
         self.moe_config, self.config, self.name = moe, config or MuMoEConfig(), name
-        c, r = self.config, moe.router
-        check(r.aux_loss_coef == 0 and r.z_loss_coef == 0,
-              "μMoE is a soft mixture trained without router losses; set router.aux_loss_coef=0 and z_loss_coef=0")
+        c = self.config
+        require_router(moe.router, "μMoE", "is a soft mixture trained without router losses", aux_loss_coef=0.0,
+                       z_loss_coef=0.0)
         D, F_, N = moe.dim, moe.hidden_dim, moe.num_experts
         self.rank = matched_rank(c, D, F_, N)
         self.gate_weight = nn.Parameter(torch.zeros(D, N))

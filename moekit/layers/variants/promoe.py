@@ -47,7 +47,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import flatten, make_shared_experts, parse_options, record_stats
+from ._common import PLAIN_TOPK, flatten, make_shared_experts, parse_options, record_stats, require_router
 
 __all__ = ["ProMoEConfig", "ProMoE", "UNCONDITIONAL_KEY", "routing_contrastive_loss"]
 
@@ -107,11 +107,8 @@ class ProMoE(nn.Module):
         super().__init__()
         self.moe_config, self.config, self.name = moe, config or ProMoEConfig(), name
         r = moe.router
-        check(r.selector == "topk" and r.num_groups == 1 and r.bias_update_rate == 0 and r.capacity_factor is None
-              and r.aux_loss_level == "batch",
-              "ProMoE routes by cosine to prototypes (dropless top-k, batch-level balance loss over conditional "
-              "tokens); set router.selector='topk', num_groups=1, bias_update_rate=0, capacity_factor=None, "
-              "aux_loss_level='batch'")
+        require_router(r, "ProMoE", "routes by cosine to prototypes (dropless top-k; batch-level balance loss over "
+                       "conditional tokens)", **{**PLAIN_TOPK, "aux_loss_level": "batch"})
         check(self.config.gate == "softmax" or not r.norm_topk_prob,
               "variant.gate='cosine' uses raw cosines as weights; set router.norm_topk_prob=false")
         self.num_routed = moe.num_experts

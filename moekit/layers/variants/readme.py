@@ -45,7 +45,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import flatten, make_shared_experts, parse_options, record_stats
+from ._common import PLAIN_TOPK, flatten, make_shared_experts, parse_options, record_stats, require_router
 
 __all__ = ["ReadMEConfig", "ReadMEPlanner", "ReadMEMoE", "RoutingPlan", "PLAN_KEY", "planner_distillation_loss"]
 
@@ -141,6 +141,7 @@ class ReadMEPlanner(nn.Module):
         self.moe_config, self.config, self.name = moe, config or ReadMEConfig(), name
         c = self.config
         check(num_layers >= 1, f"num_layers={num_layers} must be positive")
+        require_router(moe.router, "the Read-ME planner", "plans a dropless softmax top-k", **PLAIN_TOPK)
         self.num_plans = num_layers if c.per_layer else 1
         self.proj_in = nn.Linear(moe.dim, c.planner_dim, bias=False)
         self.blocks = nn.ModuleList(_PlannerBlock(c.planner_dim, c.planner_heads) for _ in range(c.planner_layers))
