@@ -3,7 +3,8 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe, smoe_dropout, thor, topp  # noqa: F401
+from . import (blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
+               smoe_dropout, thor, topp)
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE

@@ -11,7 +11,8 @@ from ...configs import check, from_dict
 from ...types import LayerStats, Routing, RoutingContext
 from ..moe import routing_stats
 
-__all__ = ["parse_options", "require_router", "flatten", "record_stats", "add_extra", "make_shared_experts", "run_experts"]
+__all__ = ["parse_options", "require_router", "PLAIN_TOPK", "flatten", "record_stats", "add_extra",
+           "make_shared_experts", "run_experts"]
 
 
 def parse_options(cls, options: dict):
