@@ -8,7 +8,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
 from moekit.routing.blockffn import chunk_sparsity_loss, locality_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _layer(**kw):

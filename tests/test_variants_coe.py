@@ -10,7 +10,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.coe import ChainOfExperts, CoEConfig
 from moekit.routing.losses import load_balancing_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _copy_into(coe: ChainOfExperts, moe: MoE) -> None:

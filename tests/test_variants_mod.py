@@ -5,7 +5,7 @@ import torch
 from moekit import FeedForward, RoutingContext
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
 
-from variants_util import params_with_grad
+from .variants_util import params_with_grad
 
 
 def _block():

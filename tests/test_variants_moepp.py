@@ -8,7 +8,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.moepp import STATE_KEY, MoEPlusPlus, MoEPPConfig
 from moekit.routing.heterogeneous import heterogeneous_balance_loss, heterogeneous_capacities
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 DROPLESS = dict(capacity_factor=None)
 

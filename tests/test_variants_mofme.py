@@ -11,7 +11,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.mofme import MoFME, MoFMEConfig
 from moekit.routing.losses import load_balancing_loss, z_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _layer(router=None, **kw):

@@ -5,7 +5,7 @@ import torch
 from moekit import FeedForward, RoutingContext
 from moekit.layers.variants.mor import POSITIONS_KEY, MixtureOfRecursions, MoRConfig
 
-from variants_util import params_with_grad
+from .variants_util import params_with_grad
 
 
 def _block():

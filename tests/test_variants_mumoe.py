@@ -15,7 +15,7 @@ from moekit.layers.variants.mumoe import (CPMultilinear, MultilinearMoE, MuMoECo
                                           matched_rank)
 from moekit.routing.entmax import entmax15
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 NO_LOSS = dict(aux_loss_coef=0.0)
 

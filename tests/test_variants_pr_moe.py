@@ -7,7 +7,7 @@ from moekit.layers import build_ffn
 from moekit.routing.losses import load_balancing_loss
 from moekit.layers.variants.pr_moe import ResidualMoE, ResidualMoEConfig
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _zero_experts(layer):

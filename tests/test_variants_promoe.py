@@ -12,7 +12,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig, routing_contrastive_loss
 from moekit.routing.losses import load_balancing_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _layer(router=None, **kw):

@@ -13,7 +13,7 @@ from moekit.layers.variants.readme import (PLAN_KEY, ReadMEConfig, ReadMEMoE, Re
                                            planner_distillation_loss)
 from moekit.routing.losses import load_balancing_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 SMALL = dict(planner_dim=8, planner_layers=1, planner_heads=2)
 

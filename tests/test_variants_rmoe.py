@@ -8,7 +8,7 @@ from moekit.layers import build_ffn
 from moekit.layers.variants.rmoe import STATE_KEY, RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from moekit.routing.losses import load_balancing_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 OPTS = {"rnn_dim": 6}
 

@@ -6,7 +6,7 @@ from moekit import RoutingContext
 from moekit.layers import build_ffn
 from moekit.layers.variants.smoe_dropout import SMoEDropout, SMoEDropoutConfig, k_schedule
 
-from variants_util import tiny_moe
+from .variants_util import tiny_moe
 
 
 def test_router_is_frozen_through_training():

@@ -6,7 +6,7 @@ from moekit import FeedForward, RoutingContext
 from moekit.layers import build_ffn
 from moekit.layers.variants.thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def test_one_expert_call_per_layer_per_pass_and_passes_differ():

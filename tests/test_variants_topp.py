@@ -9,7 +9,7 @@ from moekit.layers.variants.topp import TopPConfig, TopPMoE
 from moekit.routing.losses import load_balancing_loss
 from moekit.routing.topp import router_entropy, select_topp
 
-from variants_util import params_with_grad, tiny_moe
+from .variants_util import params_with_grad, tiny_moe
 
 
 def _kept(ids_TK):
