@@ -10,14 +10,6 @@ from moekit.models import LanguageModel, ModelConfig, count
 from moekit.configs import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**changes) -> ModelConfig:
     base = dict(vocab_size=256, dim=16, num_layers=3, num_heads=2, context=12,
                 moe=MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2), dense_hidden_dim=24)

@@ -8,14 +8,6 @@ from moekit.models import LanguageModel, ModelConfig
 from moekit.serving import generate, sample_next
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

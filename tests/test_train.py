@@ -15,14 +15,6 @@ from moekit.training import (CheckpointError, evaluate_run, load_checkpoint, loa
 from moekit.training.optim import build_optimizer, learning_rate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides):
     return with_overrides(load_preset("tiny"), overrides)
 

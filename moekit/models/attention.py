@@ -24,7 +24,13 @@ def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dimension (R = Dh / 2 rotation frequencies)."""
+    """Rotate interleaved pairs of the last dimension (R = Dh / 2 rotation frequencies).
+
+    The tables are ``[S, R]`` (the same positions for every sequence) or ``[B, S, R]`` (per-sequence positions,
+    e.g. the tokens a Mixture-of-Depths router selected).
+    """
+    if cos_SR.dim() == 3:
+        cos_SR, sin_SR = cos_SR[:, None], sin_SR[:, None]
     x = x_BHSDh.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     out = torch.stack((x0 * cos_SR - x1 * sin_SR, x0 * sin_SR + x1 * cos_SR), dim=-1)

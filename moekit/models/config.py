@@ -27,6 +27,9 @@ class ModelConfig:
         ffn: feed-forward kind built by :func:`moekit.layers.build_ffn` for the sparse layers (``moe``, or a
             variant registered by name).
         variant: free options handed to that builder (e.g. ``{num_iterations = 2}`` for a variant).
+        depth_routing: block-level routing, empty for none: ``{kind = "mod", every = 2, capacity = 0.125}``
+            (Mixture-of-Depths) or ``{kind = "mor", num_recursions = 3}`` (Mixture-of-Recursions with
+            middle-cycle sharing); see :mod:`moekit.models.depth`.
         dense_hidden_dim: hidden size of the dense SwiGLU layers; ``None`` uses ``moe.active_hidden`` (equal
             active FLOPs to the sparse layers) when there is an MoE, else ``4 * dim``.
         first_dense_layers: the first layers stay dense (DeepSeek-MoE keeps layer 0 dense).
@@ -44,6 +47,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     ffn: str = "moe"
     variant: dict[str, Any] = field(default_factory=dict)
+    depth_routing: dict[str, Any] = field(default_factory=dict)
     dense_hidden_dim: int | None = None
     first_dense_layers: int = 0
     moe_every: int = 1
@@ -66,6 +70,10 @@ class ModelConfig:
         check(self.dense_hidden_dim is None or self.dense_hidden_dim >= 1,
               f"model.dense_hidden_dim={self.dense_hidden_dim} must be a positive integer or none")
         check(isinstance(self.variant, dict), f"model.variant must be a table of options, got {self.variant!r}")
+        check(isinstance(self.depth_routing, dict),
+              f"model.depth_routing must be a table of options, got {self.depth_routing!r}")
+        from .depth import validate_depth_routing
+        validate_depth_routing(self.depth_routing, self.num_layers)
         if self.moe is not None:
             check(self.moe.dim == self.dim,
                   f"model.moe.dim={self.moe.dim} differs from model.dim={self.dim}; set both to the same value")

@@ -67,7 +67,12 @@ def preset_dict(name: str) -> dict[str, Any]:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(sorted(files))}")
     data = read_toml(files[name], files[name].read_text())
-    return {"name": name, **data}
+    base = data.pop("base", None)
+    if base is not None:  # a preset may be written as overrides of another one
+        if base == name:
+            raise ConfigError(f"preset {name!r} names itself as its base")
+        data = merge({k: v for k, v in preset_dict(base).items() if k != "description"}, data)
+    return {**data, "name": name}
 
 
 def load_preset(name: str):
@@ -80,6 +85,8 @@ def load_config_file(path: str | Path, preset: str | None = None):
     """A TOML config file, laid over ``preset`` when given (else the file must be complete)."""
     from ..training.config import run_config_from_dict
     data = read_toml(path)
+    base = data.pop("base", None)
+    preset = preset or base
     if preset is not None:
         data = merge(preset_dict(preset), data)
     return run_config_from_dict(data)

@@ -54,6 +54,8 @@ def generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int, *, 
     was_training = model.training
     model.eval()
     tokens_BS = prompt_BS
+    # models that route over the whole sequence (depth routing, Read-ME planning) recompute instead
+    use_cache = use_cache and getattr(model, "supports_kv_cache", True)
     cache = model.new_cache(prompt_BS.shape[0]) if use_cache else None
     pending_BS = tokens_BS[:, -context:]
     try:

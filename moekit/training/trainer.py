@@ -26,6 +26,7 @@ from torch import nn
 
 from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch
+from ..layers.variants.thor import THOR, add_consistency_loss
 from ..models import LanguageModel, count
 from ..routing import update_expert_biases
 from ..types import RoutingContext
@@ -61,10 +62,17 @@ def call_on_step(model: nn.Module, step: int) -> None:
             module.on_step(step)
 
 
+def consistency_coef(model: nn.Module) -> float | None:
+    """The coefficient of THOR's two-pass consistency loss when the model has stochastic-expert layers."""
+    coefs = [m.consistency_coef for m in model.modules() if isinstance(m, THOR)]
+    return max(coefs) if coefs else None
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenData, cfg: RunConfig, step: int,
                device: torch.device, collect_stats: bool = False) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
     tc = cfg.train
+    two_pass_coef = consistency_coef(model)
     ce_sum, aux_sum, stats = 0.0, 0.0, {}
     for micro in range(tc.grad_accum):
         x_BS, y_BS = train_batch(data, tc.batch_size, cfg.model.context, tc.seed, step, micro)
@@ -73,7 +81,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
             logits_BSV, ctx = model(x_BS, RoutingContext(collect_stats=collect_stats))
         ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
         aux = ctx.total_loss()
-        ((ce + aux) / tc.grad_accum).backward()
+        loss = ce + aux
+        if two_pass_coef is not None:  # THOR: a second stochastic pass and the consistency loss
+            with autocast(device, tc.dtype):
+                logits2_BSV, ctx2 = model(x_BS, RoutingContext(collect_stats=False))
+            ce2 = F.cross_entropy(logits2_BSV.float().flatten(0, 1), y_BS.flatten())
+            # The paper sums CE and the symmetric KL over tokens; with mean CE, the KL is a mean over tokens too.
+            consistency = add_consistency_loss(ctx, logits_BSV, logits2_BSV, two_pass_coef / y_BS.numel())
+            loss = ce + ce2 + ctx2.total_loss() + aux + consistency
+            aux = aux + consistency
+            ce = (ce + ce2) / 2
+        (loss / tc.grad_accum).backward()
         ce_sum += ce.item()
         aux_sum += float(aux.detach()) if isinstance(aux, torch.Tensor) else float(aux)
         stats.update(ctx.stats_summary())

@@ -32,7 +32,7 @@ from ._common import add_extra
 
 __all__ = ["MoDConfig", "MixtureOfDepths", "select_tokens", "POSITIONS_KEY"]
 
-POSITIONS_KEY = "mod.positions"
+POSITIONS_KEY = "depth.positions"  # shared by every depth router (MoD, MoR): the model reads it
 Block = Callable[[torch.Tensor, "RoutingContext | None"], torch.Tensor]
 
 
@@ -80,6 +80,8 @@ class MixtureOfDepths(nn.Module):
         r_BS = F.linear(x_BSD.float(), self.router.weight.float())[..., 0]
         if not self.training and c.eval_mode == "threshold":
             take_BS = r_BS.sigmoid() > 0.5
+            if ctx is not None:
+                ctx.state[POSITIONS_KEY] = None  # the block runs on every position
             delta_BSD = block(x_BSD, ctx)
             add_extra(ctx, self.name, fraction_processed=take_BS.float().mean())
             return x_BSD + (take_BS * r_BS)[..., None].to(x_BSD.dtype) * delta_BSD

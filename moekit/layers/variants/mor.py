@@ -29,11 +29,11 @@ from torch import nn
 from ...configs import check
 from ...types import RoutingContext
 from ._common import add_extra
-from .mod import Block, gather_BKD, select_tokens
+from .mod import POSITIONS_KEY, Block, gather_BKD, select_tokens
 
 __all__ = ["MoRConfig", "MixtureOfRecursions", "POSITIONS_KEY"]
 
-POSITIONS_KEY = "mor.positions"
+
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

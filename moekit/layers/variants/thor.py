@@ -56,6 +56,11 @@ class THOR(nn.Module):
         self.moe_config, self.config, self.name = moe, config or THORConfig(), name
         self.experts = ExpertBank(moe.num_experts, moe.dim, moe.hidden_dim, moe.activation)
 
+    @property
+    def consistency_coef(self) -> float:
+        """The trainer runs two stochastic passes and adds this times the consistency loss (see the trainer)."""
+        return self.config.consistency_coef
+
     def route(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Routing:
         """Training: one expert for all rows. Eval: one per token (level 0) or per sequence (level 1)."""
         E, dev = self.moe_config.num_experts, x.device
