@@ -9,6 +9,7 @@ the others; a run past ``timeout`` is killed and raises :class:`TimeoutError` in
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from typing import Any, Callable
@@ -36,7 +37,9 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, queue, args: tup
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    queue.put((rank, result))
+    # Plain pickle copies tensors by value; the queue's own pickler would share their memory, which is gone
+    # once this process exits.
+    queue.put((rank, pickle.dumps(result)))
 
 
 def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
@@ -59,7 +62,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             while True:
                 while not queue.empty():  # drain as we go: a full pipe would block a finishing child
                     rank, value = queue.get()
-                    results[rank] = value
+                    results[rank] = pickle.loads(value)
                 if ctx.join(timeout=0.05):
                     break
                 if time.monotonic() > deadline:
@@ -76,6 +79,6 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                     p.kill()
         while not queue.empty():
             rank, value = queue.get()
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         return [results[r] for r in range(world_size)]
     raise AssertionError("unreachable")
