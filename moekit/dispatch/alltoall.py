@@ -44,8 +44,8 @@ class ExpertShard:
         rank: this process's rank within ``group``.
         local_engine: the engine run on the received rows (``auto``, ``sorted``, ``reference``...).
         received_L: rows received per local expert since the last reset (measured load).
-        comm_seconds: wall time spent in the token exchanges, forward and backward (host clock: exact for
-            the blocking gloo backend, a launch time only for asynchronous NCCL).
+        comm_seconds: wall time in the exchanges (counts, tokens forward, gradients backward) since the last
+            reset; host clock, so exact for the blocking gloo backend but only launch time for NCCL.
     """
 
     group: dist.ProcessGroup | None
@@ -137,8 +137,10 @@ def alltoall_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> t
     order_N = torch.argsort(slot_N, stable=True)
     send_WL = torch.bincount(slot_N, minlength=W * L + 1)[: W * L]
     recv_WL = torch.empty_like(send_WL)
+    start = time.perf_counter()
     dist.all_to_all_single(recv_WL, send_WL, group=shard.group)
     counts = torch.cat([send_WL, recv_WL]).tolist()  # the one host sync
+    shard.comm_seconds += time.perf_counter() - start
     send_splits = [sum(counts[r * L:(r + 1) * L]) for r in range(W)]
     recv_counts = counts[W * L:]
     recv_splits = [sum(recv_counts[r * L:(r + 1) * L]) for r in range(W)]
