@@ -9,12 +9,13 @@ A trainer needs five calls (see each function's docstring)::
     update_expert_biases(model)                      # aux-loss-free bias: counts summed over the world
     state = gather_full_state_dict(model)            # every rank calls; rank 0 writes
     load_full_state_dict(model, state)               # any ep_size reads any checkpoint
+    shutdown()                                       # every rank, before exiting
 """
 
 from .checkpoint import (gather_experts, gather_full_optimizer_state, gather_full_state_dict,
                          load_full_optimizer_state, load_full_state_dict)
 from .grads import all_reduce_mean, broadcast_parameters, reduce_gradients
-from .groups import ParallelGroups, init_from_env, make_groups
+from .groups import ParallelGroups, init_from_env, make_groups, shutdown
 from .launch import free_port, run_local
 from .placement import (PlacementPlan, balanced_clusters, map_clusters, placement_metrics, plan_placement,
                         uniform_plan)
@@ -22,7 +23,7 @@ from .profile import RoutingProfile, record_routing
 from .sharding import (Placement, contiguous_placement, is_expert_parameter, round_robin_placement,
                        shard_experts, sharded_banks)
 
-__all__ = ["ParallelGroups", "init_from_env", "make_groups", "shard_experts", "sharded_banks",
+__all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown", "shard_experts", "sharded_banks",
            "is_expert_parameter", "Placement", "contiguous_placement", "round_robin_placement",
            "reduce_gradients", "broadcast_parameters", "all_reduce_mean", "gather_full_state_dict",
            "load_full_state_dict", "gather_full_optimizer_state", "load_full_optimizer_state", "gather_experts",

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelGroups", "init_from_env", "make_groups"]
+__all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,14 @@ def init_from_env(ep_size: int = 1, backend: str | None = None,
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
     return make_groups(ep_size)
+
+
+def shutdown() -> None:
+    """Destroy the process groups at the end of a run (a no-op without ``torch.distributed``).
+
+    Call it on every rank before exiting: a rank that exits with its groups alive can make a peer's
+    gloo connection abort (SIGABRT) while that peer is still finishing.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
