@@ -41,7 +41,7 @@ def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- layer cases (run in every process)
 
 def _layer_case(groups, *, num_experts, tokens_per_rank, placement=None, activation="swiglu",
-                engine="auto", routing_fn=None, no_grad=False) -> dict[str, float]:
+                engine="auto", routing_fn=None, no_grad=False, x_grad=True) -> dict[str, float]:
     """One MoE layer, EP vs single process, same weights; returns max abs differences by quantity."""
     W, rank = groups.world_size, groups.rank
     torch.manual_seed(0)
@@ -50,10 +50,10 @@ def _layer_case(groups, *, num_experts, tokens_per_rank, placement=None, activat
     ref = MoE(cfg)
     ep = shard_experts(copy.deepcopy(ref), groups, placement)
     counts = [tokens_per_rank(r) for r in range(W)]
-    x_all = torch.randn(sum(counts), D, requires_grad=True)
+    x_all = torch.randn(sum(counts), D, requires_grad=x_grad)
     g_all = torch.randn(sum(counts), D)
     lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
-    x = x_all.detach()[lo:hi].clone().requires_grad_()
+    x = x_all.detach()[lo:hi].clone().requires_grad_(x_grad)
     out = {}
     with torch.set_grad_enabled(not no_grad):
         if routing_fn is None:
@@ -69,7 +69,8 @@ def _layer_case(groups, *, num_experts, tokens_per_rank, placement=None, activat
         return out
     (y_ref * g_all).sum().backward()
     (y * g_all[lo:hi]).sum().backward()
-    out["x.grad"] = _max_diff(x.grad, x_all.grad[lo:hi])
+    if x_grad:
+        out["x.grad"] = _max_diff(x.grad, x_all.grad[lo:hi])
     if routing_fn is not None:
         out["weights.grad"] = _max_diff(w.grad, w_ref.grad[lo:hi])
     local = list(ep.experts.expert_shard.local_experts)
@@ -137,6 +138,8 @@ def _engine_cases(ep_size: int) -> dict[str, dict[str, float]]:
         "uneven placement, reference engine, gelu": _layer_case(
             groups, num_experts=len(sum(uneven, [])), tokens_per_rank=lambda r: 7, placement=uneven,
             activation="gelu", engine="reference"),
+        "input without grad, last rank receives nothing": _layer_case(
+            groups, num_experts=E, tokens_per_rank=lambda r: 5, routing_fn=_avoid_last_rank, x_grad=False),
         "no_grad": _layer_case(groups, num_experts=E, tokens_per_rank=lambda r: 4 + r, no_grad=True),
         "planned placement per layer": _planned_case(groups),
     }
@@ -277,7 +280,8 @@ def ref2():
 
 
 CASES = ["uneven tokens", "rank 1 has no tokens", "last rank receives nothing",
-         "uneven placement, reference engine, gelu", "no_grad", "planned placement per layer"]
+         "input without grad, last rank receives nothing", "uneven placement, reference engine, gelu", "no_grad",
+         "planned placement per layer"]
 
 
 # ---------------------------------------------------------------- tests
@@ -290,8 +294,10 @@ def test_layer_output_and_every_gradient_match_single_process(world, case, reque
         assert diffs["y"] <= TOL, f"rank {rank}: output differs by {diffs['y']:.3g}"
         if case not in ("no_grad", "planned placement per layer"):
             # gradients of x, the router (or the given weights), shared experts and every expert weight
-            router = "weights.grad" if case == "last rank receives nothing" else "router.weight"
-            assert {"x.grad", router, "experts.w_up", "experts.w_down", "shared_experts.w_up"} <= set(diffs)
+            given_routing = "last rank receives nothing" in case
+            expected = {"weights.grad" if given_routing else "router.weight", "experts.w_up", "experts.w_down",
+                        "shared_experts.w_up"} | ({"x.grad"} if "without grad" not in case else set())
+            assert expected <= set(diffs)
         bad = {k: v for k, v in diffs.items() if v > TOL}
         assert not bad, f"rank {rank}: {bad}"
 
