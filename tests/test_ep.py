@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit import MoE, MoEConfig, RouterConfig, Routing, RoutingContext, update_expert_biases
-from moekit.parallel import (all_reduce_mean, gather_full_optimizer_state, gather_full_state_dict, init_from_env,
-                             load_full_optimizer_state, load_full_state_dict, make_groups, plan_placement,
-                             record_routing, reduce_gradients, run_local, shard_experts)
+from moekit.parallel import (all_reduce_mean, broadcast_parameters, gather_full_optimizer_state,
+                             gather_full_state_dict, init_from_env, is_expert_parameter, load_full_optimizer_state,
+                             load_full_state_dict, make_groups, plan_placement, record_routing, reduce_gradients,
+                             run_local, shard_experts)
 
 D, F, TOL = 10, 14, 2e-5
 
@@ -230,8 +231,22 @@ def _ep_resume(groups, ckpt: str, steps: range) -> dict:
     return {"losses": losses, "state": state}
 
 
+def _broadcast_case(groups) -> float:
+    """Every copy differs (+rank); after broadcast_parameters replicated tensors equal rank 0's and each
+    expert shard equals its first replica's (global rank = ep_rank). Returns the max deviation."""
+    model = shard_experts(_Stack(), groups)
+    expert = is_expert_parameter(model)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.data += groups.rank
+    broadcast_parameters(model, groups)
+    return max(_max_diff(p, originals[n] + (groups.ep_rank if expert[n] else 0))
+               for n, p in model.named_parameters())
+
+
 def _worker(ep_size: int, train_ep: int, ckpt_out: str | None, resume: str | None) -> dict:
     result = {"engine": _engine_cases(ep_size)}
+    result["broadcast"] = _broadcast_case(make_groups(train_ep))
     result["train"] = _ep_train(make_groups(train_ep), ckpt_out)
     if resume:
         result["resume"] = _ep_resume(make_groups(ep_size), resume, range(STEPS, STEPS + 3))
@@ -300,6 +315,11 @@ def test_layer_output_and_every_gradient_match_single_process(world, case, reque
             assert expected <= set(diffs)
         bad = {k: v for k, v in diffs.items() if v > TOL}
         assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.parametrize("world", ["two", "four"])
+def test_broadcast_parameters_syncs_replicated_and_expert_copies(world, request):
+    assert all(result["broadcast"] == 0.0 for result in request.getfixturevalue(world))
 
 
 def test_twenty_step_training_matches_single_process_ep2(two, ref2):
