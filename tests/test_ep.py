@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit import MoE, MoEConfig, RouterConfig, Routing, RoutingContext, update_expert_biases
-from moekit.parallel import (all_reduce_mean, broadcast_parameters, gather_full_optimizer_state,
+from moekit.parallel import (all_reduce_mean, broadcast_parameters, clip_grad_norm_, gather_full_optimizer_state,
                              gather_full_state_dict, init_from_env, is_expert_parameter, load_full_optimizer_state,
                              load_full_state_dict, make_groups, plan_placement, record_routing, reduce_gradients,
                              run_local, shard_experts)
@@ -148,7 +148,7 @@ def _engine_cases(ep_size: int) -> dict[str, dict[str, float]]:
 
 # ---------------------------------------------------------------- training (EP worker and reference)
 
-B, STEPS = 8, 20
+B, STEPS, CLIP = 8, 20, 0.5
 
 
 class _Stack(nn.Module):
@@ -183,26 +183,29 @@ def _loss(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(model(x, ctx), t) + ctx.total_loss()
 
 
-def _train(model, opt, steps: range, num_chunks: int, chunk: int | None, groups=None) -> list[float]:
+def _train(model, opt, steps: range, num_chunks: int, chunk: int | None, groups=None) -> dict[str, list[float]]:
     """``chunk=None``: the single-process reference, the mean of every chunk's loss (as gradient averaging
-    over ranks computes); else this rank's chunk only, gradients reduced over ``groups``."""
-    losses = []
+    over ranks computes); else this rank's chunk only, gradients reduced over ``groups``. Gradients are
+    clipped to the whole model's norm ``CLIP``. Returns the losses and the norms before clipping."""
+    losses, norms = [], []
     for step in steps:
         x, t = _batch(step, num_chunks)
         if chunk is None:
             loss = torch.stack([_loss(model, x[c * B:(c + 1) * B], t[c * B:(c + 1) * B])
                                 for c in range(num_chunks)]).mean()
             loss.backward()
+            norms.append(nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
             losses.append(loss.item())
         else:
             loss = _loss(model, x[chunk * B:(chunk + 1) * B], t[chunk * B:(chunk + 1) * B])
             loss.backward()
             reduce_gradients(model, groups)
+            norms.append(clip_grad_norm_(model, CLIP, groups).item())
             losses.append(all_reduce_mean(loss, groups))
         opt.step()
         opt.zero_grad()
         update_expert_biases(model)  # distributed: pending counts summed over the world
-    return losses
+    return {"losses": losses, "norms": norms}
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -212,12 +215,12 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
 def _ep_train(groups, ckpt: str | None) -> dict:
     model = shard_experts(_Stack(), groups)
     opt = _optimizer(model)
-    losses = _train(model, opt, range(STEPS), groups.world_size, groups.rank, groups)
+    curves = _train(model, opt, range(STEPS), groups.world_size, groups.rank, groups)
     state, opt_state = gather_full_state_dict(model), gather_full_optimizer_state(model, opt)
     if ckpt and groups.is_main:
         save_file({k: v.contiguous() for k, v in state.items()}, ckpt + ".safetensors")
         torch.save(opt_state, ckpt + ".optim.pt")
-    return {"losses": losses}
+    return curves
 
 
 def _ep_resume(groups, ckpt: str, steps: range) -> dict:
@@ -226,9 +229,8 @@ def _ep_resume(groups, ckpt: str, steps: range) -> dict:
     load_full_state_dict(model, load_file(ckpt + ".safetensors"))
     opt = _optimizer(model)
     load_full_optimizer_state(model, opt, torch.load(ckpt + ".optim.pt", weights_only=True))
-    losses = _train(model, opt, steps, groups.world_size, groups.rank, groups)
-    state = gather_full_state_dict(model)
-    return {"losses": losses, "state": state}
+    curves = _train(model, opt, steps, groups.world_size, groups.rank, groups)
+    return {**curves, "state": gather_full_state_dict(model)}
 
 
 def _broadcast_case(groups) -> float:
@@ -253,7 +255,7 @@ def _worker(ep_size: int, train_ep: int, ckpt_out: str | None, resume: str | Non
     return result
 
 
-def _reference(num_chunks: int) -> tuple[_Stack, torch.optim.Optimizer, list[float]]:
+def _reference(num_chunks: int) -> tuple[_Stack, torch.optim.Optimizer, dict[str, list[float]]]:
     model = _Stack()
     opt = _optimizer(model)
     return model, opt, _train(model, opt, range(STEPS), num_chunks, None)
@@ -322,20 +324,24 @@ def test_broadcast_parameters_syncs_replicated_and_expert_copies(world, request)
     assert all(result["broadcast"] == 0.0 for result in request.getfixturevalue(world))
 
 
+def _assert_same_curves(results: list[dict], ref: dict[str, list[float]]) -> None:
+    for rank, curves in enumerate(results):
+        for name in ("losses", "norms"):
+            torch.testing.assert_close(torch.tensor(curves[name]), torch.tensor(ref[name]), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+
+
 def test_twenty_step_training_matches_single_process_ep2(two, ref2):
-    ref_losses = ref2[2]
-    for rank, result in enumerate(two):
-        torch.testing.assert_close(torch.tensor(result["train"]["losses"]), torch.tensor(ref_losses),
-                                   rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
-    assert ref_losses[-1] < 0.7 * ref_losses[0], "the run should learn, or equality proves little"
+    """Losses and gradient norms (before clipping) of every step equal the single process's."""
+    ref = ref2[2]
+    _assert_same_curves([result["train"] for result in two], ref)
+    assert ref["losses"][-1] < 0.7 * ref["losses"][0], "the run should learn, or equality proves little"
+    assert sum(n > CLIP for n in ref["norms"]) >= 5, "clipping should be active, or its test proves little"
 
 
 def test_twenty_step_training_matches_single_process_ep2_dp2(four):
     """4 ranks, ep_size=2: expert gradients reduced over replicas [0 2] and [1 3] only."""
-    _, _, ref_losses = _reference(4)
-    for rank, result in enumerate(four):
-        torch.testing.assert_close(torch.tensor(result["train"]["losses"]), torch.tensor(ref_losses),
-                                   rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
+    _assert_same_curves([result["train"] for result in four], _reference(4)[2])
 
 
 def test_reshard_2_to_1_checkpoint_equals_single_process_training(ckpt_from_one, ref2):
@@ -355,12 +361,10 @@ def test_reshard_2_to_1_checkpoint_equals_single_process_training(ckpt_from_one,
 def test_reshard_1_to_4_resumes_training_exactly(four, ckpt_from_one):
     """The single-process checkpoint loaded at ep_size=4 resumes: 3 more steps equal the single process's."""
     model, opt = copy.deepcopy(ckpt_from_one[:2])
-    ref_losses = _train(model, opt, range(STEPS, STEPS + 3), 4, None)
+    ref = _train(model, opt, range(STEPS, STEPS + 3), 4, None)
+    _assert_same_curves([result["resume"] for result in four], ref)
     ref_state = model.state_dict()
     for rank, result in enumerate(four):
-        resume = result["resume"]
-        torch.testing.assert_close(torch.tensor(resume["losses"]), torch.tensor(ref_losses), rtol=1e-4,
-                                   atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
-        for key, value in resume["state"].items():
+        for key, value in result["resume"]["state"].items():
             torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"rank {rank} {key}: {m}")

@@ -20,7 +20,7 @@ from torch import nn
 from .groups import ParallelGroups
 from .sharding import is_expert_parameter
 
-__all__ = ["reduce_gradients", "broadcast_parameters", "all_reduce_mean"]
+__all__ = ["reduce_gradients", "clip_grad_norm_", "broadcast_parameters", "all_reduce_mean"]
 
 
 def _sum_and_scale(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, scale: float,
@@ -60,6 +60,30 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     # Without a replica group there is one copy of each expert: its gradient already sums the world.
     replicas = groups.expert_replica_group
     _sum_and_scale(experts, replicas, scale, reduce=replicas is not None)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` of the whole (unsharded) model; call after :func:`reduce_gradients`.
+
+    The norm covers every expert of the EP group, not only the local ones, so every rank computes the same
+    norm and clips by the same factor (a local norm would let the replicated parameters drift apart).
+
+    Returns:
+        The total gradient norm before clipping (float32 scalar, the same on every rank).
+    """
+    expert = is_expert_parameter(model)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    sq = torch.zeros(2, dtype=torch.float32, device=groups.device)  # replicated, local experts
+    for name, g in grads.items():
+        sq[int(expert[name])] += g.float().square().sum()
+    if groups.ep_group is not None:  # experts are disjoint across the EP group, identical across replicas
+        dist.all_reduce(sq[1:], group=groups.ep_group)
+    total = sq.sum().sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads.values():
+        g.mul_(factor.to(g.dtype))
+    return total
 
 
 @torch.no_grad()
