@@ -104,7 +104,10 @@ def _planned_case(groups) -> dict[str, float]:
     W, rank = groups.world_size, groups.rank
     ref = _Stack()
     x_all = torch.randn(W * 6, 6, generator=torch.Generator().manual_seed(5))
-    with record_routing(ref) as profile:
+    with record_routing(ref) as profile:  # each rank profiles its own tokens, then the profiles are summed
+        ref(x_all[rank * 6:(rank + 1) * 6])
+    profile.all_reduce(groups)
+    with record_routing(ref) as whole:
         ref(x_all)
     plan = plan_placement(profile, W)
     ep = shard_experts(copy.deepcopy(ref), groups, plan.as_dict())
@@ -115,7 +118,9 @@ def _planned_case(groups) -> dict[str, float]:
     y.sum().backward()
     out = {"y": _max_diff(y, ref(x_all)[rank * 6:(rank + 1) * 6]),
            "x.grad": _max_diff(x.grad, x_all.grad[rank * 6:(rank + 1) * 6]),
-           "inp.weight": _max_diff(_sum_over_world(ep.inp.weight.grad), ref.inp.weight.grad)}
+           "inp.weight": _max_diff(_sum_over_world(ep.inp.weight.grad), ref.inp.weight.grad),
+           "summed profile": max(_max_diff(profile.loads_LE, whole.loads_LE),
+                                 _max_diff(profile.transitions_LEE, whole.transitions_LEE))}
     rank_LE = plan.rank_of_LE()
     for l, moe in enumerate(ep.moes):
         predicted = profile.loads_LE[l][rank_LE[l] == groups.ep_rank].sum()
