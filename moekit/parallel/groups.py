@@ -102,13 +102,14 @@ def init_from_env(ep_size: int = 1, backend: str | None = None,
 
     Args:
         ep_size: ranks per expert-parallel group (``--parallel.ep_size``).
-        backend: ``nccl`` when CUDA is available, else ``gloo``, unless given.
+        backend: ``nccl`` when every local rank can have a GPU of its own, else ``gloo``, unless given.
         timeout: collective timeout; a peer that died surfaces as an error after it.
     """
     if not dist.is_initialized():
         if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return make_groups(ep_size)
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        backend = backend or ("nccl" if torch.cuda.device_count() >= local_ranks else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
