@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.layer import SHAPES, bench_layer, format_table
+    from ..runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # every candidate runs in this process, so all of them get the same allocator
 
     unknown = [s for s in args.shapes or [] if s not in SHAPES]
     if unknown:

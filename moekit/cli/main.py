@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = parse_overrides(extra)
         elif extra:
             raise UsageError(f"unrecognised arguments: {' '.join(extra)} (see {prog} --help)")
+        from ..runtime import tune_cpu_allocator
+        tune_cpu_allocator()  # large CPU temporaries stay in the heap (see moekit.runtime)
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `moekit presets | head -1`
         return 0
