@@ -61,7 +61,7 @@ class _SortedMoEFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_N, token_N, w_gate_EFD, w_up_EFD, w_down_EDF, b_gate_EF, b_up_EF, b_down_ED,
                 counts, activation):
-        x_ND = x_TD[token_N]
+        x_ND = x_TD.index_select(0, token_N)  # (much faster than advanced indexing on CPU)
         N, F = token_N.numel(), w_up_EFD.shape[1]
         h_up_NF = x_TD.new_empty(N, F)
         h_gate_NF = x_TD.new_empty(N, F) if w_gate_EFD is not None else None
@@ -88,7 +88,7 @@ class _SortedMoEFFN(torch.autograd.Function):
         need_x, need_w, _, need_gate, need_up, need_down = ctx.needs_input_grad[:6]
         need_biases = [has and need for has, need in zip(ctx.has_bias, ctx.needs_input_grad[6:9])]
         segments = list(_segments(counts))
-        grad_ND = grad_y_TD[token_N]
+        grad_ND = grad_y_TD.contiguous().index_select(0, token_N)
         # unscaled gradient of the hidden activation, then the combine weights' gradient from it
         grad_a_NF = torch.empty_like(a_NF)
         for e, seg in segments:
@@ -113,7 +113,7 @@ class _SortedMoEFFN(torch.autograd.Function):
         # before grad_ND's buffer is reused for grad_x below
         grad_biases = [_segment_sums(g_NX, counts) if need else None
                        for need, g_NX in zip(need_biases, (grad_gate_NF, grad_up_NF, grad_ND))]
-        x_ND = x_TD[token_N]
+        x_ND = x_TD.index_select(0, token_N)  # (much faster than advanced indexing on CPU)
         grad_up = _expert_grad(w_up, counts) if need_up else None
         grad_gate = _expert_grad(w_gate, counts) if need_gate and w_gate is not None else None
         grad_x_ND = grad_ND if need_x else None  # grad_ND is no longer needed: reuse its buffer
