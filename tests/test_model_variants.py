@@ -143,3 +143,15 @@ def test_thor_training_step_runs_two_passes_with_the_consistency_loss():
     one = LanguageModel(small("thor", **{"model.moe.num_experts": "1"}).model)
     x = torch.randint(0, 256, (2, 16))
     assert consistency_loss(one(x)[0], one(x)[0]).item() == 0.0
+
+
+def test_variant_statistics_reach_the_run_summary(tmp_path):
+    from moekit.training import train
+    from moekit.training.metrics import summary_table
+
+    cfg = small("topp", **{"train.max_steps": "2", "train.batch_size": "2", "train.eval_every": "2",
+                           "train.eval_batches": "1", "data.max_files": "3", "model.num_layers": "2"})
+    result = train(cfg, tmp_path / "run", progress=False)
+    row = result.summary["layers"]["layers.0.ffn"]
+    assert 1 <= row["experts_per_token"] <= 8, "top-p's experts per token, averaged over validation batches"
+    assert "experts_per_token=" in summary_table(result.summary)

@@ -43,9 +43,14 @@ def _merge(acc: dict[str, list], stats: dict[str, LayerStats]) -> None:
 
 
 def _combined(parts: list[LayerStats]) -> LayerStats:
+    """One layer's statistics over several batches; variant statistics (``extra``) are averaged."""
+    keys = {k for p in parts for k in p.extra}
+    extra = {k: sum(float(p.extra[k]) for p in parts if k in p.extra) / sum(k in p.extra for p in parts)
+             for k in keys}
     return LayerStats(counts_E=sum(p.counts_E for p in parts), num_slots=sum(p.num_slots for p in parts),
                       num_dropped=sum(p.num_dropped for p in parts),
-                      token_entropy=sum(p.token_entropy for p in parts) / len(parts), bias_E=parts[-1].bias_E)
+                      token_entropy=sum(p.token_entropy for p in parts) / len(parts), bias_E=parts[-1].bias_E,
+                      extra=extra)
 
 
 @torch.no_grad()

@@ -138,7 +138,10 @@ def summary_table(summary: dict) -> str:
         name_w = max(len("layer"), *(len(n) for n in layers))
         lines.append("")
         lines.append(f"{'layer'.ljust(name_w)}  {'load CV':>8}  {'max/mean':>8}  {'dead experts':>12}")
+        standard = {"tokens", "load_cv", "max_over_mean", "load_entropy", "token_entropy", "dead_experts",
+                    "drop_rate", "bias_drift"}
         for name, row in layers.items():
+            extra = ", ".join(f"{k}={_fmt(float(v))}" for k, v in sorted(row.items()) if k not in standard)
             lines.append(f"{name.ljust(name_w)}  {row['load_cv']:>8.3f}  {row['max_over_mean']:>8.2f}  "
-                         f"{int(row['dead_experts']):>12d}")
+                         f"{int(row['dead_experts']):>12d}" + (f"  {extra}" if extra else ""))
     return "\n".join(lines)
