@@ -156,7 +156,7 @@ def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
         saved = read_json(out_dir / CONFIG_FILE)
         if saved.get("model") != to_dict(cfg.model):
             raise CheckpointError(f"the model in {out_dir / CONFIG_FILE} differs from the one asked for; resume "
-                                  f"with the run's own model settings (only train.* and data.* may change)")
+                                  f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
     elif (out_dir / STATE_FILE).exists():
         raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     write_json(out_dir / CONFIG_FILE, to_dict(cfg))
@@ -244,8 +244,9 @@ class _Run:
                 self.par.save(self.out_dir, self.model, self.optimizer, state)
                 _, stopped = self.par.agree(0.0, stop.requested)
                 if stopped or (until_step is not None and state["step"] < tc.max_steps):
+                    launch = "moekit" if not self.par.is_distributed else "torchrun ... -m moekit"
                     self.bar.write(f"stopped at step {state['step']}; continue with: "
-                                   f"moekit train --resume --out {self.out_dir}")
+                                   f"{launch} train --resume --out {self.out_dir}")
                     return TrainResult(self.out_dir, dict(state), self._records())
                 if self.val is None or self.val["step"] != state["step"]:
                     self._validate()
