@@ -1,10 +1,11 @@
-"""Distributed ``train()``: 2 processes (``moekit.parallel.run_local``: gloo, one thread each) on the ``tiny`` preset.
+"""Distributed ``train()`` on the ``tiny`` preset: 2 processes (``moekit.parallel.run_local``, gloo, one thread).
 
 One spawn runs, on both ranks: an expert-parallel run (ep_size=2), the same run stopped half-way and resumed,
-and a data-parallel run (ep_size=1). References run here in the parent, single process: with ``grad_accum=2`` a single process sees
-exactly the two ranks' micro-batches of every step (rank ``r`` draws micro-batch ``r * grad_accum + m``).
+and a data-parallel run (ep_size=1). References run here in the parent, single process: with ``grad_accum=2``
+a single process sees exactly the two ranks' micro-batches of every step (rank ``r`` draws micro-batch
+``r * grad_accum + m``).
 
-Run: ``python -m pytest tests/test_train_parallel.py -q`` (about 30 s on 2 cores).
+Run: ``python -m pytest tests/test_train_parallel.py -q`` (about 15 s on 2 cores).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ class TrainConfig:
 
     Attributes:
         seed: seeds the initial weights and the order of training batches (a run is reproducible from it).
-        batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``.
+        batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``, times
+            the number of processes under torchrun (each trains on its own micro-batches).
         grad_accum: micro-batches whose gradients add up before each optimizer step.
         max_steps: optimizer steps; the cosine schedule spans them.
         max_seconds: optional wall-time budget (training and validation, not start-up). The run stops at
