@@ -16,11 +16,14 @@ __all__ = ["register"]
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (default preset: a small MoE LM, ~4 minutes on CPU)",
                               description="Train a language model; the run folder gets config.json, "
-                              "metrics.jsonl, summary.json, a checkpoint and plots.")
+                              "metrics.jsonl, summary.json, a checkpoint and plots. On several processes: "
+                              "torchrun --nproc_per_node=N -m moekit train ... [--parallel.ep_size=E] "
+                              "(data parallel; E consecutive processes share the experts).")
     add_config_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the checkpoint in --out (its config, plus any overrides of train.* / data.*)")
+                   help="continue the checkpoint in --out (its config, plus any overrides of train.* / data.* / "
+                   "parallel.*; a checkpoint resumes under any --parallel.ep_size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary table")
     p.set_defaults(func=run)
 

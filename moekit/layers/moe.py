@@ -30,7 +30,8 @@ from ..types import LayerStats, Routing, RoutingContext
 
 __all__ = ["MoEConfig", "MoE", "routing_stats"]
 
-EngineName = Literal["auto", "reference", "sorted", "grouped_mm"]
+# "alltoall" is set by moekit.parallel.shard_experts on expert-parallel layers (auto never picks it).
+EngineName = Literal["auto", "reference", "sorted", "grouped_mm", "alltoall"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

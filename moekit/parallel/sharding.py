@@ -49,7 +49,7 @@ def _local_bank(full: ExpertBank, experts: Sequence[int]) -> ExpertBank:
     # Built on the meta device: no initialisation work, and no draw from the random generator, which would
     # otherwise advance by a different amount on ranks holding different numbers of experts.
     with torch.device("meta"):
-        bank = ExpertBank(len(experts), full.dim, full.hidden_dim, full.activation)
+        bank = ExpertBank(len(experts), full.dim, full.hidden_dim, full.activation, use_bias=full.use_bias)
     index = torch.tensor(list(experts), device=full.w_up.device)
     for name, _ in list(bank.named_parameters()):
         full_p = getattr(full, name)

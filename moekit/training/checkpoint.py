@@ -9,12 +9,17 @@ A run folder holds::
 
 Every file is written under a temporary name and renamed into place. Both safetensors files carry the step in
 their metadata; a mismatch with ``state.json`` (a crash between renames) is reported, not silently loaded.
+
+The tensors are always those of the full, unsharded model: an expert-parallel run gathers its experts and
+writes them through :func:`write_checkpoint` (see :mod:`moekit.training.distributed`), and
+:func:`read_checkpoint` gives them back for loading into any layout.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,9 @@ from torch import nn
 
 from ..configs import ConfigError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_state", "write_json", "read_json",
-           "MODEL_FILE", "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_checkpoint", "read_checkpoint",
+           "optimizer_state_by_name", "set_rng_states", "read_state", "write_json", "read_json", "MODEL_FILE",
+           "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = ("model.safetensors", "optimizer.safetensors", "state.json",
                                                    "config.json")
@@ -62,20 +68,61 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt ({e}); re-run training or restore the file") from None
 
 
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def _optimizer_file(optimizer_state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    tensors = _rng_tensors()
+    for name, fields in optimizer_state.items():
+        for key, value in fields.items():
+            tensors[f"adam.{name}.{key}"] = value.detach().contiguous()
+    return tensors
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """``{parameter name: optimizer state}`` for every parameter that has state, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: dict(optimizer.state[p]) for group in optimizer.param_groups for p in group["params"]
+            if optimizer.state.get(p)}
+
+
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Write model, optimizer (+ RNG) and ``state`` (must hold ``step``) atomically, ``state.json`` last."""
     out_dir = Path(out_dir)
     meta = {"step": str(state["step"])}
     _atomic(out_dir / MODEL_FILE, lambda tmp: save_model(model, str(tmp), metadata=meta))
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"adam.{names[id(p)]}.{key}"] = value.detach().contiguous()
+    tensors = _optimizer_file(optimizer_state_by_name(model, optimizer))
     _atomic(out_dir / OPTIM_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_json(out_dir / STATE_FILE, state)
+
+
+def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors with one entry per shared storage, and ``{dropped name: kept name}`` (as ``save_model`` does)."""
+    kept, aliases, seen = {}, {}, {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key], kept[name] = name, t.detach().contiguous()
+    return kept, aliases
+
+
+def write_checkpoint(out_dir: Path, model_state: Mapping[str, torch.Tensor],
+                     optimizer_state: Mapping[str, Mapping[str, torch.Tensor]], state: dict) -> None:
+    """:func:`save_checkpoint` from tensors: a full state dict and ``{parameter name: optimizer state}`` (what
+    rank 0 writes for an expert-parallel model, whose experts it has gathered). Same files, same format."""
+    out_dir = Path(out_dir)
+    meta = {"step": str(state["step"])}
+    tensors, aliases = _deduplicate(model_state)
+    _atomic(out_dir / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={**aliases, **meta}))
+    optim = _optimizer_file(optimizer_state)
+    _atomic(out_dir / OPTIM_FILE, lambda tmp: save_file(optim, str(tmp), metadata=meta))
     write_json(out_dir / STATE_FILE, state)
 
 
@@ -119,9 +166,7 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         if optimizer is not None:
             _load_optimizer(optimizer, model, tensors)
         if restore_rng:
-            torch.set_rng_state(tensors["rng.torch"])
-            if "rng.cuda" in tensors and torch.cuda.is_available():
-                torch.cuda.set_rng_state(tensors["rng.cuda"])
+            set_rng_states(tensors)
     return state
 
 
@@ -135,3 +180,35 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, tensors:
                                       f"does not belong to this model")
             p = params[name]
             optimizer.state[p][field] = value if field == "step" else value.to(p.device)
+
+
+def read_checkpoint(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, dict], dict[str, torch.Tensor]]:
+    """The checkpoint's tensors, for loading into a model of another layout (an expert-parallel one).
+
+    Returns:
+        ``(state, full model state dict, {parameter name: optimizer state}, RNG states)``; names that shared a
+        tensor with another when written are restored from the file's metadata.
+    """
+    out_dir = Path(out_dir)
+    state = read_state(out_dir)
+    model_state, meta = _load_tensors(out_dir / MODEL_FILE, state["step"])
+    for alias, name in meta.items():
+        if alias not in model_state and name in model_state:
+            model_state[alias] = model_state[name]
+    tensors, _ = _load_tensors(out_dir / OPTIM_FILE, state["step"])
+    optimizer_state: dict[str, dict] = {}
+    rng = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            name, field = key[len("adam."):].rsplit(".", 1)
+            optimizer_state.setdefault(name, {})[field] = value
+        elif key.startswith("rng."):
+            rng[key] = value
+    return state, model_state, optimizer_state, rng
+
+
+def set_rng_states(rng: Mapping[str, torch.Tensor]) -> None:
+    """Set the RNG states saved in a checkpoint."""
+    torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])

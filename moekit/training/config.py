@@ -23,7 +23,8 @@ class TrainConfig:
 
     Attributes:
         seed: seeds the initial weights and the order of training batches (a run is reproducible from it).
-        batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``.
+        batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``, times
+            the number of processes under torchrun (each trains on its own micro-batches).
         grad_accum: micro-batches whose gradients add up before each optimizer step.
         max_steps: optimizer steps; the cosine schedule spans them.
         max_seconds: optional wall-time budget (training and validation, not start-up). The run stops at
@@ -88,7 +89,16 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ParallelConfig:
-    """How a run is spread over processes. ``ep_size``: expert-parallel group size (1: no expert parallelism)."""
+    """How a run is spread over processes (launched with ``torchrun``; see :mod:`moekit.training.distributed`).
+
+    The number of processes is torchrun's (``--nnodes * --nproc_per_node``), not a config field. Every process
+    trains on its own micro-batches, so a step sees ``world_size * grad_accum * batch_size`` sequences.
+
+    Attributes:
+        ep_size: expert-parallel group size: that many consecutive processes share one copy of each MoE layer's
+            experts (``num_experts / ep_size`` each); it must divide the number of processes and
+            ``model.moe.num_experts``. 1: plain data parallelism (every process holds the whole model).
+    """
 
     ep_size: int = 1
 
@@ -118,10 +128,18 @@ class RunConfig:
             check(self.model.vocab_size >= 256,
                   f"model.vocab_size={self.model.vocab_size} is too small for byte-level data (256 values); "
                   f"set model.vocab_size=256")
-        if self.parallel.ep_size > 1:
-            check(self.model.moe is not None and self.model.moe.num_experts % self.parallel.ep_size == 0,
-                  f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.num_experts "
+        ep = self.parallel.ep_size
+        if ep > 1:
+            check(self.model.moe is not None and self.model.moe.num_experts % ep == 0,
+                  f"parallel.ep_size={ep} must divide model.moe.num_experts "
                   f"({None if self.model.moe is None else self.model.moe.num_experts})")
+            check(self.model.ffn == "moe",
+                  f"parallel.ep_size={ep} shards plain MoE layers (model.ffn='moe'), not the {self.model.ffn!r} "
+                  f"variant; train it with --parallel.ep_size=1 (data parallel over the torchrun processes)")
+        if self.model.moe is not None:
+            check(self.model.moe.engine != "alltoall",
+                  "model.moe.engine='alltoall' is set by expert parallelism itself; choose the engine each rank "
+                  "runs on its experts (auto, sorted, reference, grouped_mm) and set --parallel.ep_size")
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
