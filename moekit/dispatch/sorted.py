@@ -56,7 +56,10 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
 def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
     """Sort-by-expert with ``F.grouped_mm``: no host sync, autograd through grouped_mm itself.
 
-    Empty slots are sorted to the end, past the last offset, and their rows zeroed before combining.
+    Empty slots are sorted to the end, past the last offset. ``grouped_mm`` leaves those rows of its output
+    *and of its input gradient* unwritten (garbage, possibly NaN), so every tensor that leaves a grouped_mm
+    or enters one is masked with ``where``: ``where`` passes exactly 0, not ``0 * garbage``, to the other
+    branch, in forward and in backward.
     """
     T, K = routing.expert_ids_TK.shape
     E = bank.num_experts
@@ -65,18 +68,20 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     order_N = torch.argsort(ids_N, stable=True)
     offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
     token_N = order_N // K
-    x_ND = x_TD[token_N]
-    sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; zeroed below
+    valid_N1 = (ids_N[order_N] < E)[:, None]
+    sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; masked
 
-    def bias(b):
-        return 0.0 if b is None else b[sorted_ids_N]
+    def masked(t):
+        return torch.where(valid_N1, t, t.new_zeros(()))
 
-    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E) + bias(bank.b_up)
-    h_gate = (F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) + bias(bank.b_gate)
-              if bank.gated else None)
-    out_ND = F.grouped_mm(hidden(bank.activation, h_gate, h_up), bank.w_down.transpose(-2, -1), offs=offs_E)
-    out_ND = out_ND + bias(bank.b_down)
-    valid_N = ids_N[order_N] < E
+    def project(a, w_EXY, b_EX):
+        h = F.grouped_mm(a, w_EXY.transpose(-2, -1), offs=offs_E)
+        return masked(h if b_EX is None else h + b_EX[sorted_ids_N])
+
+    x_ND = masked(x_TD[token_N])
+    h_up = project(x_ND, bank.w_up, bank.b_up)
+    h_gate = project(x_ND, bank.w_gate, bank.b_gate) if bank.gated else None
+    out_ND = project(hidden(bank.activation, h_gate, h_up), bank.w_down, bank.b_down)
     weights_N = routing.weights_TK.reshape(-1)[order_N].to(out_ND.dtype)
-    out_ND = torch.where(valid_N[:, None], out_ND * weights_N[:, None], out_ND.new_zeros(()))
+    out_ND = masked(out_ND * weights_N[:, None])
     return torch.zeros_like(x_TD).index_add(0, token_N, out_ND)
