@@ -3,9 +3,10 @@
 Small-but-not-trivial random Mixtral and Qwen3-MoE models (4 layers, 16 / 32 experts) are built from their
 config classes; the patched copy shares their weights' values. For forward (inference, no grad) and
 forward+backward (training mode, language-model loss plus aux loss), A and B runs alternate after warm-up and
-the medians are compared: ``speedup = time(transformers) / time(moekit)``.
+the medians are compared: ``speedup = time(transformers) / time(moekit)``. ``model`` rows time the whole
+model; ``block`` rows time its first sparse-MoE block alone on a fixed input (loss = mean square).
 
-    python benchmarks/bench_hf.py                     # ~1-2 minutes on 2 CPU cores
+    python benchmarks/bench_hf.py                     # about a minute on one CPU thread
     python benchmarks/bench_hf.py --eager             # also time transformers' eager loop
     python benchmarks/bench_hf.py --json bench_out/bench_hf.json
 """
@@ -36,6 +37,22 @@ MODELS = {
 }
 
 
+class BlockOnly(torch.nn.Module):
+    """The first sparse-MoE block of a model on a fixed ``[B, S, D]`` input: the MoE layer without the rest."""
+
+    def __init__(self, model, x_BSD: torch.Tensor) -> None:
+        super().__init__()
+        self.block = next(m for m in model.modules()
+                          if isinstance(m, mh.PatchedMoEBlock) or mh.adapter_for(m) is not None)
+        self.x = x_BSD
+
+    def forward(self, ids, labels=None, output_router_logits=False):
+        x = self.x.requires_grad_(labels is not None)
+        out = self.block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return type("Out", (), {"loss": out.square().mean(), "logits": out})()
+
+
 def step(model, ids, backward: bool) -> None:
     if backward:
         out = model(ids, labels=ids, output_router_logits=True)
@@ -46,13 +63,15 @@ def step(model, ids, backward: bool) -> None:
             model(ids)
 
 
-def timed(model, ids, backward: bool) -> float:
-    t = time.perf_counter()
+def timed(model, ids, backward: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is less sensitive to other load."""
+    t, c = time.perf_counter(), time.process_time()
     step(model, ids, backward)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
-def compare(variants: dict, ids, backward: bool, warmup: int, repeats: int) -> dict[str, float]:
+def compare(variants: dict, ids, backward: bool, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per variant, runs alternating A, B, A, B... after warm-up."""
     for model in variants.values():
         model.train(backward)
         for _ in range(warmup):
@@ -61,7 +80,8 @@ def compare(variants: dict, ids, backward: bool, warmup: int, repeats: int) -> d
     for _ in range(repeats):  # alternate so that load changes on a shared machine hit every variant alike
         for name, model in variants.items():
             times[name].append(timed(model, ids, backward))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+            for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -71,7 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (default 2)")
     p.add_argument("--repeats", type=int, default=7, help="timed steps per variant (default 7)")
     p.add_argument("--eager", action="store_true", help="also time transformers' eager experts loop")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine, OpenMP barriers of several threads stall "
+                        "whenever one thread is descheduled, which swamps the comparison; 0 = torch's choice)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -91,16 +113,20 @@ def main(argv=None) -> int:
             for name, model in variants.items():
                 diff = (model(ids).logits - ref).abs().max().item()
                 assert diff < 1e-3, f"{name} disagrees with transformers by {diff}"
-        for backward in (False, True):
-            med = compare(variants, ids, backward, args.warmup, args.repeats)
-            ref_t = med[f"transformers[{default_impl}]"]
-            for name, t in med.items():
-                rows.append({"model": arch, "experts": sizes["num_experts"], "top_k": sizes["top_k"],
-                             "pass": "fwd+bwd" if backward else "fwd", "variant": name, "median_ms": 1e3 * t,
-                             "speedup_vs_default": ref_t / t})
+        x = torch.randn(args.batch, args.seq, sizes["dim"], generator=torch.Generator().manual_seed(1))
+        blocks = {name: BlockOnly(model, x) for name, model in variants.items()}
+        for scope, backward in (("model", False), ("model", True), ("block", False), ("block", True)):
+            med = compare(variants if scope == "model" else blocks, ids, backward, args.warmup, args.repeats)
+            ref_wall, ref_cpu = med[f"transformers[{default_impl}]"]
+            for name, (wall, cpu) in med.items():
+                rows.append({"model": arch, "scope": scope, "experts": sizes["num_experts"], "top_k": sizes["top_k"],
+                             "pass": "fwd+bwd" if backward else "fwd", "variant": name,
+                             "median_wall_ms": 1e3 * wall, "median_cpu_ms": 1e3 * cpu,
+                             "speedup_wall": ref_wall / wall, "speedup_cpu": ref_cpu / cpu})
                 r = rows[-1]
-                print(f"{arch:<10} E={r['experts']:<3} k={r['top_k']}  {r['pass']:<8} {name:<26} "
-                      f"{r['median_ms']:9.1f} ms   x{r['speedup_vs_default']:.2f}", flush=True)
+                print(f"{arch:<10} {scope:<6} E={r['experts']:<3} k={r['top_k']}  {r['pass']:<8} {name:<26} wall "
+                      f"{r['median_wall_ms']:8.1f} ms x{r['speedup_wall']:.2f}   cpu {r['median_cpu_ms']:8.1f} ms "
+                      f"x{r['speedup_cpu']:.2f}", flush=True)
     meta = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "load_avg": os.getloadavg(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "tokens_per_step": args.batch * args.seq,
