@@ -151,6 +151,9 @@ def _rebuild_block(patched: PatchedMoEBlock) -> nn.Module:
     block.load_state_dict(tensors, assign=True)
     for n, p in block.named_parameters():
         p.requires_grad_(trainable[n])
+    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"rebuilt {type(block).__name__} has tensors no layer provided: {left}")
     return block.train(patched.training)
 
 
