@@ -49,6 +49,21 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
         return "grouped_mm is a loop of matmuls on CPU (no faster); it is chosen automatically only on CUDA"
     if x.dtype != torch.bfloat16:
         return f"grouped_mm on CUDA wants bfloat16 inputs, got {x.dtype}"
+    return _grouped_mm_layout_problem(bank)
+
+
+def _grouped_mm_layout_problem(bank: ExpertBank) -> str | None:
+    """grouped_mm needs each weight 16-byte aligned, with a unit stride in one of its last two dims and the
+    other strides multiples of 16 bytes. Strided views of checkpoint tensors (GPT-OSS's interleaved gate/up
+    halves) are not; ``moekit.hf.patch(..., copy=True)`` gives contiguous copies that are."""
+    for name in ("w_gate", "w_up", "w_down"):
+        w = getattr(bank, name)
+        if w is None:
+            continue
+        size = w.element_size()
+        if (w.data_ptr() % 16 or 1 not in w.stride()[-2:]
+                or any((s * size) % 16 for s in w.stride() if s != 1)):
+            return f"experts.{name} (strides {tuple(w.stride())}) is not laid out for grouped_mm"
     return None
 
 

@@ -174,7 +174,7 @@ def _materialize(cfg: MoEConfig, mk: dict[str, torch.Tensor], hf: dict[str, torc
         elif not copy and id(value) in hf_params:
             setattr(owner, attr, value)  # same layout: share the very Parameter object
         else:
-            data = value.detach().clone() if copy else value.detach()
+            data = value.detach().clone(memory_format=torch.contiguous_format) if copy else value.detach()
             setattr(owner, attr, nn.Parameter(data, requires_grad=_source_requires_grad(value, hf)))
     moe.router.pending_counts = torch.zeros(cfg.num_experts, device=device)
     return moe
