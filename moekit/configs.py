@@ -69,6 +69,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error is the clearest message
+            return _coerce(options[0], value, where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -121,6 +124,12 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {where!r}{hint} (valid keys here: {', '.join(names)})")
         kwargs[key] = _coerce(hints[key], value, where)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = ", ".join(repr(f"{prefix}.{m}" if prefix else m) for m in missing)
+        first = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"missing required config key {where}; set it in the TOML file or with --{first}=...")
     return cls(**kwargs)
 
 

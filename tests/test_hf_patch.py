@@ -52,11 +52,12 @@ def test_logits_and_aux_loss_agree(arch: str) -> None:
     before, after = run(model, ids), run(patched, ids)
     assert not any(mh.adapter_for(m) for m in patched.modules()), "every sparse block is replaced"
     torch.testing.assert_close(after.logits, before.logits, **TOL)
-    if before.aux_loss is not None:  # DeepSeek-V3 has no aux loss in transformers
-        assert before.aux_loss > 0
-        torch.testing.assert_close(after.aux_loss, before.aux_loss, **TOL)
+    aux_before = getattr(before, "aux_loss", None)  # DeepSeek-V3 has none (older releases lack the field)
+    if aux_before is not None:
+        assert aux_before > 0
+        torch.testing.assert_close(after.aux_loss, aux_before, **TOL)
     # patching after a forward (transformers' hooks already installed) works the same
-    torch.testing.assert_close(run(mh.patch(model), ids).aux_loss, before.aux_loss)
+    torch.testing.assert_close(getattr(run(mh.patch(model), ids), "aux_loss", None), aux_before)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -135,4 +136,4 @@ def test_strided_views_are_flagged_for_grouped_mm_and_copy_fixes_them() -> None:
     assert "w_gate" in _grouped_mm_layout_problem(moe_v.experts)
     assert _grouped_mm_layout_problem(moe_c.experts) is None and moe_c.experts.w_up.is_contiguous()
     ids = torch.randint(0, 101, (1, 6))
-    torch.testing.assert_close(copied(ids).logits, viewed(ids).logits)
+    torch.testing.assert_close(copied(ids).logits, viewed(ids).logits, **TOL)

@@ -1,9 +1,10 @@
 """Engines: how routed tokens reach their experts. Selected by name through one registry."""
 
-from . import reference, sorted  # noqa: F401  (registers the engines)
+from . import alltoall, reference, sorted  # noqa: F401  (registers the engines)
+from .alltoall import ExpertShard, alltoall_engine
 from .reference import reference_engine
 from .registry import ENGINES, Engine, get_engine, register_engine, resolve_engine
 from .sorted import grouped_mm_engine, sorted_engine
 
 __all__ = ["ENGINES", "Engine", "get_engine", "register_engine", "resolve_engine", "reference_engine",
-           "sorted_engine", "grouped_mm_engine"]
+           "sorted_engine", "grouped_mm_engine", "alltoall_engine", "ExpertShard"]

@@ -3,9 +3,9 @@
 Dim legend: T tokens, D model dim, K slots per token, N valid assignments, E experts.
 
 One stable sort of the ``T*K`` assignments by expert, the tokens gathered into contiguous per-expert
-segments, per-expert matmuls (:func:`moekit.ops.expert_ffn` with an in-place weight-gradient backward, or
-``torch.nn.functional.grouped_mm`` on CUDA where it needs no host sync), then one weighted scatter-add back
-to token order. Empty slots (``-1``) sort first and are skipped.
+segments, per-expert matmuls and one weighted scatter-add back to token order: either
+:func:`moekit.ops.sorted_moe_ffn` (one autograd function with an in-place weight-gradient backward) or
+``torch.nn.functional.grouped_mm`` on CUDA, where it needs no host sync. Empty slots (``-1``) sort first and are skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import ExpertBank, hidden
-from ..ops import expert_ffn
+from ..ops import sorted_moe_ffn
 from ..types import Routing
 from .registry import register_engine
 
@@ -35,11 +35,9 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
     _, order_N, counts = _sort(routing, bank.num_experts)
     counts = counts.tolist()
     valid_N = order_N[counts[0]:]  # drop the empty slots, which sort first
-    token_N = valid_N // K
-    out_ND = expert_ffn(x_TD[token_N], bank.w_gate, bank.w_up, bank.w_down, counts[1:], bank.activation,
-                        bank.b_gate, bank.b_up, bank.b_down)
-    weights_N = routing.weights_TK.reshape(-1)[valid_N].to(out_ND.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_N, out_ND * weights_N[:, None])
+    weights_N = routing.weights_TK.reshape(-1)[valid_N]
+    return sorted_moe_ffn(x_TD, weights_N, valid_N // K, counts[1:], bank.w_gate, bank.w_up, bank.w_down,
+                          bank.activation, bank.b_gate, bank.b_up, bank.b_down)
 
 
 def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:

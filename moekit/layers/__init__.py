@@ -2,5 +2,6 @@
 
 from .moe import MoE, MoEConfig, routing_stats
 from .registry import FFN_BUILDERS, build_ffn, register_ffn
+from . import variants  # noqa: F401,E402  (registers the variant builders)
 
 __all__ = ["MoE", "MoEConfig", "routing_stats", "FFN_BUILDERS", "build_ffn", "register_ffn"]

@@ -1,5 +1,5 @@
 """Differentiable ops with hand-written backward passes."""
 
-from .expert_ffn import expert_ffn
+from .sorted_moe import sorted_moe_ffn
 
-__all__ = ["expert_ffn"]
+__all__ = ["sorted_moe_ffn"]

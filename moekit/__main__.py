@@ -1,0 +1,7 @@
+"""``python -m moekit ...`` runs the ``moekit`` command."""
+
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""``moekit sample RUN --prompt TEXT``: generate text from a run's checkpoint (KV cache on by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..data import get_tokenizer
+from ..serving import generate
+from ..training import load_run
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate text from a run's checkpoint")
+    p.add_argument("run", metavar="RUN", help="a run folder written by moekit train")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 disables)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window each token")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .main import UsageError
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+        raise UsageError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
+    cfg, model, _ = load_run(args.run, args.device)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    ids = tokenizer.encode(args.prompt or "\n")
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed)
+    sys.stdout.write(tokenizer.decode(out[0].tolist()) + "\n")
+    return 0

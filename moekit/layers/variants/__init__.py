@@ -1,0 +1,32 @@
+"""MoE variants: compositions of Router, Engine and ExpertBank, each registered with ``@register_ffn``.
+
+Importing this package registers every variant's builder (``moekit.layers`` imports it).
+"""
+
+from . import (blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
+               smoe_dropout, thor, topp)
+from .blockffn import BlockFFN, BlockFFNConfig
+from .coe import ChainOfExperts, CoEConfig
+from .gmoe import GMoEConfig, GraphOfTokensMoE
+from .mod import MixtureOfDepths, MoDConfig
+from .mofme import MoFME, MoFMEConfig
+from .moepp import MoEPlusPlus, MoEPPConfig
+from .mor import MixtureOfRecursions, MoRConfig
+from .mumoe import MultilinearMoE, MuMoEConfig
+from .pr_moe import ResidualMoE, ResidualMoEConfig
+from .promoe import ProMoE, ProMoEConfig
+from .readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner, RoutingPlan, planner_distillation_loss
+from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
+from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
+from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
+from .topp import TopPConfig, TopPMoE
+
+__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
+           "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
+           "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
+           "BlockFFN", "BlockFFNConfig",
+           "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
+           "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
+           "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
+           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig",
+           "ReadMEConfig", "ReadMEMoE", "ReadMEPlanner", "RoutingPlan", "planner_distillation_loss"]

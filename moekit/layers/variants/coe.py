@@ -1,0 +1,94 @@
+"""Chain-of-Experts (CoE; Wang et al. 2025, arXiv 2506.18945, github ZihanWang314/CoE).
+
+Dim legend: T tokens, D model dim, E experts, K slots per token.
+
+One MoE layer iterates ``C`` times over ONE expert pool, with an independent router per iteration
+(the paper's "igate"); the input is normalised once, before the chain (the block's pre-norm)::
+
+    h_0 = x                                   (x = RMSNorm(residual), given by the block)
+    h_t = I_r * h_{t-1} + sum_{i in S_t} g_{t,i} E_i(h_{t-1}) + E_shared(h_{t-1}),   t = 1..C
+    out = h_C  (+ the block's residual stream when ``outer_residual``)
+
+``inner_residual`` is ``I_r`` (paper eq. and code default: on). ``outer_residual`` says whether the block's
+un-normalised residual is added back (code default: off, so the layer's skip path is ``LN(x)``, not ``x``).
+Since a feed-forward cannot add a residual it never sees, the module exposes ``block_residual`` (= the flag):
+a model block must compute ``ffn(norm(x))`` instead of ``x + ffn(norm(x))`` when it is False.
+Each iteration's router adds its losses (``aux_loss``, ``z_loss``) under ``<name>.iter<t>``; statistics are
+recorded per iteration under the same names. Routers follow ``moe.router`` (the CoE preset uses the
+DeepSeek-V2 gate: softmax, ``norm_topk_prob=False``, sequence-level aux loss 1e-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...configs import check
+from ...dispatch import resolve_engine
+from ...experts import ExpertBank, FeedForward
+from ...routing import Router
+from ...types import RoutingContext
+from ..moe import MoEConfig
+from ..registry import register_ffn
+from ._common import flatten, parse_options, record_stats
+
+__all__ = ["CoEConfig", "ChainOfExperts"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CoEConfig:
+    """Attributes:
+        num_iterations: C, iterations over the shared pool (CoE run: 2).
+        inner_residual: add ``h_{t-1}`` after each iteration (paper and code: True).
+        outer_residual: the block adds its un-normalised residual (code default False; ablation: True ~ plain MoE).
+    """
+
+    num_iterations: int = 2
+    inner_residual: bool = True
+    outer_residual: bool = False
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.num_iterations, int) and self.num_iterations >= 1,
+              f"variant.num_iterations={self.num_iterations!r} must be a positive integer (CoE uses 2)")
+
+
+class ChainOfExperts(nn.Module):
+    """CoE layer: ``C`` routers over one :class:`ExpertBank` (+ shared experts applied every iteration)."""
+
+    def __init__(self, moe: MoEConfig, config: CoEConfig | None = None, name: str = "coe") -> None:
+        super().__init__()
+        self.moe_config, self.config, self.name = moe, config or CoEConfig(), name
+        self.routers = nn.ModuleList(
+            Router(moe.dim, moe.num_experts, moe.top_k, moe.router) for _ in range(self.config.num_iterations))
+        self.experts = ExpertBank(moe.num_experts, moe.dim, moe.hidden_dim, moe.activation)
+        self.shared_experts = (FeedForward(moe.dim, moe.num_shared_experts * moe.hidden_dim, moe.activation)
+                               if moe.num_shared_experts > 0 else None)
+
+    @property
+    def block_residual(self) -> bool:
+        """Whether the model block should add its residual stream to this module's output."""
+        return self.config.outer_residual
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+        h_TD, num_sequences = flatten(x, self.moe_config.dim)
+        for t, router in enumerate(self.routers):
+            layer = f"{self.name}.iter{t}"
+            routing = router(h_TD, ctx, layer=layer, num_sequences=num_sequences)
+            engine = resolve_engine(self.moe_config.engine, h_TD, self.experts)
+            y_TD = engine(h_TD, routing, self.experts)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(h_TD)
+            record_stats(ctx, layer, routing)
+            h_TD = h_TD + y_TD if self.config.inner_residual else y_TD
+        return h_TD.view(x.shape)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"iterations={c.num_iterations}, inner_residual={c.inner_residual}, outer_residual={c.outer_residual}"
+
+
+@register_ffn("coe")
+def build_coe(moe: MoEConfig, options: dict, *, layer_index: int, num_layers: int, name: str) -> nn.Module:
+    return ChainOfExperts(moe, parse_options(CoEConfig, options), name=name)

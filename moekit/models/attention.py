@@ -1,0 +1,94 @@
+"""Causal self-attention with rotary positions, and the KV cache used for sampling.
+
+Dim legend: B batch, S new positions, P cached positions (past + new), H heads, Dh head dim, D model dim.
+
+Rotary positions (RoPE, Su et al., arXiv 2104.09864 eq. 34) rotate each pair ``(x_2i, x_2i+1)`` of queries and
+keys by ``pos * theta^(-2i/Dh)``, so that attention scores depend on relative positions only.
+Attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "KVCache", "rope_tables", "apply_rope"]
+
+
+def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of shape ``[context, head_dim / 2]`` (float32)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(context, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dimension (R = Dh / 2 rotation frequencies).
+
+    The tables are ``[S, R]`` (the same positions for every sequence) or ``[B, S, R]`` (per-sequence positions,
+    e.g. the tokens a Mixture-of-Depths router selected).
+    """
+    if cos_SR.dim() == 3:
+        cos_SR, sin_SR = cos_SR[:, None], sin_SR[:, None]
+    x = x_BHSDh.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    out = torch.stack((x0 * cos_SR - x1 * sin_SR, x0 * sin_SR + x1 * cos_SR), dim=-1)
+    return out.flatten(-2).to(x_BHSDh.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (sampling only).
+
+    Args:
+        num_layers, batch, num_heads, context, head_dim: sizes of the preallocated buffers.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, context: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, batch, num_heads, context, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled; advanced by the model after all layers have written
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions of ``layer``; return that layer's keys and values up to them."""
+        end = self.length + k_BHSDh.shape[2]
+        self.k[layer, :, :, self.length:end] = k_BHSDh
+        self.v[layer, :, :, self.length:end] = v_BHSDh
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary positions (no biases)."""
+
+    def __init__(self, dim: int, num_heads: int, num_layers: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.w_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.w_out = nn.Linear(dim, dim, bias=False)
+        nn.init.normal_(self.w_qkv.weight, std=dim**-0.5)
+        # GPT-2 scaling: residual branches add up over 2 * num_layers sublayers.
+        nn.init.normal_(self.w_out.weight, std=dim**-0.5 / (2 * num_layers) ** 0.5)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.w_qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.write(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            past = cache.length
+            k, v = cache.write(layer, k, v)
+            # New position i (absolute past + i) sees every cached key j <= past + i.
+            mask_SP = torch.arange(past + S, device=x_BSD.device)[None, :] <= (
+                past + torch.arange(S, device=x_BSD.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SP)
+        return self.w_out(y.transpose(1, 2).reshape(B, S, D))

@@ -1,0 +1,44 @@
+"""Expert parallelism: process groups, sharding a model's experts, gradient reduction, full checkpoints
+that reshard, local multi-process launch, and a MoETuner-style expert placement planner.
+
+A trainer needs these calls (see each function's docstring)::
+
+    groups = init_from_env(ep_size)                  # torchrun env -> gloo/nccl groups (or single process)
+    shard_experts(model, groups)                     # E / ep_size experts per rank, alltoall engine
+    ...loss.backward(); reduce_gradients(model, groups)  # instead of DDP
+    clip_grad_norm_(model, max_norm, groups)           # the whole model's norm, same on every rank
+    optimizer.step()
+    update_expert_biases(model)                      # aux-loss-free bias: counts summed over the world
+    state = gather_full_state_dict(model)            # every rank calls; rank 0 writes
+    load_full_state_dict(model, state)               # any ep_size reads any checkpoint
+    shutdown()                                       # every rank, before exiting
+
+Balancing across ranks (the choice made here):
+
+- The Switch/GShard aux loss and the z-loss are computed by each rank's router on that rank's tokens and
+  averaged over the world through the gradient average: the objective is the mean of per-rank losses, exactly
+  the single-process model run on each rank's tokens as a separate micro-batch (tests/test_ep.py checks this).
+  It is not the global-batch loss with ``f`` and ``P`` over every rank's tokens (Qwen's global-batch
+  balancing), which would need the router to all-reduce ``f`` and ``P``; not done.
+- The auxiliary-loss-free bias is a replicated buffer, so its assignment counts are summed over the whole world
+  (``Router.step`` all-reduces over the default group when distributed) and every rank applies the same update.
+- Logged values: :func:`all_reduce_mean` of each rank's loss.
+"""
+
+from .checkpoint import (gather_experts, gather_full_optimizer_state, gather_full_state_dict,
+                         load_full_optimizer_state, load_full_state_dict)
+from .grads import all_reduce_mean, broadcast_parameters, clip_grad_norm_, reduce_gradients
+from .groups import ParallelGroups, init_from_env, make_groups, shutdown
+from .launch import free_port, run_local
+from .placement import (PlacementPlan, balanced_clusters, map_clusters, placement_metrics, plan_placement,
+                        uniform_plan)
+from .profile import RoutingProfile, record_routing
+from .sharding import (Placement, contiguous_placement, is_expert_parameter, round_robin_placement,
+                       shard_experts, sharded_banks)
+
+__all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown", "shard_experts", "sharded_banks",
+           "is_expert_parameter", "Placement", "contiguous_placement", "round_robin_placement",
+           "reduce_gradients", "clip_grad_norm_", "broadcast_parameters", "all_reduce_mean", "gather_full_state_dict",
+           "load_full_state_dict", "gather_full_optimizer_state", "load_full_optimizer_state", "gather_experts",
+           "run_local", "free_port", "RoutingProfile", "record_routing", "PlacementPlan", "plan_placement",
+           "balanced_clusters", "map_clusters", "placement_metrics", "uniform_plan"]

@@ -1,0 +1,144 @@
+"""The run configuration tree: ``RunConfig{model, data, train, parallel}``.
+
+A preset TOML file maps onto :class:`RunConfig` through :func:`run_config_from_dict`; command-line
+``--a.b=c`` overrides go through :func:`with_overrides`. Both fill ``model.moe.dim`` from ``model.dim`` when
+it is not given, so a preset or an override states the model width once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..configs import ConfigError, apply_overrides, check, check_choice, from_dict
+from ..data import DataConfig
+from ..models import ModelConfig
+
+__all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "run_config_from_dict", "with_overrides"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of a run.
+
+    Attributes:
+        seed: seeds the initial weights and the order of training batches (a run is reproducible from it).
+        batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``.
+        grad_accum: micro-batches whose gradients add up before each optimizer step.
+        max_steps: optimizer steps; the cosine schedule spans them.
+        max_seconds: optional wall-time budget (training and validation, not start-up). The run stops at
+            whichever of ``max_steps`` and ``max_seconds`` comes first, and the schedule follows the one that
+            is further along. Runs with a time budget are not bit-reproducible.
+        lr: peak learning rate of AdamW.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
+        warmup_steps: linear warm-up from ``lr / warmup_steps``.
+        weight_decay: decoupled weight decay of matrices (norm gains are not decayed).
+        beta1, beta2: AdamW moment coefficients.
+        grad_clip: clip the global gradient norm to this (0 disables).
+        dtype: ``float32`` or ``bfloat16`` autocast (weights and optimizer state stay float32).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        threads: CPU threads for the run (``torch.set_num_threads``); ``None`` keeps torch's default. Tiny
+            models run faster on one thread, whose small matmuls gain nothing from splitting.
+        eval_every: validate every this many steps (0: only at the end).
+        eval_batches: validation batches per evaluation.
+        log_every: record routing statistics (load balance) and refresh the progress line this often.
+        checkpoint_every: write a checkpoint this often (0: at the end and on interruption only).
+    """
+
+    seed: int = 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    max_seconds: float | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"train.{name}={value!r} must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            check(value >= 0, f"train.{name}={value} must be >= 0 (0 disables it)")
+        check(self.threads is None or self.threads >= 1,
+              f"train.threads={self.threads} must be positive, or none for torch's default")
+        check(self.max_seconds is None or self.max_seconds > 0,
+              f"train.max_seconds={self.max_seconds} must be positive, or none for no time budget")
+        check(self.lr > 0, f"train.lr={self.lr} must be positive (e.g. 3e-3)")
+        check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+              f"train.beta1={self.beta1}, train.beta2={self.beta2} must be in [0, 1) (e.g. 0.9 and 0.95)")
+        check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    """How a run is spread over processes. ``ep_size``: expert-parallel group size (1: no expert parallelism)."""
+
+    ep_size: int = 1
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.ep_size, int) and self.ep_size >= 1,
+              f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """Everything a run needs; written as ``config.json`` into the run folder.
+
+    Attributes:
+        name: the preset (or a label of your own).
+        description: one line on what the run is for (presets list it).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.tokenizer == "bytes":
+            check(self.model.vocab_size >= 256,
+                  f"model.vocab_size={self.model.vocab_size} is too small for byte-level data (256 values); "
+                  f"set model.vocab_size=256")
+        if self.parallel.ep_size > 1:
+            check(self.model.moe is not None and self.model.moe.num_experts % self.parallel.ep_size == 0,
+                  f"parallel.ep_size={self.parallel.ep_size} must divide model.moe.num_experts "
+                  f"({None if self.model.moe is None else self.model.moe.num_experts})")
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a nested dict (a parsed preset); ``model.moe.dim`` defaults to ``model.dim``."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError("the config has no [model] table; start from a preset (moekit presets) or add one")
+    moe = model.get("moe")
+    if isinstance(moe, dict) and "dim" not in moe and "dim" in model:
+        data = {**data, "model": {**model, "moe": {**moe, "dim": model["dim"]}}}
+    return from_dict(RunConfig, data)
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """``cfg`` with dotted overrides applied (``{"model.moe.top_k": "4"}``); ``model.moe.dim`` follows ``model.dim``."""
+    overrides = dict(overrides)
+    touches_moe = any(k.startswith("model.moe.") for k in overrides)
+    if "model.moe" not in overrides and "model.moe.dim" not in overrides and (cfg.model.moe is not None or touches_moe):
+        overrides["model.moe.dim"] = overrides.get("model.dim", cfg.model.dim)
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,82 @@
+"""PNG plots of a run: loss curves, and expert load per layer as a heatmap (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_run"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return out
+
+
+def plot_loss(plt, records: list[dict], path: Path) -> None:
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.25, lw=0.8)
+        # Memory of about n/20 steps (2 to 20): a long EMA would lag far behind the curve of a short run.
+        alpha = min(0.5, max(0.05, 20 / len(train)))
+        ax.plot(steps, _ema([r["loss"] for r in train], alpha), color="tab:blue", label="train (EMA)")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
+                label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(plt, load: dict[str, list[float]], path: Path) -> None:
+    """Heatmap of each expert's share of assignments times E (1.0 = perfectly balanced)."""
+    names = list(load)
+    rows = []
+    for name in names:
+        counts = load[name]
+        total = sum(counts) or 1
+        rows.append([c * len(counts) / total for c in counts])
+    width = max(len(r) for r in rows)
+    rows = [r + [float("nan")] * (width - len(r)) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * width + 2), max(2.5, 0.45 * len(rows) + 1.5)))
+    image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("expert")
+    ax.set_title("expert load on validation (share x E; 1 = balanced)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_run(out_dir: Path, records: list[dict], load: dict[str, list[float]]) -> list[Path]:
+    """Write ``loss.png`` and, for a model with MoE layers, ``expert_load.png``; returns the files written."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    out_dir = Path(out_dir)
+    written = [out_dir / "loss.png"]
+    plot_loss(plt, records, written[0])
+    if load:
+        written.append(out_dir / "expert_load.png")
+        plot_expert_load(plt, load, written[1])
+    return written

@@ -1,0 +1,49 @@
+"""Opening a finished (or interrupted) run folder: its config and model, and evaluating it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..configs import ConfigError
+from ..data import load_data
+from ..models import LanguageModel
+from .checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_json
+from .config import RunConfig, run_config_from_dict
+from .evaluate import evaluate, resolve_device
+
+__all__ = ["load_run", "evaluate_run", "read_run_config"]
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; give the --out folder of a "
+                              f"moekit train run")
+    try:
+        return run_config_from_dict(read_json(run_dir / CONFIG_FILE))
+    except CheckpointError:
+        raise
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE} is not a valid run config ({e})") from None
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, LanguageModel, dict]:
+    """``(config, model with the checkpoint's weights, in eval mode, training state)`` of a run folder."""
+    cfg = read_run_config(run_dir)
+    model = LanguageModel(cfg.model)
+    state = load_checkpoint(Path(run_dir), model)
+    return cfg, model.to(resolve_device(device)).eval(), state
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | Path, num_batches: int | None = None, device: str = "auto") -> dict:
+    """Validation loss, bits per byte and routing statistics of a run's checkpoint."""
+    cfg, model, state = load_run(run_dir, device)
+    data = load_data(cfg.data)
+    result = evaluate(model, data, batch_size=cfg.train.batch_size,
+                      num_batches=num_batches or cfg.train.eval_batches, dtype=cfg.train.dtype,
+                      device=next(model.parameters()).device)
+    return {"step": state["step"], **result}
