@@ -101,3 +101,21 @@ def test_register_adds_the_subcommand() -> None:
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["analyze", "--tiny", "mixtral", "--no-plots"])
     assert args.func is cli.run and args.tiny == "mixtral" and args.stdlib == 400
+
+
+def test_cli_on_a_moekit_run_folder(tmp_path, capsys) -> None:
+    from moekit.cli.main import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "--train.max_steps=1",
+                 "--train.eval_every", "0"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--stdlib", "20", "--no-plots", "--out", str(tmp_path / "a")]) == 0
+    layers = json.loads((tmp_path / "a" / "report.json").read_text())["layers"]
+    assert [r["name"] for r in layers] == ["layers.0.ffn", "layers.1.ffn"]
+    # every byte of the 20 sentences is routed, cut at the model's context
+    from moekit.analysis import stdlib_sentences
+    from moekit.recipes import load_preset
+
+    context = load_preset("tiny").model.context
+    assert layers[0]["tokens"] == sum(min(len(s.encode()), context) for s in stdlib_sentences(20))

@@ -115,3 +115,21 @@ def test_strided_weight_views_give_the_same_result() -> None:
     got = sorted_moe_ffn(x, weights_N, token_N, counts, w_gate, w_up, w_down, "swiglu")
     torch.testing.assert_close(got, want)
     assert get_engine("sorted") is not None
+
+
+def test_grouped_mm_engine_with_biases_matches_reference() -> None:
+    """The grouped_mm engine is auto-selected only on CUDA, but its function runs on CPU (16-byte strides)."""
+    from moekit.dispatch.sorted import grouped_mm_engine
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("torch.nn.functional.grouped_mm needs torch >= 2.8")
+    cfg = moekit.MoEConfig(dim=16, hidden_dim=16, num_experts=4, top_k=2, use_ffn_bias=True,
+                           activation="clamped_swiglu", router=moekit.RouterConfig(capacity_factor=0.5))
+    moe = randomize(moekit.MoE(cfg))
+    x = torch.randn(12, 16)
+    routing = moe.route(x)
+    assert (routing.expert_ids_TK < 0).any(), "capacity should drop some slots"
+    got = grads(moe, x, lambda x: grouped_mm_engine(x, moe.route(x), moe.experts))
+    want = grads(moe, x, lambda x: get_engine("reference")(x, moe.route(x), moe.experts))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

@@ -124,3 +124,16 @@ def test_patch_rejects_models_without_moe_blocks() -> None:
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="no sparse-MoE block.*MixtralSparseMoeBlock"):
         mh.patch(model)
+
+
+def test_strided_views_are_flagged_for_grouped_mm_and_copy_fixes_them() -> None:
+    from moekit.dispatch.sorted import _grouped_mm_layout_problem
+
+    model = tiny_model("gpt_oss", dim=64, hidden_dim=32)
+    viewed = mh.patch(copy.deepcopy(model))
+    copied = mh.patch(copy.deepcopy(model), copy=True)
+    moe_v, moe_c = (next(m.moe for m in x.modules() if isinstance(m, mh.PatchedMoEBlock)) for x in (viewed, copied))
+    assert "w_gate" in _grouped_mm_layout_problem(moe_v.experts)
+    assert _grouped_mm_layout_problem(moe_c.experts) is None and moe_c.experts.w_up.is_contiguous()
+    ids = torch.randint(0, 101, (1, 6))
+    torch.testing.assert_close(copied(ids).logits, viewed(ids).logits, **TOL)

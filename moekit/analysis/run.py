@@ -22,9 +22,12 @@ def byte_tokenize(texts: Sequence[str], vocab_size: int, max_length: int) -> tup
     return ids, (lambda i: bytes([i]).decode("latin-1") if vocab_size >= 256 else f"<{i}>")
 
 
-def _hf_tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], Callable]:
-    ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    return ids, (lambda i: tokenizer.convert_ids_to_tokens(int(i)))
+def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], Callable]:
+    """A transformers tokenizer, or any object with ``encode(text) -> ids`` and ``decode(ids) -> text``."""
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+        return ids, (lambda i: tokenizer.convert_ids_to_tokens(int(i)))
+    return [tokenizer.encode(t)[:max_length] for t in texts], (lambda i: tokenizer.decode([int(i)]))
 
 
 def _is_transformers(model: nn.Module) -> bool:
@@ -39,14 +42,18 @@ def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_siz
     Args:
         model: a moekit model, or a transformers model after :func:`moekit.hf.patch`.
         texts: the text to analyse.
-        tokenizer: a transformers tokenizer; without one, UTF-8 bytes are the tokens.
+        tokenizer: a transformers tokenizer, or a moekit one (``encode``/``decode``); without one, UTF-8
+            bytes are the tokens.
         batch_size / max_length: batching of the forward passes (right-padded, padding ignored).
         per_expert / min_count: for the token table, how many tokens to keep per expert, and how often a
             token must occur to be ranked by the share of its occurrences sent to an expert.
         forward: ``fn(ids_BS, mask_BS)`` running the model, when neither calling convention fits.
     """
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or getattr(model, "vocab_size", 256)
-    ids, decode = (_hf_tokenize(tokenizer, texts, max_length) if tokenizer is not None
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None) or getattr(model, "vocab_size", 256)
+    context = getattr(cfg, "context", None) or getattr(cfg, "max_position_embeddings", None)
+    max_length = min(max_length, context) if isinstance(context, int) else max_length
+    ids, decode = (_tokenize(tokenizer, texts, max_length) if tokenizer is not None
                    else byte_tokenize(texts, vocab, max_length))
     ids = [seq for seq in ids if seq]
     if forward is None:

@@ -2,6 +2,8 @@
 
 Copy-paste examples (CPU)::
 
+    # a run folder written by `moekit train`
+    moekit analyze runs/tiny --stdlib 400
     # a random tiny model of any supported transformers architecture (no download)
     python -m moekit.cli.analyze --tiny mixtral --stdlib 200 --out runs/analyze-tiny
     # a transformers checkpoint folder on disk (loaded offline, MoE blocks patched by moekit)
@@ -9,7 +11,7 @@ Copy-paste examples (CPU)::
     # any model a Python function builds: fn() -> model or (model, tokenizer)
     python -m moekit.cli.analyze --model mypkg.models:build --stdlib 400
 
-On one GPU add ``--device cuda``. Writes ``table.txt``, ``tokens.txt``, ``report.json`` and ``load.png``,
+On one GPU add ``--device cuda`` (``auto``, the default, uses it when there is one). Writes ``table.txt``, ``tokens.txt``, ``report.json`` and ``load.png``,
 ``coactivation.png``, ``entropy.png`` into ``--out``.
 """
 
@@ -26,6 +28,7 @@ __all__ = ["register", "build_parser", "run", "main"]
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (choose one)").add_mutually_exclusive_group(required=True)
+    src.add_argument("run", nargs="?", metavar="RUN", help="a run folder written by moekit train")
     src.add_argument("--hf", metavar="PATH", help="a transformers model folder (offline); its MoE blocks are patched")
     src.add_argument("--tiny", metavar="ARCH", help="a random tiny transformers model: mixtral, qwen2_moe, "
                      "qwen3_moe, olmoe, deepseek_v3, gpt_oss")
@@ -38,7 +41,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     run_g = p.add_argument_group("run")
     run_g.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
     run_g.add_argument("--engine", default="auto", help="moekit engine for patched blocks (default auto)")
-    run_g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    run_g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     run_g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     run_g.add_argument("--max-length", type=int, default=128, help="tokens kept per passage (default 128)")
     run_g.add_argument("--per-expert", type=int, default=5, help="tokens listed per expert (default 5)")
@@ -61,9 +64,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def _load_model(args):
     import moekit.hf as mh
 
+    if args.run:
+        from moekit.data import get_tokenizer
+        from moekit.training import load_run
+
+        cfg, model, _ = load_run(args.run, args.device)
+        return model, get_tokenizer(cfg.data.tokenizer)
     if args.tiny:
         from moekit.hf.tiny import tiny_model
 
@@ -102,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.analysis import analyze, save_plots
 
     model, tokenizer = _load_model(args)
-    model.to(args.device)
+    model.to(_device(args.device))
     texts = _texts(args)
     if not texts:
         raise SystemExit("no text to analyse: the --text files are empty")

@@ -139,18 +139,15 @@ def _balanced_assign(sim_FE: torch.Tensor, size: int) -> torch.Tensor:
     """Each neuron to one cluster, exactly ``size`` per cluster, greedily by descending similarity."""
     F_, E = sim_FE.shape
     order = sim_FE.flatten().argsort(descending=True)
-    assign = torch.full((F_,), -1, dtype=torch.long)
-    fill = [0] * E
-    done = 0
-    for flat in order.tolist():
-        f, e = divmod(flat, E)
+    assign, fill, done = [-1] * F_, [0] * E, 0
+    for f, e in zip((order // E).tolist(), (order % E).tolist()):  # plain lists: no per-item tensor ops
         if assign[f] < 0 and fill[e] < size:
             assign[f] = e
             fill[e] += 1
             done += 1
             if done == F_:
                 break
-    return assign
+    return torch.tensor(assign)
 
 
 def cluster_neurons(active_NF: torch.Tensor, num_experts: int, *, iters: int = 15, seed: int = 0) -> torch.Tensor:
@@ -179,7 +176,7 @@ def cluster_neurons(active_NF: torch.Tensor, num_experts: int, *, iters: int = 1
         if torch.equal(new, assign):
             break
         assign = new
-        centroids_EN = torch.stack([X_FN[assign == e].mean(0) for e in range(num_experts)])
+        centroids_EN = torch.zeros_like(centroids_EN).index_add_(0, assign, X_FN)  # sums; normalised below
         centroids_EN = centroids_EN / centroids_EN.norm(dim=1, keepdim=True).clamp_min(1e-6)
     return torch.stack([torch.nonzero(assign == e).flatten() for e in range(num_experts)])
 

@@ -47,6 +47,21 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
         return "grouped_mm is a loop of matmuls on CPU (no faster); it is chosen automatically only on CUDA"
     if x.dtype != torch.bfloat16:
         return f"grouped_mm on CUDA wants bfloat16 inputs, got {x.dtype}"
+    return _grouped_mm_layout_problem(bank)
+
+
+def _grouped_mm_layout_problem(bank: ExpertBank) -> str | None:
+    """grouped_mm needs each weight 16-byte aligned, with a unit stride in one of its last two dims and the
+    other strides multiples of 16 bytes. Strided views of checkpoint tensors (GPT-OSS's interleaved gate/up
+    halves) are not; ``moekit.hf.patch(..., copy=True)`` gives contiguous copies that are."""
+    for name in ("w_gate", "w_up", "w_down"):
+        w = getattr(bank, name)
+        if w is None:
+            continue
+        size = w.element_size()
+        if (w.data_ptr() % 16 or 1 not in w.stride()[-2:]
+                or any((s * size) % 16 for s in w.stride() if s != 1)):
+            return f"experts.{name} (strides {tuple(w.stride())}) is not laid out for grouped_mm"
     return None
 
 
@@ -54,7 +69,10 @@ def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:
 def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
     """Sort-by-expert with ``F.grouped_mm``: no host sync, autograd through grouped_mm itself.
 
-    Empty slots are sorted to the end, past the last offset, and their rows zeroed before combining.
+    Empty slots are sorted to the end, past the last offset. ``grouped_mm`` leaves those rows of its output
+    *and of its input gradient* unwritten (garbage, possibly NaN), so every tensor that leaves a grouped_mm
+    or enters one is masked with ``where``: ``where`` passes exactly 0, not ``0 * garbage``, to the other
+    branch, in forward and in backward.
     """
     T, K = routing.expert_ids_TK.shape
     E = bank.num_experts
@@ -64,20 +82,19 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
     token_N = order_N // K
     valid_N1 = (ids_N[order_N] < E)[:, None]
-    zero = x_TD.new_zeros(())
-    # grouped_mm leaves rows past the last offset unwritten, in forward and in backward: every tensor that
-    # crosses it is masked so that neither garbage values nor garbage gradients reach x or the biases.
-    x_ND = torch.where(valid_N1, x_TD[token_N], zero)
     sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; masked
 
-    def bias(b):
-        return 0.0 if b is None else b[sorted_ids_N]
+    def masked(t):
+        return torch.where(valid_N1, t, t.new_zeros(()))
 
-    h_up = F.grouped_mm(x_ND, bank.w_up.transpose(-2, -1), offs=offs_E) + bias(bank.b_up)
-    h_gate = (F.grouped_mm(x_ND, bank.w_gate.transpose(-2, -1), offs=offs_E) + bias(bank.b_gate)
-              if bank.gated else None)
-    a_NF = torch.where(valid_N1, hidden(bank.activation, h_gate, h_up), zero)
-    out_ND = F.grouped_mm(a_NF, bank.w_down.transpose(-2, -1), offs=offs_E) + bias(bank.b_down)
+    def project(a, w_EXY, b_EX):
+        h = F.grouped_mm(a, w_EXY.transpose(-2, -1), offs=offs_E)
+        return masked(h if b_EX is None else h + b_EX[sorted_ids_N])
+
+    x_ND = masked(x_TD[token_N])
+    h_up = project(x_ND, bank.w_up, bank.b_up)
+    h_gate = project(x_ND, bank.w_gate, bank.b_gate) if bank.gated else None
+    out_ND = project(hidden(bank.activation, h_gate, h_up), bank.w_down, bank.b_down)
     weights_N = routing.weights_TK.reshape(-1)[order_N].to(out_ND.dtype)
-    out_ND = torch.where(valid_N1, out_ND * weights_N[:, None], zero)
+    out_ND = masked(out_ND * weights_N[:, None])
     return torch.zeros_like(x_TD).index_add(0, token_N, out_ND)

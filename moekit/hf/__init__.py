@@ -2,6 +2,9 @@
 
 One adapter file per architecture (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS); transformers
 names appear only in this package. Importing it does not import transformers; :func:`patch` needs it.
+
+Also here: :mod:`moekit.hf.bert` (turn a BERT encoder's dense FFNs into moekit MoEs: upcycling or splitting)
+and :mod:`moekit.hf.tiny` (small random models of every supported architecture, for tests and demos).
 """
 
 from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401  (register adapters)

@@ -174,10 +174,18 @@ def _materialize(cfg: MoEConfig, mk: dict[str, torch.Tensor], hf: dict[str, torc
         elif not copy and id(value) in hf_params:
             setattr(owner, attr, value)  # same layout: share the very Parameter object
         else:
-            data = value.detach().clone() if copy else value.detach()
+            data = value.detach().clone(memory_format=torch.contiguous_format) if copy else value.detach()
             setattr(owner, attr, nn.Parameter(data, requires_grad=_source_requires_grad(value, hf)))
     moe.router.pending_counts = torch.zeros(cfg.num_experts, device=device)
     return moe
+
+
+def _function_of(cfg: MoEConfig) -> MoEConfig:
+    """``cfg`` without the settings that do not change the layer's function (engine, training losses)."""
+    router = replace(cfg.router, aux_loss_coef=0.0, aux_loss_level="batch", z_loss_coef=0.0, jitter_eps=0.0,
+                     bias_update_rate=0.0, use_selection_bias=cfg.router.use_selection_bias
+                     or cfg.router.bias_update_rate > 0)
+    return replace(cfg, engine="auto", router=router)
 
 
 def _source_requires_grad(view: torch.Tensor, hf: dict[str, torch.Tensor]) -> bool:
@@ -196,12 +204,12 @@ def export_block(moe: MoE, block: nn.Module, adapter: Adapter) -> dict[str, torc
         ConversionError: the layer's configuration (experts, top-k, routing) differs from the block's, or a
             tensor is missing or mis-shaped.
     """
-    want_cfg = replace(adapter.moe_config(block), engine=moe.config.engine)
-    if want_cfg != moe.config:
-        diff = [f"{f}: layer {getattr(moe.config, f)!r} vs block {getattr(want_cfg, f)!r}"
-                for f in MoEConfig.__dataclass_fields__ if getattr(moe.config, f) != getattr(want_cfg, f)]
-        raise ConversionError(f"moekit layer {moe.name!r} does not match the {adapter.name} block: "
-                              + "; ".join(diff))
+    want_cfg, have_cfg = _function_of(adapter.moe_config(block)), _function_of(moe.config)
+    if want_cfg != have_cfg:
+        diff = [f"{f}: layer {getattr(have_cfg, f)!r} vs block {getattr(want_cfg, f)!r}"
+                for f in MoEConfig.__dataclass_fields__ if getattr(have_cfg, f) != getattr(want_cfg, f)]
+        raise ConversionError(f"moekit layer {moe.name!r} does not compute what the {adapter.name} block "
+                              f"computes: " + "; ".join(diff))
     out = adapter.to_hf({k: v.detach() for k, v in moe.state_dict().items()}, moe.config)
     hf = _hf_state(block)
     _check_same_keys(out, hf, f"moekit -> {adapter.name}", "The adapter does not fill every block tensor.")

@@ -106,12 +106,15 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
-def patch(model: nn.Module, engine: str = "auto", *, verify: bool = True) -> nn.Module:
+def patch(model: nn.Module, engine: str = "auto", *, copy: bool = False, verify: bool = True) -> nn.Module:
     """Replace every sparse-MoE block of a transformers model, in place, by a moekit layer on the same weights.
 
     Args:
         model: a loaded transformers model (any head) of a supported architecture.
         engine: moekit engine for the experts (``auto``, ``reference``, ``sorted``, ``grouped_mm``).
+        copy: give the moekit layers their own contiguous weights instead of views of the checkpoint's. Only
+            worth it where a view's layout slows an engine down or rules it out: GPT-OSS's interleaved
+            gate/up views cannot feed CUDA ``grouped_mm`` (``auto`` then falls back to ``sorted``).
         verify: check each block's conversion round trip (see :func:`moekit.hf.adapter.convert_block`).
 
     Returns:
@@ -131,7 +134,7 @@ def patch(model: nn.Module, engine: str = "auto", *, verify: bool = True) -> nn.
                          f"{sorted(ADAPTERS)}")
     taps = []
     for name, block, adapter in blocks:
-        moe = convert_block(block, adapter, name=name, engine=engine, verify=verify)
+        moe = convert_block(block, adapter, name=name, engine=engine, copy=copy, verify=verify)
         patched = PatchedMoEBlock(moe, adapter, type(block), getattr(block.experts, "config", None))
         patched.train(block.training)
         _replace(model, name, patched)
@@ -151,6 +154,9 @@ def _rebuild_block(patched: PatchedMoEBlock) -> nn.Module:
     block.load_state_dict(tensors, assign=True)
     for n, p in block.named_parameters():
         p.requires_grad_(trainable[n])
+    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+    if left:
+        raise ConversionError(f"rebuilt {type(block).__name__} has tensors no layer provided: {left}")
     return block.train(patched.training)
 
 
