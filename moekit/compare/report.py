@@ -9,7 +9,8 @@ Columns: validation loss (nats/token) and bits per byte at the end of training; 
 parameters and training FLOPs per token (:func:`moekit.models.count`); the realised training FLOPs
 (``tokens * FLOPs per token``, from the run's own summary); tokens/s (training steps only, machine-load
 dependent); peak resident memory of the run's process; load CV (coefficient of variation of expert load on
-the validation batches, averaged over MoE layers); and the study's own statistics (averaged over layers).
+the validation batches, averaged over MoE layers); and the study's own statistics (averaged over layers and
+validation batches, from :mod:`.routing_stats`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) >= 2 else None)
 
 
-def _layer_mean(summary: dict, key: str) -> float | None:
-    values = [row[key] for row in (summary.get("layers") or {}).values() if key in row]
+def _layer_mean(layers: dict, key: str) -> float | None:
+    values = [row[key] for row in layers.values() if key in row]
     return statistics.fmean(values) if values else None
 
 
@@ -68,10 +69,11 @@ def _arm_result(study: Study, arm: str, outcomes: list[RunOutcome]) -> ArmResult
     sums = [o.summary for o in done]
     first = sums[0] if sums else {}
     peaks = [o.peak_rss_mb for o in done if o.peak_rss_mb is not None]
-    cvs = [v for v in (_layer_mean(s, "load_cv") for s in sums) if v is not None]
+    layers = [o.routing or o.summary.get("layers") or {} for o in done]
+    cvs = [v for v in (_layer_mean(s, "load_cv") for s in layers) if v is not None]
     metrics = {}
     for key in study.metrics:
-        vals = [v for v in (_layer_mean(s, key) for s in sums) if v is not None]
+        vals = [v for v in (_layer_mean(s, key) for s in layers) if v is not None]
         metrics[key] = statistics.fmean(vals) if vals else None
     return ArmResult(
         arm=arm, seeds=[o.spec.seed for o in done], missing_seeds=[o.spec.seed for o in outcomes if not o.finished],

@@ -7,7 +7,8 @@
 
 Each run trains in its own spawned process (``ProcessPoolExecutor(max_tasks_per_child=1)``), so its peak
 memory is that process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the resident set of the whole
-process (Python, torch, data, model, optimizer, activations), written to ``compare.json`` in the run folder.
+process (Python, torch, data, model, optimizer, activations), written to ``compare.json`` in the run folder
+with the run's routing statistics on its validation batches (:mod:`.routing_stats`).
 ``workers`` processes run at once with ``train.threads = cores // workers`` each. ``workers=0`` trains in
 this process one run after another (for debugging and tests; peak memory is then not recorded, since the
 process maximum would mix runs).
@@ -29,6 +30,7 @@ from pathlib import Path
 from ..training.checkpoint import STATE_FILE, read_json, write_json
 from ..training.metrics import Progress, read_metrics
 from .plan import RunSpec, folder_of
+from .routing_stats import validation_routing_stats
 
 __all__ = ["RunOutcome", "run_specs", "default_workers", "peak_rss_mb", "COMPARE_FILE"]
 
@@ -45,6 +47,7 @@ class RunOutcome:
     val_curve: list[dict] = field(default_factory=list)
     peak_rss_mb: float | None = None
     cached: bool = False
+    routing: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -70,9 +73,13 @@ def read_outcome(spec: RunSpec, out_dir: Path, cached: bool = False) -> RunOutco
     folder = folder_of(out_dir, spec)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
     extra = read_json(folder / COMPARE_FILE) if (folder / COMPARE_FILE).is_file() else {}
+    if summary is not None and "val_loss" in summary and "routing" not in extra:
+        # a run finished by an older moekit or by hand: add the routing statistics once
+        extra = {"peak_rss_mb": None, **extra, "routing": validation_routing_stats(folder)}
+        write_json(folder / COMPARE_FILE, extra)
     curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"]}
              for r in read_metrics(folder / "metrics.jsonl") if "val_loss" in r]
-    return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached)
+    return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached, extra.get("routing", {}))
 
 
 def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
@@ -86,7 +93,8 @@ def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
     if finished:
         write_json(folder / COMPARE_FILE, {"peak_rss_mb": peak_rss_mb() if record_memory else None,
                                            "resumed": resume, "process_wall_s": time.time() - start,
-                                           "threads": spec.config.train.threads})
+                                           "threads": spec.config.train.threads,
+                                           "routing": validation_routing_stats(folder)})
     return "done" if finished else "interrupted"
 
 
