@@ -6,6 +6,7 @@ Examples::
     moekit compare moe-vs-dense --quick                    # seconds: a smoke check of the whole pipeline
     moekit compare moe-vs-dense --seeds 2 --workers 2      # the real study, 2 seeds, 2 runs at a time
     moekit compare my_study.toml --out runs/compare/mine --train.lr=1e-3
+    moekit compare balancing --seeds 2 --budget 409600   # half the tokens
     moekit compare balancing --plan                        # steps and FLOPs per arm, without training
 
 Rerunning the same command reuses finished runs and resumes interrupted ones (Ctrl-C checkpoints them).
@@ -29,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
     p.add_argument("--quick", action="store_true", help="the study's seconds-long [quick] version (for tests)")
     p.add_argument("--seeds", type=int, metavar="N", help="use the first N seeds (default: the study's list)")
+    p.add_argument("--budget", type=float, metavar="AMOUNT",
+                   help="replace the study's budget amount (tokens, FLOPs or seconds, per its kind)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="runs at a time, one process each (default: min(runs, cores)); 0 trains in this process")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads per run (default: cores // workers)")
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(args.study, quick=args.quick)
     if args.seeds is not None:
         study = study.with_seeds(args.seeds)
+    if args.budget is not None:
+        study = study.with_budget(args.budget)
     if args.plan:
         print(f"{study.name}: {study.budget.describe()}, seeds {list(study.seeds)}")
         print(describe_plan(plan_study(study, args.overrides)))

@@ -138,6 +138,10 @@ class Study:
               f"study {self.name!r}: seeds={list(self.seeds)} must be a non-empty list of distinct integers")
         check(self.evals >= 1, f"study {self.name!r}: evals={self.evals} must be >= 1")
 
+    def with_budget(self, amount: float) -> "Study":
+        """The study with its budget amount (tokens, FLOPs or seconds, per its kind) replaced."""
+        return replace(self, budget=Budget(kind=self.budget.kind, amount=amount))
+
     def with_seeds(self, num_seeds: int) -> "Study":
         """The first ``num_seeds`` seeds of the study (continued 0, 1, 2, ... past its own list)."""
         check(num_seeds >= 1, f"--seeds {num_seeds} must be >= 1")
