@@ -167,6 +167,8 @@ def test_cli_list_plan_and_errors(capsys):
         assert f"{name} " in listed
     assert main(["compare", "granularity", "--quick", "--plan"]) == 0
     assert "fine-shared:" in capsys.readouterr().out
+    assert main(["compare", "balancing", "--quick", "--budget", "3840", "--plan"]) == 0
+    assert "tokens/step, 30 steps" in capsys.readouterr().out  # 3840 tokens / (4 x 32)
     assert main(["compare", "moe-vs-dens"]) == 2
     assert "did you mean 'moe-vs-dense'" in capsys.readouterr().err
 
