@@ -1,0 +1,195 @@
+"""Running a study's runs: cached, resumable, one spawned process per run, with a progress display.
+
+- A run whose folder holds ``summary.json`` is finished and is read back, never retrained.
+- A run whose folder holds a checkpoint (``state.json``) but no summary was interrupted; it continues with
+  ``train(..., resume=True)``, which takes exactly the steps an uninterrupted run takes.
+- Otherwise the run starts afresh.
+
+Each run trains in its own spawned process (``ProcessPoolExecutor(max_tasks_per_child=1)``), so its peak
+memory is that process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the resident set of the whole
+process (Python, torch, data, model, optimizer, activations), written to ``compare.json`` in the run folder
+with the run's routing statistics on its validation batches (:mod:`.routing_stats`).
+``workers`` processes run at once with ``train.threads = cores // workers`` each. ``workers=0`` trains in
+this process one run after another (for debugging and tests; peak memory is then not recorded, since the
+process maximum would mix runs).
+
+Ctrl-C reaches the workers too: each finishes its current step, checkpoints and returns; rerunning the
+study resumes them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..training.checkpoint import STATE_FILE, read_json, write_json
+from ..training.metrics import Progress, read_metrics
+from .plan import RunSpec, folder_of
+from .routing_stats import validation_routing_stats
+
+__all__ = ["RunOutcome", "run_specs", "default_workers", "peak_rss_mb", "COMPARE_FILE"]
+
+COMPARE_FILE = "compare.json"
+
+
+@dataclass
+class RunOutcome:
+    """What one run left: its summary (``None`` if it did not finish), validation curve, peak memory."""
+
+    spec: RunSpec
+    folder: Path
+    summary: dict | None
+    val_curve: list[dict] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    cached: bool = False
+    routing: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None and "val_loss" in self.summary
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (``None`` where ``resource`` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def default_workers(num_runs: int) -> int:
+    return max(1, min(num_runs, os.cpu_count() or 1))
+
+
+def read_outcome(spec: RunSpec, out_dir: Path, cached: bool = False) -> RunOutcome:
+    """The outcome recorded in a run folder (finished or not)."""
+    folder = folder_of(out_dir, spec)
+    summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
+    extra = read_json(folder / COMPARE_FILE) if (folder / COMPARE_FILE).is_file() else {}
+    if summary is not None and "val_loss" in summary and "routing" not in extra:
+        # a run finished by an older moekit or by hand: add the routing statistics once
+        extra = {"peak_rss_mb": None, **extra, "routing": validation_routing_stats(folder)}
+        write_json(folder / COMPARE_FILE, extra)
+    curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"]}
+             for r in read_metrics(folder / "metrics.jsonl") if "val_loss" in r]
+    return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached, extra.get("routing", {}))
+
+
+def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
+    """Worker body: train (or resume) one run; returns ``done`` or ``interrupted``."""
+    from ..training import train
+    folder = folder_of(Path(out_dir), spec)
+    resume = (folder / STATE_FILE).is_file()
+    start = time.time()
+    result = train(spec.config, folder, resume=resume, progress=False)
+    finished = "val_loss" in result.summary
+    if finished:
+        write_json(folder / COMPARE_FILE, {"peak_rss_mb": peak_rss_mb() if record_memory else None,
+                                           "resumed": resume, "process_wall_s": time.time() - start,
+                                           "threads": spec.config.train.threads,
+                                           "routing": validation_routing_stats(folder)})
+    return "done" if finished else "interrupted"
+
+
+def _steps_done(folder: Path) -> int:
+    """The last step logged in a run's metrics (cheap enough to poll: a few hundred short lines)."""
+    records = read_metrics(folder / "metrics.jsonl")
+    return max((r.get("step", 0) for r in records), default=0)
+
+
+class _Display:
+    """One progress bar over all runs, in optimizer steps (in runs for a time budget), plus a line per run."""
+
+    def __init__(self, specs: list[RunSpec], out_dir: Path, enabled: bool) -> None:
+        self.out_dir, self.specs, self.enabled = out_dir, specs, enabled
+        self.by_steps = all(s.planned_flops is not None for s in specs)
+        total = sum(s.config.train.max_steps for s in specs) if self.by_steps else len(specs)
+        self.bar = Progress(total, 0, enabled=enabled)
+        self.done: dict[str, int] = {}
+        self.active: set[str] = set()  # submitted and not done (the pool may queue one more than it runs)
+        self.workers = 1
+
+    def _position(self) -> int:
+        if not self.by_steps:
+            return len(self.done)
+        return sum(self.done.values()) + sum(_steps_done(self.out_dir / "runs" / f) for f in self.active)
+
+    def refresh(self) -> None:
+        self.bar.update(self._position(), {"runs done": f"{len(self.done)}/{len(self.specs)}",
+                                           "running": str(min(len(self.active), self.workers))})
+
+    def finish(self, outcome: RunOutcome, how: str) -> None:
+        spec = outcome.spec
+        self.active.discard(spec.folder)
+        self.done[spec.folder] = spec.config.train.max_steps if self.by_steps else 1
+        if outcome.finished:
+            s = outcome.summary
+            self.bar.write(f"{how} {spec.arm} seed {spec.seed}: val loss {s['val_loss']:.4f}, "
+                           f"{s['val_bpb']:.4f} bits/byte, {s['step']} steps ({outcome.folder.name})")
+        else:
+            self.bar.write(f"{how} {spec.arm} seed {spec.seed}: interrupted; rerun the study to resume")
+        self.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int | None = None,
+              progress: bool = True) -> list[RunOutcome]:
+    """Train every spec not yet finished under ``out_dir/runs/``; returns outcomes in ``specs`` order."""
+    out_dir = Path(out_dir)
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    outcomes: dict[str, RunOutcome] = {}
+    display = _Display(specs, out_dir, progress)
+    todo = []
+    for spec in specs:
+        cached = read_outcome(spec, out_dir, cached=True)
+        if cached.finished:
+            outcomes[spec.folder] = cached
+            display.finish(cached, "cached")
+        else:
+            todo.append(spec)
+    try:
+        if workers == 0:
+            for spec in todo:
+                display.active.add(spec.folder)
+                _train_one(spec, str(out_dir), record_memory=False)
+                outcomes[spec.folder] = read_outcome(spec, out_dir)
+                display.finish(outcomes[spec.folder], "ran")
+        elif todo:
+            _run_pool(todo, out_dir, workers or default_workers(len(todo)), outcomes, display)
+    finally:
+        display.close()
+    return [outcomes.get(s.folder) or read_outcome(s, out_dir) for s in specs]
+
+
+def _run_pool(todo: list[RunSpec], out_dir: Path, workers: int, outcomes: dict[str, RunOutcome],
+              display: _Display) -> None:
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    display.workers = workers
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_train_one, spec, str(out_dir), True): spec for spec in todo}
+        pending = set(futures)
+        try:
+            while pending:
+                started = {f for f in pending if f.running()}
+                display.active |= {futures[f].folder for f in started}
+                done, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    spec = futures[f]
+                    f.result()  # a failed run raises here, with the worker's traceback
+                    outcomes[spec.folder] = read_outcome(spec, out_dir)
+                    display.finish(outcomes[spec.folder], "ran")
+                display.refresh()
+        except BaseException:
+            for f in pending:
+                f.cancel()  # runs not started yet; started ones checkpoint on the same Ctrl-C
+            raise
+
