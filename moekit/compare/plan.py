@@ -58,7 +58,7 @@ class RunSpec:
 
 def _arm_dict(arm: Arm, base: str) -> dict[str, Any]:
     name = arm.preset or base
-    data = preset_dict(name)
+    data = preset_dict(name, resolve_base=False)
     origin = f"preset {name}"
     if "dim" not in data.get("model", {}):  # a variant preset: only the feed-forward; lay it over the base
         data, origin = merge(preset_dict(base), data), f"preset {name} over {base}"

@@ -10,7 +10,7 @@ parameters and training FLOPs per token (:func:`moekit.models.count`); the reali
 (``tokens * FLOPs per token``, from the run's own summary); tokens/s (training steps only, machine-load
 dependent); peak resident memory of the run's process; load CV (coefficient of variation of expert load on
 the validation batches, averaged over MoE layers); and the study's own statistics (averaged over layers and
-validation batches, from :mod:`.routing_stats`).
+validation batches, from the run summary).
 """
 
 from __future__ import annotations

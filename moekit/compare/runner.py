@@ -8,7 +8,7 @@
 Each run trains in its own spawned process (``ProcessPoolExecutor(max_tasks_per_child=1)``), so its peak
 memory is that process's ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the resident set of the whole
 process (Python, torch, data, model, optimizer, activations), written to ``compare.json`` in the run folder
-with the run's routing statistics on its validation batches (:mod:`.routing_stats`).
+with the run's routing statistics (from its summary).
 ``workers`` processes run at once with ``train.threads = cores // workers`` each. ``workers=0`` trains in
 this process one run after another (for debugging and tests; peak memory is then not recorded, since the
 process maximum would mix runs).
@@ -30,7 +30,6 @@ from pathlib import Path
 from ..training.checkpoint import STATE_FILE, read_json, write_json
 from ..training.metrics import Progress, read_metrics
 from .plan import RunSpec, folder_of
-from .routing_stats import validation_routing_stats
 
 __all__ = ["RunOutcome", "run_specs", "default_workers", "peak_rss_mb", "COMPARE_FILE"]
 
@@ -73,13 +72,11 @@ def read_outcome(spec: RunSpec, out_dir: Path, cached: bool = False) -> RunOutco
     folder = folder_of(out_dir, spec)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
     extra = read_json(folder / COMPARE_FILE) if (folder / COMPARE_FILE).is_file() else {}
-    if summary is not None and "val_loss" in summary and "routing" not in extra:
-        # a run finished by an older moekit or by hand: add the routing statistics once
-        extra = {"peak_rss_mb": None, **extra, "routing": validation_routing_stats(folder)}
-        write_json(folder / COMPARE_FILE, extra)
     curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"]}
              for r in read_metrics(folder / "metrics.jsonl") if "val_loss" in r]
-    return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached, extra.get("routing", {}))
+    # the run summary's per-layer statistics include the variants' own (averaged over validation batches)
+    routing = (summary or {}).get("layers", {})
+    return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached, routing)
 
 
 def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
@@ -93,8 +90,7 @@ def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
     if finished:
         write_json(folder / COMPARE_FILE, {"peak_rss_mb": peak_rss_mb() if record_memory else None,
                                            "resumed": resume, "process_wall_s": time.time() - start,
-                                           "threads": spec.config.train.threads,
-                                           "routing": validation_routing_stats(folder)})
+                                           "threads": spec.config.train.threads})
     return "done" if finished else "interrupted"
 
 

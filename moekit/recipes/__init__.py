@@ -60,7 +60,9 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def preset_dict(name: str) -> dict[str, Any]:
+def preset_dict(name: str, resolve_base: bool = True) -> dict[str, Any]:
+    """The preset's settings as a nested dict; with ``resolve_base=False`` only the keys the preset file itself
+    sets (a variant preset's overrides, without the preset it names as ``base``)."""
     files = _preset_files()
     if name not in files:
         close = difflib.get_close_matches(name, list(files), n=1)
@@ -68,7 +70,7 @@ def preset_dict(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}{hint}; available: {', '.join(sorted(files))}")
     data = read_toml(files[name], files[name].read_text())
     base = data.pop("base", None)
-    if base is not None:  # a preset may be written as overrides of another one
+    if base is not None and resolve_base:  # a preset may be written as overrides of another one
         if base == name:
             raise ConfigError(f"preset {name!r} names itself as its base")
         data = merge({k: v for k, v in preset_dict(base).items() if k != "description"}, data)
