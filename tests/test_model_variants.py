@@ -155,3 +155,18 @@ def test_variant_statistics_reach_the_run_summary(tmp_path):
     row = result.summary["layers"]["layers.0.ffn"]
     assert 1 <= row["experts_per_token"] <= 8, "top-p's experts per token, averaged over validation batches"
     assert "experts_per_token=" in summary_table(result.summary)
+
+
+def test_count_uses_the_variants_own_active_parameters():
+    from moekit.models import count
+
+    moe = count(small("default", **{"model.moe.num_experts": "16"}).model)
+    coe = count(small("coe", **{"model.moe.num_experts": "16", "model.moe.num_shared_experts": "0",
+                                "model.moe.top_k": "2", "model.variant.num_iterations": "2"}).model)
+    # CoE with 2 iterations applies top_k experts (and a router) twice per token: twice the MoE FFN compute
+    dense_part = moe.active_params - 4 * (16 * 32 + 2 * 3 * 32 * 16)
+    assert coe.active_params - dense_part == 2 * 4 * (16 * 32 + 2 * 3 * 32 * 16)
+    # MoE++: every slot counted as an FFN expert (upper bound); one more slot costs exactly one SwiGLU expert
+    k1, k2 = (LanguageModel(small("moepp", **{"model.moe.top_k": k}).model).layers[0].ffn for k in ("1", "2"))
+    assert k2.active_params() - k1.active_params() == 3 * 32 * 16
+    assert k2.active_params() < sum(p.numel() for p in k2.parameters())

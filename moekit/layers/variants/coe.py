@@ -66,6 +66,15 @@ class ChainOfExperts(nn.Module):
         self.shared_experts = (FeedForward(moe.dim, moe.num_shared_experts * moe.hidden_dim, moe.activation)
                                if moe.num_shared_experts > 0 else None)
 
+    def active_params(self) -> int:
+        """Parameters applied per token, counted once per application (the FLOPs basis of
+        :func:`moekit.models.count`): each of the C iterations uses its router, ``top_k`` experts of the bank
+        and the shared experts."""
+        per_expert = sum(p.numel() for p in self.experts.parameters()) // self.moe_config.num_experts
+        shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts is not None else 0
+        router = self.routers[0].weight.numel()
+        return self.config.num_iterations * (router + self.moe_config.top_k * per_expert + shared)
+
     @property
     def block_residual(self) -> bool:
         """Whether the model block should add its residual stream to this module's output."""

@@ -121,6 +121,15 @@ class MoEPlusPlus(nn.Module):
     def zero_ids(self) -> range:
         return range(self.pool - self.config.num_zero, self.pool)
 
+    def active_params(self) -> int:
+        """Parameters one token uses, as if every one of its ``top_k`` slots went to an FFN expert: an upper
+        bound, since zero/copy/constant experts cost no matmul (the ``ffn_per_token`` statistic measures how
+        many FFN experts tokens really use)."""
+        per_expert = sum(p.numel() for p in self.experts.parameters()) // self.num_ffn
+        bank = sum(p.numel() for p in self.experts.parameters())
+        rest = sum(p.numel() for p in self.parameters()) - bank
+        return rest + self.moe_config.top_k * per_expert
+
     def logits(self, x_TD: torch.Tensor, ctx: RoutingContext | None) -> torch.Tensor:
         """``W x (+ W_g z_prev)`` in float32; stores the result for the next MoE++ layer."""
         if isinstance(self.gate, nn.Linear):  # the router runs in float32 (the code's MLP gate: model dtype)
