@@ -144,3 +144,21 @@ def test_hugging_face_tokenizer_from_a_local_folder(tmp_path):
     assert data.tokenizer.decode(data.tokenizer.encode(text)) == text
     with pytest.raises(ConfigError, match="cannot load tokenizer"):
         load_data(DataConfig(tokenizer=str(tmp_path / "no-such-tokenizer")))
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [f"row {i}: " + "abc" * (i % 7 + 1) for i in range(200)]
+    datasets.Dataset.from_dict({"body": rows, "n": list(range(200))}).save_to_disk(str(tmp_path / "ds"))
+    cfg = DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="body", val_fraction=0.25)
+    data = load_data(cfg)
+    train_text, val_text = bytes(data.train.tolist()).decode(), bytes(data.val.tolist()).decode()
+    # every row lands on exactly one side, split by document and the same way every time
+    assert sum(train_text.count(f"row {i}:") + val_text.count(f"row {i}:") for i in range(200)) == 200
+    assert 0.1 < val_text.count("row ") / 200 < 0.4
+    again = load_data(cfg)
+    assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
+    with pytest.raises(ConfigError, match="hf_text_field='text' is not a column.*body"):
+        load_data(DataConfig(source="hf", path=str(tmp_path / "ds")))
+    with pytest.raises(ConfigError, match="cannot open dataset"):
+        load_data(DataConfig(source="hf", path=str(tmp_path / "nothing-here")))
