@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 
 from .routing import RoutingReport
 
@@ -28,23 +27,29 @@ def _pyplot():
     return plt
 
 
-def _load(plt, report: RoutingReport, path: Path) -> None:
-    E = max(r.load_E.numel() for r in report.layers)
-    grid = torch.full((len(report.layers), E), float("nan"))
-    for i, r in enumerate(report.layers):
-        grid[i, : r.load_E.numel()] = r.load_E.float() * r.load_E.numel()
-    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 16), 1.5 + 0.4 * len(report.layers)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    for i, r in enumerate(report.layers):
-        for e in r.dead_experts:
-            ax.plot(e, i, "rx")
-    ax.set_yticks(range(len(report.layers)), [r.name for r in report.layers], fontsize=7)
+def load_heatmap(plt, rows: list[list[float]], names: list[str], title: str, path: Path,
+                 dead: list[tuple[int, int]] = ()) -> None:
+    """Heatmap of per-expert load relative to uniform, one row per layer (rows may differ in length)."""
+    width = max(len(r) for r in rows)
+    grid = [list(r) + [float("nan")] * (width - len(r)) for r in rows]
+    fig, ax = plt.subplots(figsize=(min(max(4, 2 + 0.35 * width), 16), max(2.5, 1.5 + 0.4 * len(rows))))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    for row, expert in dead:
+        ax.plot(expert, row, "rx")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("expert")
-    ax.set_title("load relative to uniform (1 = balanced, x = dead)")
+    ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _load(plt, report: RoutingReport, path: Path) -> None:
+    rows = [(r.load_E.float() * r.load_E.numel()).tolist() for r in report.layers]
+    dead = [(i, e) for i, r in enumerate(report.layers) for e in r.dead_experts]
+    load_heatmap(plt, rows, [r.name for r in report.layers], "load relative to uniform (1 = balanced, x = dead)",
+                 path, dead)
 
 
 def _coactivation(plt, report: RoutingReport, path: Path, max_layers: int) -> None:

@@ -49,23 +49,9 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
 
 def plot_expert_load(plt, load: dict[str, list[float]], path: Path) -> None:
     """Heatmap of each expert's share of assignments times E (1.0 = perfectly balanced)."""
-    names = list(load)
-    rows = []
-    for name in names:
-        counts = load[name]
-        total = sum(counts) or 1
-        rows.append([c * len(counts) / total for c in counts])
-    width = max(len(r) for r in rows)
-    rows = [r + [float("nan")] * (width - len(r)) for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * width + 2), max(2.5, 0.45 * len(rows) + 1.5)))
-    image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("expert")
-    ax.set_title("expert load on validation (share x E; 1 = balanced)")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from ..analysis.plots import load_heatmap
+    rows = [[c * len(counts) / (sum(counts) or 1) for c in counts] for counts in load.values()]
+    load_heatmap(plt, rows, list(load), "expert load on validation (share x E; 1 = balanced)", path)
 
 
 def plot_run(out_dir: Path, records: list[dict], load: dict[str, list[float]]) -> list[Path]:
