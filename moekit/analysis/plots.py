@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
 from .routing import RoutingReport
 
 __all__ = ["save_plots"]
