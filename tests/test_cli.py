@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moekit.cli import main as cli
 from moekit.cli.main import main

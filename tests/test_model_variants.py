@@ -8,7 +8,6 @@ import torch
 
 from moekit import RoutingContext
 from moekit.configs import ConfigError
-from moekit.layers.variants.mod import POSITIONS_KEY
 from moekit.models import LanguageModel, ModelConfig
 from moekit.recipes import load_preset
 from moekit.serving.sampling import generate

@@ -98,3 +98,10 @@ def test_registered_builder_and_option_errors():
         build_ffn("coe", tiny_moe(), {"num_iterations": 0})
     with pytest.raises(ConfigError, match="variant.num_iteration"):
         build_ffn("coe", tiny_moe(), {"num_iteration": 2})
+
+
+def test_shared_experts_are_sized_like_the_moe_layer():
+    from moekit import MoE, MoEConfig
+    from moekit.layers.variants import ChainOfExperts
+    cfg = MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=1, num_shared_experts=1, shared_hidden_dim=12)
+    assert ChainOfExperts(cfg).shared_experts.w_up.shape == MoE(cfg).shared_experts.w_up.shape == (12, 8)

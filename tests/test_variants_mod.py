@@ -61,7 +61,7 @@ def test_router_loss_coefficient_and_gradients():
     mod = MixtureOfDepths(8, MoDConfig(capacity=0.5, aux_coef=0.3))
     x = torch.randn(2, 4, 8)
     ctx = RoutingContext()
-    out = mod(x, block, ctx)
+    mod(x, block, ctx)
     r = mod.router(x)[..., 0]
     target = torch.zeros(2, 4).scatter_(1, ctx.state[POSITIONS_KEY], 1.0)
     expected = 0.3 * torch.nn.functional.binary_cross_entropy_with_logits(r, target)

@@ -35,7 +35,7 @@ def test_hierarchical_filtering_and_unselected_unchanged():
         return block(h)
 
     ctx = RoutingContext(collect_stats=True)
-    out = mor(x, spy, ctx)
+    mor(x, spy, ctx)
     assert seen == [6, 4, 2]  # capacities 1, 2/3, 1/3 of the full length
     for b in range(2):
         for prev, cur in zip(sets, sets[1:]):

@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moekit import RoutingContext
 from moekit.configs import ConfigError

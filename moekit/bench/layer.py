@@ -12,7 +12,6 @@ to agree before anything is timed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 from torch import nn

@@ -14,7 +14,6 @@ from typing import Callable
 from torch import nn
 
 from ..configs import ConfigError, from_dict
-from ..experts import FeedForward
 from .moe import MoE, MoEConfig
 
 __all__ = ["register_ffn", "build_ffn", "FFN_BUILDERS"]

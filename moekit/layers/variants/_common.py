@@ -59,10 +59,9 @@ def add_extra(ctx: RoutingContext | None, layer: str, **extra) -> None:
 
 
 def make_shared_experts(moe) -> "FeedForward | None":
-    """The layer's shared experts (one dense FFN of ``num_shared_experts * hidden_dim``), or None."""
+    """The layer's shared experts, sized as in :class:`~moekit.MoE` (``MoEConfig.shared_size``), or None."""
     from ...experts import FeedForward
-    return (FeedForward(moe.dim, moe.num_shared_experts * moe.hidden_dim, moe.activation)
-            if moe.num_shared_experts > 0 else None)
+    return FeedForward(moe.dim, moe.shared_size, moe.activation) if moe.num_shared_experts > 0 else None
 
 
 def run_experts(moe, bank, shared, x_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None,

@@ -26,13 +26,12 @@ import torch
 from torch import nn
 
 from ...configs import check
-from ...dispatch import resolve_engine
-from ...experts import ExpertBank, FeedForward
+from ...experts import ExpertBank
 from ...routing import Router
 from ...types import RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import flatten, parse_options, record_stats
+from ._common import flatten, make_shared_experts, parse_options, run_experts
 
 __all__ = ["CoEConfig", "ChainOfExperts"]
 
@@ -63,8 +62,7 @@ class ChainOfExperts(nn.Module):
         self.routers = nn.ModuleList(
             Router(moe.dim, moe.num_experts, moe.top_k, moe.router) for _ in range(self.config.num_iterations))
         self.experts = ExpertBank(moe.num_experts, moe.dim, moe.hidden_dim, moe.activation)
-        self.shared_experts = (FeedForward(moe.dim, moe.num_shared_experts * moe.hidden_dim, moe.activation)
-                               if moe.num_shared_experts > 0 else None)
+        self.shared_experts = make_shared_experts(moe)
 
     def active_params(self) -> int:
         """Parameters applied per token, counted once per application (the FLOPs basis of
@@ -85,11 +83,7 @@ class ChainOfExperts(nn.Module):
         for t, router in enumerate(self.routers):
             layer = f"{self.name}.iter{t}"
             routing = router(h_TD, ctx, layer=layer, num_sequences=num_sequences)
-            engine = resolve_engine(self.moe_config.engine, h_TD, self.experts)
-            y_TD = engine(h_TD, routing, self.experts)
-            if self.shared_experts is not None:
-                y_TD = y_TD + self.shared_experts(h_TD)
-            record_stats(ctx, layer, routing)
+            y_TD = run_experts(self.moe_config, self.experts, self.shared_experts, h_TD, routing, ctx, layer)
             h_TD = h_TD + y_TD if self.config.inner_residual else y_TD
         return h_TD.view(x.shape)
 

@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...configs import check, check_choice
-from ...dispatch import resolve_engine
 from ...experts import ExpertBank
 from ...routing.losses import load_balancing_loss
 from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import PLAIN_TOPK, flatten, make_shared_experts, parse_options, record_stats, require_router
+from ._common import (PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router,
+                      run_experts)
 
 __all__ = ["ProMoEConfig", "ProMoE", "UNCONDITIONAL_KEY", "routing_contrastive_loss"]
 
@@ -166,12 +166,10 @@ class ProMoE(nn.Module):
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         x_TD, _ = flatten(x, self.moe_config.dim)
         routing = self.route(x_TD, ctx)
-        y_TD = resolve_engine(self.moe_config.engine, x_TD, self.experts)(x_TD, routing, self.experts)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        y_TD = run_experts(self.moe_config, self.experts, self.shared_experts, x_TD, routing, ctx, self.name)
         if ctx is not None and ctx.collect_stats:
             cond_T = routing.expert_ids_TK[:, 0] < self.num_routed
-            record_stats(ctx, self.name, routing, uncond_share=1 - cond_T.float().mean(),
+            add_extra(ctx, self.name, uncond_share=1 - cond_T.float().mean(),
                          top1_cosine=(routing.logits_TE.amax(-1) * cond_T).sum() / cond_T.sum().clamp_min(1))
         return y_TD.view(x.shape)
 

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...configs import check, check_choice
-from ...dispatch import resolve_engine
 from ...experts import ExpertBank, FeedForward
 from ...routing.losses import load_balancing_loss, z_loss
 from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import PLAIN_TOPK, flatten, make_shared_experts, parse_options, record_stats, require_router
+from ._common import (PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router,
+                      run_experts)
 
 __all__ = ["ReadMEConfig", "ReadMEPlanner", "ReadMEMoE", "RoutingPlan", "PLAN_KEY", "planner_distillation_loss"]
 
@@ -215,14 +215,12 @@ class ReadMEMoE(nn.Module):
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         x_TD, _ = flatten(x, self.moe_config.dim)
         routing = self.routing(ctx, x_TD.shape[0])
-        y_TD = resolve_engine(self.moe_config.engine, x_TD, self.experts)(x_TD, routing, self.experts)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        y_TD = run_experts(self.moe_config, self.experts, self.shared_experts, x_TD, routing, ctx, self.name)
         if ctx is not None and ctx.collect_stats:
             plan, i = ctx.state[PLAN_KEY], self.layer_index
             switch = (plan.expert_ids_LTK[i, :, 0] != plan.expert_ids_LTK[i - 1, :, 0]).float().mean() \
                 if plan.num_plans > 1 and i > 0 else torch.zeros(())
-            record_stats(ctx, self.name, routing, switch_rate=switch)
+            add_extra(ctx, self.name, switch_rate=switch)
         return y_TD.view(x.shape)
 
 
