@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .selectors import _exact
+
 __all__ = ["heterogeneous_balance_loss", "heterogeneous_capacities", "limit_capacity_per_expert"]
 
 
@@ -33,9 +35,10 @@ def heterogeneous_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num
 def heterogeneous_capacities(num_assignments: int, num_ffn: int, num_zc: int, tau: float,
                              capacity_factor: float) -> tuple[int, int]:
     """``(ffn_capacity, zc_capacity)`` per expert (each at least 1)."""
-    denom = tau * num_ffn + num_zc
-    ffn = max(1, math.ceil(capacity_factor * tau * num_assignments / denom))
-    zc = max(1, math.ceil(capacity_factor * num_assignments / denom))
+    cf, t = _exact(capacity_factor), _exact(tau)  # exact: no float rounding across a whole number
+    denom = t * num_ffn + num_zc
+    ffn = max(1, math.ceil(cf * t * num_assignments / denom))
+    zc = max(1, math.ceil(cf * num_assignments / denom))
     return ffn, zc
 
 

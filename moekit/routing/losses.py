@@ -2,9 +2,13 @@
 
 Dim legend: T tokens, E experts, K slots per token, B sequences, S tokens per sequence.
 
-- Switch/GShard load-balancing loss (arXiv 2101.03961 eqs. 4-6): ``E * sum_i f_i * P_i`` where ``f_i`` is the
+- Load-balancing loss (Switch, arXiv 2101.03961 eqs. 4-6): ``E * sum_i f_i * P_i`` where ``f_i`` is the
   fraction of assignments routed to expert ``i`` (no gradient) and ``P_i`` the mean router probability.
-  Uniform routing gives exactly 1. The sequence-level form (DeepSeek) computes it per sequence and averages.
+  By default ``f`` counts all ``k`` choices of every token (Switch's loss generalised to top-k, as in
+  Megatron-LM's and DeepSpeed's top-k gating); ``first_choice=True`` counts each token's first choice only
+  (GShard's top-2 loss, arXiv 2006.16668 Algorithm 1). Uniform routing gives exactly 1 in both forms.
+  The sequence-level form (DeepSeek-V2/V3 sequence-wise balance loss, V3 eqs. 17-20) computes it per sequence
+  and averages; for sigmoid scores the router passes ``P`` normalised over experts (V3's ``s / sum s``).
 - Router z-loss (ST-MoE, arXiv 2202.08906 eq. 5): ``mean_t (logsumexp_j z_tj)^2``.
 """
 
@@ -16,20 +20,23 @@ __all__ = ["load_balancing_loss", "z_loss"]
 
 
 def load_balancing_loss(
-    probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_sequences: int = 1
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_sequences: int = 1, *, first_choice: bool = False
 ) -> torch.Tensor:
-    """Switch load-balancing loss, unweighted; ``num_sequences > 1`` averages it over sequences.
+    """Load-balancing loss ``E * sum_i f_i * P_i``, unweighted; ``num_sequences > 1`` averages it over sequences.
 
     Args:
         probs_TE: router probabilities (rows summing to 1) with gradient.
         ids_TK: selected experts before capacity dropping (``-1`` slots ignored).
         num_sequences: ``B`` when the ``T = B*S`` rows are ``B`` sequences laid out one after the other.
+        first_choice: ``f`` from slot 0 only (each token's highest-scoring choice; GShard) instead of all slots.
     """
     T, E = probs_TE.shape
     if T % num_sequences:
         raise ValueError(f"{T} tokens do not split into {num_sequences} equal sequences; "
                          f"use aux_loss_level='batch' for ragged input")
     B = num_sequences
+    if first_choice:
+        ids_TK = ids_TK[:, :1]
     ids_BN = (ids_TK + 1).reshape(B, -1)  # empty slots (-1) land in column 0, dropped below
     assigned_BE = torch.zeros(B, E + 1, device=probs_TE.device, dtype=probs_TE.dtype)
     assigned_BE = assigned_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN, dtype=probs_TE.dtype))[:, 1:]

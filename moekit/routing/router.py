@@ -99,7 +99,7 @@ class Router(nn.Module):
                 scores_TE, self.top_k,
                 bias_E=self.expert_bias if self.uses_bias else None,
                 num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, group_score=cfg.group_score,
-                normalize=cfg.norm_topk_prob, scale=cfg.routed_scaling_factor)
+                normalize=cfg.renormalize(self.top_k), scale=cfg.routed_scaling_factor)
             selected_TK = ids_TK
             cf = self._capacity_factor()
             if cf is not None:
@@ -126,7 +126,8 @@ class Router(nn.Module):
             if cfg.score_func == "sigmoid":  # DeepSeek-V3: P uses scores normalised over experts
                 probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             b = num_sequences if cfg.aux_loss_level == "sequence" else 1
-            ctx.add_loss("aux_loss", cfg.aux_loss_coef * load_balancing_loss(probs_TE, selected_TK, b), layer)
+            ctx.add_loss("aux_loss", cfg.aux_loss_coef * load_balancing_loss(
+                probs_TE, selected_TK, b, first_choice=cfg.aux_loss_first_choice), layer)
         if cfg.z_loss_coef > 0:
             ctx.add_loss("z_loss", cfg.z_loss_coef * z_loss(logits_TE), layer)
 

@@ -11,15 +11,31 @@ Pure functions of scores; no parameters. Dim legend: T tokens, E experts, K slot
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
-__all__ = ["select_topk", "limit_capacity", "select_expert_choice", "capacity"]
+__all__ = ["select_topk", "limit_capacity", "select_expert_choice", "capacity", "token_count"]
+
+
+def _exact(value: float | Fraction) -> Fraction:
+    """``value`` as the decimal it is written as (``0.29`` is 29/100, not the nearest binary float)."""
+    return value if isinstance(value, Fraction) else Fraction(repr(float(value)))
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Switch/GShard expert capacity ``C = ceil(CF * K * T / E)`` (at least 1)."""
-    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    """Switch/GShard expert capacity ``C = ceil(CF * K * T / E)`` (at least 1), computed exactly.
+
+    ``CF`` is read as the decimal it is written as (``1.1`` is 11/10, not the binary float just above it), and
+    the product is rational, so ``capacity(100, 10, 1, 1.1) == 11`` where float arithmetic gives 12.
+    """
+    return max(1, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
+
+
+def token_count(fraction: float | Fraction, num_tokens: int) -> int:
+    """``max(1, floor(fraction * num_tokens))`` computed exactly: how many of ``num_tokens`` a capacity
+    ``fraction`` keeps (Mixture-of-Depths / Mixture-of-Recursions). ``0.29 * 100`` gives 29, not the float's 28."""
+    return max(1, math.floor(_exact(fraction) * num_tokens))
 
 
 def _group_mask(choice_TE: torch.Tensor, num_groups: int, topk_groups: int, group_score: str) -> torch.Tensor:

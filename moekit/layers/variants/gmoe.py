@@ -129,12 +129,14 @@ class GraphOfTokensMoE(nn.Module):
         probs_TE = logits_TE.softmax(-1)
         sim_BSS = self.similarity(x_BSD, ctx)
         mixed_TE = mix_probabilities(probs_TE.view(B, S, -1), sim_BSS).reshape(B * S, -1)
-        ids_TK, weights_TK = select_topk(mixed_TE, self.moe.config.top_k, normalize=rcfg.norm_topk_prob,
+        K = self.moe.config.top_k
+        ids_TK, weights_TK = select_topk(mixed_TE, K, normalize=rcfg.renormalize(K),
                                          scale=rcfg.routed_scaling_factor)
         if ctx is not None:
             if rcfg.aux_loss_coef > 0:
                 b = B if rcfg.aux_loss_level == "sequence" else 1
-                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * load_balancing_loss(mixed_TE, ids_TK, b), self.name)
+                aux = load_balancing_loss(mixed_TE, ids_TK, b, first_choice=rcfg.aux_loss_first_choice)
+                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * aux, self.name)
             if rcfg.z_loss_coef > 0:
                 ctx.add_loss("z_loss", rcfg.z_loss_coef * z_loss(logits_TE), self.name)
         routing = Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=mixed_TE, logits_TE=logits_TE)

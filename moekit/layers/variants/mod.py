@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...configs import check, check_choice
+from ...routing.selectors import token_count
 from ...types import RoutingContext
 from ._common import add_extra
 
@@ -85,7 +86,7 @@ class MixtureOfDepths(nn.Module):
             delta_BSD = block(x_BSD, ctx)
             add_extra(ctx, self.name, fraction_processed=take_BS.float().mean())
             return x_BSD + (take_BS * r_BS)[..., None].to(x_BSD.dtype) * delta_BSD
-        k = max(1, int(c.capacity * S))
+        k = token_count(c.capacity, S)
         pos_BK = select_tokens(r_BS, k)
         if ctx is not None:
             ctx.state[POSITIONS_KEY] = pos_BK

@@ -151,7 +151,7 @@ class MoEPlusPlus(nn.Module):
         c, moe = self.config, self.moe_config
         logits_TE = self.logits(x_TD, ctx)
         probs_TE = logits_TE.softmax(-1)
-        ids_TK, weights_TK = select_topk(probs_TE, moe.top_k, normalize=moe.router.norm_topk_prob,
+        ids_TK, weights_TK = select_topk(probs_TE, moe.top_k, normalize=moe.router.renormalize(moe.top_k),
                                          scale=moe.router.routed_scaling_factor)
         if c.gate_form == "code":
             weights_TK = weights_TK.masked_fill(ids_TK >= self.zero_ids.start, 0.0)

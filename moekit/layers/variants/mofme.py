@@ -100,12 +100,14 @@ class MoFME(nn.Module):
                                   for _ in range(M)])
         probs_MTE = logits_MTE.softmax(-1)
         probs_TE = probs_MTE.mean(0)
-        ids_TK, weights_TK = select_topk(probs_TE, self.moe_config.top_k, normalize=rcfg.norm_topk_prob,
+        K = self.moe_config.top_k
+        ids_TK, weights_TK = select_topk(probs_TE, K, normalize=rcfg.renormalize(K),
                                          scale=rcfg.routed_scaling_factor)
         if ctx is not None:
             if rcfg.aux_loss_coef > 0:
                 b = num_sequences if rcfg.aux_loss_level == "sequence" else 1
-                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * load_balancing_loss(probs_TE, ids_TK, b), self.name)
+                aux = load_balancing_loss(probs_TE, ids_TK, b, first_choice=rcfg.aux_loss_first_choice)
+                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * aux, self.name)
             if rcfg.z_loss_coef > 0:
                 ctx.add_loss("z_loss", rcfg.z_loss_coef * z_loss(logits_MTE.flatten(0, 1)), self.name)
         mutual_info = (_entropy(probs_TE) - _entropy(probs_MTE).mean(0)).mean().detach()

@@ -21,12 +21,14 @@ Statistics: ``fraction_processed`` (mean over steps of K_r / S) and ``mean_depth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...configs import check
+from ...routing.selectors import token_count
 from ...types import RoutingContext
 from ._common import add_extra
 from .mod import POSITIONS_KEY, Block, gather_BKD, select_tokens
@@ -60,9 +62,10 @@ class MoRConfig:
         check(all(0 < c <= 1 for c in self.capacities), f"variant.capacities={self.capacities} must be in (0, 1]")
         check(self.temperature > 0 and self.aux_coef >= 0, "variant.temperature must be > 0, aux_coef >= 0")
 
-    def schedule(self) -> tuple[float, ...]:
+    def schedule(self) -> tuple[float | Fraction, ...]:
+        """Capacity of each recursion: ``capacities`` or the exact fractions ``(N_r - r) / N_r``."""
         n = self.num_recursions
-        return self.capacities or tuple((n - r) / n for r in range(n))
+        return self.capacities or tuple(Fraction(n - r, n) for r in range(n))
 
 
 class MixtureOfRecursions(nn.Module):
@@ -82,7 +85,7 @@ class MixtureOfRecursions(nn.Module):
         fractions = []
         for router, cap in zip(self.routers, c.schedule()):
             logit_BS = F.linear(h_BSD.float(), router.weight.float())[..., 0] / c.temperature
-            k = min(max(1, int(cap * S)), int(candidates_BS.sum(1).min()))
+            k = min(token_count(cap, S), int(candidates_BS.sum(1).min()))
             pos_BK = select_tokens(logit_BS, k, candidates_BS)
             selected_BS = torch.zeros_like(candidates_BS).scatter_(1, pos_BK, True)
             if ctx is not None:

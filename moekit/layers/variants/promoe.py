@@ -109,7 +109,7 @@ class ProMoE(nn.Module):
         r = moe.router
         require_router(r, "ProMoE", "routes by cosine to prototypes (dropless top-k; batch-level balance loss over "
                        "conditional tokens)", **{**PLAIN_TOPK, "aux_loss_level": "batch"})
-        check(self.config.gate == "softmax" or not r.norm_topk_prob,
+        check(self.config.gate == "softmax" or not r.renormalize(moe.top_k),
               "variant.gate='cosine' uses raw cosines as weights; set router.norm_topk_prob=false")
         self.num_routed = moe.num_experts
         self.prototypes = nn.Parameter(torch.randn(moe.num_experts, moe.dim) * 0.02)
@@ -135,7 +135,7 @@ class ProMoE(nn.Module):
         cos_TE = F.normalize(x_TD.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).t()
         probs_TE = (cos_TE / c.temperature).softmax(-1)
         ids_TK, weights_TK = select_topk(probs_TE if c.gate == "softmax" else cos_TE, self.moe_config.top_k,
-                                         normalize=rcfg.norm_topk_prob and c.gate == "softmax",
+                                         normalize=rcfg.renormalize(self.moe_config.top_k) and c.gate == "softmax",
                                          scale=rcfg.routed_scaling_factor)
         uncond_T = self._unconditional(ctx, T)
         cond_T1 = torch.ones(T, 1, dtype=torch.bool, device=x_TD.device) if uncond_T is None else ~uncond_T[:, None]

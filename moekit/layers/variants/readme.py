@@ -159,7 +159,7 @@ class ReadMEPlanner(nn.Module):
         logits_LTE = self.head(self.norm(h_BSP)).float().view(B * S, L, E).transpose(0, 1)
         probs_LTE = logits_LTE.softmax(-1)
         rcfg = self.moe_config.router
-        ids, weights = select_topk(probs_LTE.reshape(L * B * S, E), K, normalize=rcfg.norm_topk_prob,
+        ids, weights = select_topk(probs_LTE.reshape(L * B * S, E), K, normalize=rcfg.renormalize(K),
                                    scale=rcfg.routed_scaling_factor)
         ids_LTK = ids.view(L, B * S, K)
         weights_LTK = weights.view(L, B * S, K)

@@ -100,7 +100,8 @@ class RecurrentRouterMoE(nn.Module):
         if ctx is not None:
             ctx.state[STATE_KEY] = h_TR
         probs_TE = logits_TE.softmax(-1)
-        ids_TK, weights_TK = select_topk(probs_TE, self.moe_config.top_k, normalize=rcfg.norm_topk_prob)
+        K = self.moe_config.top_k
+        ids_TK, weights_TK = select_topk(probs_TE, K, normalize=rcfg.renormalize(K))
         if ctx is not None:
             self._add_losses(ctx, logits_TE, probs_TE, ids_TK, num_sequences)
         return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE, logits_TE=logits_TE)
@@ -113,7 +114,8 @@ class RecurrentRouterMoE(nn.Module):
             return
         if self.config.aux_scope == "layer":
             b = num_sequences if rcfg.aux_loss_level == "sequence" else 1
-            ctx.add_loss("aux_loss", rcfg.aux_loss_coef * load_balancing_loss(probs_TE, ids_TK, b), self.name)
+            aux = load_balancing_loss(probs_TE, ids_TK, b, first_choice=rcfg.aux_loss_first_choice)
+            ctx.add_loss("aux_loss", rcfg.aux_loss_coef * aux, self.name)
             return
         probs, ids, previous = ctx.state.get(_AUX_KEY, ([], [], None))
         probs, ids = probs + [probs_TE], ids + [ids_TK]

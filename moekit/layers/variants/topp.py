@@ -60,7 +60,8 @@ class TopPMoE(nn.Module):
         if ctx is not None:
             if rcfg.aux_loss_coef > 0:
                 b = num_sequences if rcfg.aux_loss_level == "sequence" else 1
-                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * load_balancing_loss(probs_TE, ids_TK, b), self.name)
+                aux = load_balancing_loss(probs_TE, ids_TK, b, first_choice=rcfg.aux_loss_first_choice)
+                ctx.add_loss("aux_loss", rcfg.aux_loss_coef * aux, self.name)
             if self.config.entropy_coef > 0:
                 ctx.add_loss("topp_entropy_loss", self.config.entropy_coef * router_entropy(probs_TE), self.name)
             if rcfg.z_loss_coef > 0:
