@@ -10,7 +10,7 @@ within each sequence), instead of from its own probabilities alone::
     A    = softmax_row(X W_s X^T / tau)    [B, S, S]          (``similarity="learned"``: Similarity-Aware)
     A    = head-mean attention of the preceding attention layer  (``similarity="attention"``: Attention-Aware)
     p~_t = sum_s A_ts p_s                                     (a distribution: rows of A sum to 1)
-    S_t  = TopK(p~_t, K),   g_t = p~_t[S_t] (renormalised when ``moe.router.norm_topk_prob``)
+    S_t  = TopK(p~_t, K),   g_t = p~_t[S_t] (renormalised per ``moe.router.norm_topk_prob``: unset, when K > 1)
     y_t  = sum_{i in S_t} g_ti E_i(x_t)                       (the layer's engine and bank; + shared experts)
 
 Provenance: the spec (architectures.md §13) has the abstract only; the equations above are *recalled*. Choices

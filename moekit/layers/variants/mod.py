@@ -6,11 +6,13 @@ A wrapper around a block callable ``block(x_BKD, ctx) -> f_BKD`` (the block's *d
 the residual, computed among the selected tokens only)::
 
     r_t = w^T x_t                                  (scalar router)
-    K = max(1, floor(c * S)) tokens with the largest r per sequence, kept in causal order
+    K = max(1, floor(c * S)) tokens with the largest r per sequence, kept in causal order (floor computed
+                                   exactly: c = 0.29, S = 100 keeps 29 tokens)
     x_t <- x_t + r_t * f(X_sel)_t   for selected t;   x_t unchanged otherwise
 
 (c = 12.5 % with MoD every other block, the paper's best setting.) The selected positions are put in
-``ctx.state["mod.positions"]`` (``[B, K]`` int64) before the block runs, so that the model's block can gather
+``ctx.state["depth.positions"]`` (``POSITIONS_KEY``, ``[B, K]`` int64; ``None`` when every position runs)
+before the block runs, so that the model's block can gather
 RoPE positions and build its causal mask over them. Top-k over the sequence is not causal; the router is also
 trained with ``mod_router_loss`` (BCE of ``r`` against top-k membership, coefficient ``aux_coef``) and
 ``eval_mode="threshold"`` selects tokens with ``sigmoid(r) > 0.5`` one by one (computed densely, masked).

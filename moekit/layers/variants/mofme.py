@@ -16,8 +16,10 @@ top-k weights the layer starts as the plain shared FFN (so it can be built from 
 Uncertainty-aware Router (UaR) — *reconstructed* (spec compression-adaptation-serving.md §33 has the abstract
 only; confirm before claiming parity): calibrated routing weights from ``M`` stochastic router passes with
 dropout on the router input (MC dropout), ``p_bar = mean_m softmax(W_r dropout_m(x))``; top-k on ``p_bar``; the
-weights are ``p_bar`` of the selected experts (renormalised when ``moe.router.norm_topk_prob``). In eval the
-router is deterministic (dropout off, one pass) unless ``mc_in_eval`` keeps sampling (MC-dropout inference).
+weights are ``p_bar`` of the selected experts (renormalised per ``moe.router.norm_topk_prob``: unset, when
+K > 1). At init every expert is the shared FFN (``gamma = 1, beta = 0``), so with renormalised weights the task
+loss gives the router no gradient until the modulations diverge (after the first step). In eval the router
+is deterministic (dropout off, one pass) unless ``mc_in_eval`` keeps sampling (MC-dropout inference).
 Losses: ``aux_loss`` (Switch balance loss on ``p_bar``, ``moe.router.aux_loss_coef``), ``z_loss`` (mean over the
 ``M`` passes' logits, ``moe.router.z_loss_coef``).
 Statistics: ``router_mutual_info`` (mean ``H(p_bar) - mean_m H(p_m)``, the epistemic part of the routing

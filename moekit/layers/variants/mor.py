@@ -8,12 +8,13 @@ its internal residuals included), applied ``N_r`` times. At step ``r``, on the t
 
     g_t = alpha * sigmoid(theta_r^T H_t / temperature)
     K_r = max(1, floor(capacity_r * S))  best g among the tokens selected at step r-1 (hierarchical filtering;
-                                          S is the full sequence length), kept in causal order
+                                          S is the full sequence length; exact floor), kept in causal order
     H_t <- H_t + g_t * Block(H_sel)_t   for selected t;  unselected tokens are unchanged
 
 As the spec notes, the update adds the block's full output (``H + g Block(H)``), not a delta; reproduced as is.
 Capacities default to ``N_r/N_r, (N_r-1)/N_r, ..., 1/N_r``. The selected positions of each step go to
-``ctx.state["mor.positions"]`` (for the block's RoPE positions and mask). The causal inference path is trained with
+``ctx.state["depth.positions"]`` (``POSITIONS_KEY``, shared with MoD; for the block's RoPE positions and
+mask). The causal inference path is trained with
 ``mor_router_loss``: BCE between router logits and top-k membership over that step's candidates (averaged).
 Statistics: ``fraction_processed`` (mean over steps of K_r / S) and ``mean_depth`` (recursions per token).
 """

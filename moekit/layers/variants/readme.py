@@ -10,14 +10,15 @@ L plans (1 when shared by all layers, else one per model layer).
   :class:`RoutingPlan` and writes it to ``ctx.state["readme.plan"]``. Paper: one top-1 decision per token shared
   by every layer (``per_layer=false``), used with no gate value (``weights="hard"``: each of the K slots weighs
   1/K). ``per_layer=true`` plans each layer separately; ``weights="soft"`` uses the planner's probabilities
-  (renormalised when ``moe.router.norm_topk_prob``) so that the LM loss also trains the planner (with K = 1
-  that needs ``norm_topk_prob=false``: a renormalised single weight is always 1).
+  (renormalised as ``moe.router.norm_topk_prob`` resolves for K: unset, only when K > 1) so that the LM loss
+  also trains the planner (with K = 1 an explicit ``norm_topk_prob=true`` would make every weight 1).
 - ``readme`` FFN (:class:`ReadMEMoE`): an :class:`ExpertBank` (+ shared experts: the paper's always-active shared
   neurons) run by the layer's engine on the routing the plan holds for its ``layer_index``; it has no router.
 - Losses: the planner adds the Switch balance loss per plan (``moe.router.aux_loss_coef``) and the z-loss under its
   own name (``readme.planner``). :func:`planner_distillation_loss` is the paper's router-training loss against
-  per-layer target distributions (``0.75 * CE(label smoothing 0.5, argmax target) + 0.25 * soft-target CE``);
-  computing those targets from a dense model's activation masks belongs to the MoE-fication transform.
+  per-layer target distributions (``0.75 * CE(label smoothing 0.5, argmax target) + 0.25 * soft-target CE``).
+  moekit does not compute those targets: the paper derives them from a dense model's activation masks, and
+  :func:`moekit.compression.moefy` (which splits a dense FFN into experts) does not produce them; pass your own.
 
 Model hook (the model, not the layer, owns the planner): build ``ReadMEPlanner(moe, config, num_layers=...)`` once
 beside the blocks (``config`` from the same ``variant`` table) and call ``planner(tokens_emb_BSD, ctx)`` after the
