@@ -51,7 +51,7 @@ def to_dict(cfg: Any) -> dict:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -115,7 +115,8 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
     Unknown keys raise :class:`ConfigError` that suggests the nearest valid key.
     """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # C is any config dataclass
+    names = [f.name for f in fields]
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else key
@@ -124,7 +125,7 @@ def from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {where!r}{hint} (valid keys here: {', '.join(names)})")
         kwargs[key] = _coerce(hints[key], value, where)
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+    missing = [f.name for f in fields if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         where = ", ".join(repr(f"{prefix}.{m}" if prefix else m) for m in missing)

@@ -31,7 +31,7 @@ def oracle(moe: moekit.MoE, x_TD: torch.Tensor) -> torch.Tensor:
     for t in range(x_TD.shape[0]):
         ids = choice[t].topk(moe.config.top_k).indices
         w = scores[t, ids]
-        w = w / w.sum() if r.config.norm_topk_prob else w
+        w = w / w.sum() if r.config.renormalize(r.top_k) else w
         y = torch.zeros_like(x_TD[t])
         for e, we in zip(ids.tolist(), w):
             b = (lambda p: None if p is None else p[e])

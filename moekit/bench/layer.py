@@ -134,7 +134,7 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
     for n, m in candidates.items():
         xg = x.detach().requires_grad_(True)
         peak = peak_memory(fwd_bwd(m), device)
-        memory[n] = peak if peak is not None else saved_activation_bytes(lambda: m(xg), m)
+        memory[n] = peak if peak is not None else saved_activation_bytes(lambda m=m, xg=xg: m(xg), m)
     base = "dense-equivalent"
     rows = {n: {"forward_s": forward[n], "train_s": train[n], "memory_bytes": memory[n],
                 "forward_ratio": forward[n] / forward[base], "train_ratio": train[n] / train[base],

@@ -11,8 +11,8 @@ Copy-paste examples (CPU)::
     # any model a Python function builds: fn() -> model or (model, tokenizer)
     python -m moekit.cli.analyze --model mypkg.models:build --stdlib 400
 
-On one GPU add ``--device cuda`` (``auto``, the default, uses it when there is one). Writes ``table.txt``, ``tokens.txt``, ``report.json`` and ``load.png``,
-``coactivation.png``, ``entropy.png`` into ``--out``.
+On one GPU add ``--device cuda`` (``auto``, the default, uses it when there is one). Writes ``table.txt``,
+``tokens.txt``, ``report.json`` and ``load.png``, ``coactivation.png``, ``entropy.png`` into ``--out``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -128,7 +129,7 @@ def _shard_missing(x: torch.Tensor, bank: ExpertBank) -> str | None:
 @register_engine("alltoall", priority=-100, supports=_shard_missing)
 def alltoall_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
     """Expert-parallel ``y_t = sum_k weights_tk * E_{ids_tk}(x_t)`` with ``bank`` holding the local experts."""
-    shard: ExpertShard = bank.expert_shard
+    shard = cast(ExpertShard, bank.expert_shard)  # set by moekit.parallel.shard_experts
     W, L = shard.world_size, shard.max_local
     K = routing.expert_ids_TK.shape[1]
     ids_N = routing.expert_ids_TK.reshape(-1)

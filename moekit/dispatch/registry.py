@@ -7,8 +7,8 @@ An engine computes ``y_t = sum_k weights_tk * E_{ids_tk}(x_t)`` over the non-emp
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -5,7 +5,8 @@ Dim legend: T tokens, D model dim, K slots per token, N valid assignments, E exp
 One stable sort of the ``T*K`` assignments by expert, the tokens gathered into contiguous per-expert
 segments, per-expert matmuls and one weighted scatter-add back to token order: either
 :func:`moekit.ops.sorted_moe_ffn` (one autograd function with an in-place weight-gradient backward) or
-``torch.nn.functional.grouped_mm`` on CUDA, where it needs no host sync. Empty slots (``-1``) sort first and are skipped.
+``torch.nn.functional.grouped_mm`` on CUDA, where it needs no host sync. Empty slots (``-1``) sort first and are
+skipped.
 """
 
 from __future__ import annotations

@@ -30,8 +30,10 @@ def is_gated(activation: str) -> bool:
 def hidden(activation: str, h_gate: torch.Tensor | None, h_up: torch.Tensor) -> torch.Tensor:
     """The expert's hidden activation: ``silu(gate) * up`` for SwiGLU, ``act(up)`` otherwise."""
     if activation == "swiglu":
+        assert h_gate is not None, "swiglu needs the gate projection"
         return F.silu(h_gate) * h_up
     if activation == "clamped_swiglu":
+        assert h_gate is not None, "clamped_swiglu needs the gate projection"
         g = h_gate.clamp(max=CLAMP_LIMIT)
         return (h_up.clamp(-CLAMP_LIMIT, CLAMP_LIMIT) + 1) * (g * torch.sigmoid(CLAMP_ALPHA * g))
     if activation == "gelu":
@@ -48,10 +50,12 @@ def hidden_backward(
     each avoided temporary counts. ``grad_a`` is consumed (overwritten) to save a buffer.
     """
     if activation == "swiglu":
+        assert h_gate is not None, "swiglu needs the gate projection"
         grad_up = F.silu(h_gate).mul_(grad_a)
         grad_gate = torch.ops.aten.silu_backward(grad_a.mul_(h_up), h_gate)
         return grad_gate, grad_up
     if activation == "clamped_swiglu":
+        assert h_gate is not None, "clamped_swiglu needs the gate projection"
         g = h_gate.clamp(max=CLAMP_LIMIT)
         sig = torch.sigmoid(CLAMP_ALPHA * g)
         up = h_up.clamp(-CLAMP_LIMIT, CLAMP_LIMIT)

@@ -4,8 +4,8 @@ Dim legend: E experts, F expert hidden dim, D model dim, T tokens.
 
 Expert ``e`` computes ``w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))`` for SwiGLU and
 ``w_down[e] @ act(w_up[e] @ x)`` for GELU / ReLU. With ``use_bias`` every projection adds its own per-expert
-bias (``b_gate, b_up: [E, F]``, ``b_down: [E, D]``), as in GPT-OSS or a dense BERT FFN split into experts. Only banks hold expert parameters; engines decide how the
-tokens reach them.
+bias (``b_gate, b_up: [E, F]``, ``b_down: [E, D]``), as in GPT-OSS or a dense BERT FFN split into experts.
+Only banks hold expert parameters; engines decide how the tokens reach them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ class ExpertBank(nn.Module):
         activation: ``swiglu`` / ``clamped_swiglu`` (have ``w_gate``), ``gelu`` or ``relu`` (no ``w_gate``).
         use_bias: give every projection a per-expert bias (initialised to zero).
     """
+
+    w_gate: nn.Parameter | None
+    w_up: nn.Parameter
+    w_down: nn.Parameter
+    b_gate: nn.Parameter | None
+    b_up: nn.Parameter | None
+    b_down: nn.Parameter | None
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
                  use_bias: bool = False) -> None:
@@ -72,7 +79,7 @@ class ExpertBank(nn.Module):
             return None if b is None else b[e]
 
         h_up = F.linear(x_TD, self.w_up[e], bias(self.b_up))
-        h_gate = F.linear(x_TD, self.w_gate[e], bias(self.b_gate)) if self.gated else None
+        h_gate = F.linear(x_TD, self.w_gate[e], bias(self.b_gate)) if self.w_gate is not None else None
         return F.linear(hidden(self.activation, h_gate, h_up), self.w_down[e], bias(self.b_down))
 
     def extra_repr(self) -> str:

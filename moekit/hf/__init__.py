@@ -9,8 +9,7 @@ and :mod:`moekit.hf.tiny` (small random models of every supported architecture, 
 
 from . import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401  (register adapters)
 from .adapter import ADAPTERS, Adapter, ConversionError, adapter_for, convert_block, export_block, register_adapter
-from .patch import (PatchedMoEBlock, RouterLogits, find_blocks, from_moekit, patch, routing_context, to_moekit,
-                    unpatch)
+from .patch import PatchedMoEBlock, RouterLogits, find_blocks, from_moekit, patch, routing_context, to_moekit, unpatch
 
 __all__ = ["patch", "unpatch", "to_moekit", "from_moekit", "routing_context", "PatchedMoEBlock", "RouterLogits",
            "find_blocks", "Adapter", "ADAPTERS", "adapter_for", "register_adapter", "ConversionError", "convert_block",

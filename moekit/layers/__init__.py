@@ -1,7 +1,7 @@
 """MoE layers and their variants (compositions of Router, Engine and ExpertBank)."""
 
+from . import variants  # noqa: F401,E402  (registers the variant builders)
 from .moe import MoE, MoEConfig, routing_stats
 from .registry import FFN_BUILDERS, build_ffn, register_ffn
-from . import variants  # noqa: F401,E402  (registers the variant builders)
 
 __all__ = ["MoE", "MoEConfig", "routing_stats", "FFN_BUILDERS", "build_ffn", "register_ffn"]

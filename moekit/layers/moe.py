@@ -120,6 +120,8 @@ class MoE(nn.Module):
         name: the layer's name in a :class:`RoutingContext` (losses and statistics are recorded under it).
     """
 
+    w_shared_gate: nn.Parameter | None
+
     def __init__(self, config: MoEConfig, name: str = "moe") -> None:
         super().__init__()
         self.config = config

@@ -9,7 +9,7 @@ model config names a variant with ``ffn="coe"`` and sets it with ``--model.varia
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -67,6 +67,7 @@ def count(model: nn.Module | ModelConfig) -> ModelCount:
         with torch.device("meta"):
             model = LanguageModel(model)
     cfg = model.config
+    assert isinstance(cfg, ModelConfig), "count() expects a moekit LanguageModel or its ModelConfig"
     embedding = cfg.vocab_size * cfg.dim
     active = active_params(model)
     matmul = active if cfg.tie_embeddings else active - embedding

@@ -48,6 +48,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.is_sparse = config.is_sparse(index)
         if self.is_sparse:
+            assert config.moe is not None  # ModelConfig makes a layer sparse only with an MoE config
             self.ffn = build_ffn(config.ffn, config.moe, config.variant, layer_index=index,
                                  num_layers=config.num_layers, name=f"layers.{index}.ffn")
         else:
@@ -79,6 +80,9 @@ class LanguageModel(nn.Module):
         config: the :class:`ModelConfig`.
     """
 
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -99,7 +103,7 @@ class LanguageModel(nn.Module):
 
     def sparse_layers(self) -> list[tuple[str, nn.Module]]:
         """``(name, ffn)`` of the MoE / variant layers, in depth order."""
-        return [(f"layers.{b.index}.ffn", b.ffn) for b in self.layers if b.is_sparse]
+        return [(f"layers.{b.index}.ffn", b.ffn) for b in self.layers if isinstance(b, Block) and b.is_sparse]
 
     @property
     def supports_kv_cache(self) -> bool:

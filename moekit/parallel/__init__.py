@@ -25,16 +25,26 @@ Balancing across ranks (the choice made here):
 - Logged values: :func:`all_reduce_mean` of each rank's loss.
 """
 
-from .checkpoint import (gather_experts, gather_full_optimizer_state, gather_full_state_dict,
-                         load_full_optimizer_state, load_full_state_dict)
+from .checkpoint import (
+                         gather_experts,
+                         gather_full_optimizer_state,
+                         gather_full_state_dict,
+                         load_full_optimizer_state,
+                         load_full_state_dict,
+)
 from .grads import all_reduce_mean, broadcast_parameters, clip_grad_norm_, reduce_gradients
 from .groups import ParallelGroups, init_from_env, make_groups, shutdown
 from .launch import free_port, run_local
-from .placement import (PlacementPlan, balanced_clusters, map_clusters, placement_metrics, plan_placement,
-                        uniform_plan)
+from .placement import PlacementPlan, balanced_clusters, map_clusters, placement_metrics, plan_placement, uniform_plan
 from .profile import RoutingProfile, record_routing
-from .sharding import (Placement, contiguous_placement, is_expert_parameter, round_robin_placement,
-                       shard_experts, sharded_banks)
+from .sharding import (
+                         Placement,
+                         contiguous_placement,
+                         is_expert_parameter,
+                         round_robin_placement,
+                         shard_experts,
+                         sharded_banks,
+)
 
 __all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown", "shard_experts", "sharded_banks",
            "is_expert_parameter", "Placement", "contiguous_placement", "round_robin_placement",

@@ -31,6 +31,10 @@ class Router(nn.Module):
         config: scorer, selector and balancer settings.
     """
 
+    bias: nn.Parameter | None
+    expert_bias: torch.Tensor
+    pending_counts: torch.Tensor
+
     def __init__(self, dim: int, num_experts: int, top_k: int, config: RouterConfig | None = None) -> None:
         super().__init__()
         self.config = config or RouterConfig()
@@ -101,10 +105,10 @@ class Router(nn.Module):
                 num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, group_score=cfg.group_score,
                 normalize=cfg.renormalize(self.top_k), scale=cfg.routed_scaling_factor)
             selected_TK = ids_TK
-            cf = self._capacity_factor()
-            if cf is not None:
+            limit = self._capacity_factor()
+            if limit is not None:
                 ids_TK, weights_TK = limit_capacity(
-                    ids_TK, weights_TK, self.num_experts, capacity(T, self.num_experts, self.top_k, cf))
+                    ids_TK, weights_TK, self.num_experts, capacity(T, self.num_experts, self.top_k, limit))
         if self.training and self.updates_bias:
             with torch.no_grad():
                 self.pending_counts += torch.bincount(

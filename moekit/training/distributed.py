@@ -35,8 +35,8 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,14 @@ from torch import nn
 
 from .. import parallel
 from ..configs import ConfigError
-from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, set_rng_states,
-                         write_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_states,
+    write_checkpoint,
+)
 from .config import RunConfig
 from .evaluate import resolve_device
 

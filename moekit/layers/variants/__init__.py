@@ -3,14 +3,13 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import (blockffn, coe, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
-               smoe_dropout, thor, topp)
+from . import blockffn, coe, gmoe, moepp, mofme, mumoe, pr_moe, promoe, readme, rmoe, smoe_dropout, thor, topp  # noqa: F401
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
-from .mofme import MoFME, MoFMEConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
+from .mofme import MoFME, MoFMEConfig
 from .mor import MixtureOfRecursions, MoRConfig
 from .mumoe import MultilinearMoE, MuMoEConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig

@@ -5,11 +5,16 @@ Dim legend: T tokens, D model dim, E experts, K slots per token, B batch, S sequ
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ...configs import check, from_dict
 from ...types import LayerStats, Routing, RoutingContext
 from ..moe import routing_stats
+
+if TYPE_CHECKING:
+    from ...experts import FeedForward
 
 __all__ = ["parse_options", "require_router", "PLAIN_TOPK", "flatten", "record_stats", "add_extra",
            "make_shared_experts", "run_experts"]
@@ -58,7 +63,7 @@ def add_extra(ctx: RoutingContext | None, layer: str, **extra) -> None:
         ctx.stats[layer].extra[key] = value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def make_shared_experts(moe) -> "FeedForward | None":
+def make_shared_experts(moe) -> FeedForward | None:
     """The layer's shared experts, sized as in :class:`~moekit.MoE` (``MoEConfig.shared_size``), or None."""
     from ...experts import FeedForward
     return FeedForward(moe.dim, moe.shared_size, moe.activation) if moe.num_shared_experts > 0 else None

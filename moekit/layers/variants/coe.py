@@ -70,7 +70,7 @@ class ChainOfExperts(nn.Module):
         and the shared experts."""
         per_expert = sum(p.numel() for p in self.experts.parameters()) // self.moe_config.num_experts
         shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts is not None else 0
-        router = self.routers[0].weight.numel()
+        router = sum(p.numel() for p in self.routers[0].parameters())
         return self.config.num_iterations * (router + self.moe_config.top_k * per_expert + shared)
 
     @property

@@ -32,8 +32,7 @@ from torch import nn
 from ...configs import check, check_choice
 from ...dispatch import resolve_engine
 from ...experts import ExpertBank, FeedForward
-from ...routing.heterogeneous import (heterogeneous_balance_loss, heterogeneous_capacities,
-                                      limit_capacity_per_expert)
+from ...routing.heterogeneous import heterogeneous_balance_loss, heterogeneous_capacities, limit_capacity_per_expert
 from ...routing.losses import z_loss
 from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
@@ -93,6 +92,7 @@ class MoEPlusPlus(nn.Module):
         c, N, D = self.config, moe.num_experts, moe.dim
         self.num_ffn, self.pool = N, N + c.num_zc
         check(moe.top_k <= self.pool, f"top_k={moe.top_k} exceeds the pool of {self.pool} experts")
+        self.gate: nn.Module
         if c.gate == "linear":
             self.gate = nn.Linear(D, self.pool, bias=False)
             nn.init.normal_(self.gate.weight, std=D**-0.5)

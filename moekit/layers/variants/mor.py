@@ -85,6 +85,7 @@ class MixtureOfRecursions(nn.Module):
         depth_BS = torch.zeros(B, S, device=x_BSD.device)
         fractions = []
         for router, cap in zip(self.routers, c.schedule()):
+            assert isinstance(router, nn.Linear)
             logit_BS = F.linear(h_BSD.float(), router.weight.float())[..., 0] / c.temperature
             k = min(token_count(cap, S), int(candidates_BS.sum(1).min()))
             pos_BK = select_tokens(logit_BS, k, candidates_BS)

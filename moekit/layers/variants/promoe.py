@@ -46,8 +46,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import (PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router,
-                      run_experts)
+from ._common import PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router, run_experts
 
 __all__ = ["ProMoEConfig", "ProMoE", "UNCONDITIONAL_KEY", "routing_contrastive_loss"]
 

@@ -45,8 +45,7 @@ from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
-from ._common import (PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router,
-                      run_experts)
+from ._common import PLAIN_TOPK, add_extra, flatten, make_shared_experts, parse_options, require_router, run_experts
 
 __all__ = ["ReadMEConfig", "ReadMEPlanner", "ReadMEMoE", "RoutingPlan", "PLAN_KEY", "planner_distillation_loss"]
 
@@ -177,7 +176,8 @@ class ReadMEPlanner(nn.Module):
         rcfg = self.moe_config.router
         if rcfg.aux_loss_coef > 0:
             b = num_sequences if rcfg.aux_loss_level == "sequence" else 1
-            loss = sum(load_balancing_loss(p, i, b) for p, i in zip(plan.probs_LTE, plan.expert_ids_LTK))
+            loss = torch.stack([load_balancing_loss(p, i, b)
+                                for p, i in zip(plan.probs_LTE, plan.expert_ids_LTK)]).sum()
             ctx.add_loss("aux_loss", rcfg.aux_loss_coef * loss / plan.num_plans, self.name)
         if rcfg.z_loss_coef > 0:
             ctx.add_loss("z_loss", rcfg.z_loss_coef * z_loss(plan.logits_LTE.flatten(0, 1)), self.name)

@@ -67,6 +67,8 @@ def k_schedule(step: int, k_min: int, k_max: int, total_steps: int, schedule: st
 class SMoEDropout(nn.Module):
     """MoE with a frozen random router and a growing number of experts per token."""
 
+    router_bias: torch.Tensor
+
     def __init__(self, moe: MoEConfig, config: SMoEDropoutConfig | None = None, name: str = "smoe_dropout") -> None:
         super().__init__()
         self.config, self.name = config or SMoEDropoutConfig(), name
