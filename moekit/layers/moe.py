@@ -28,7 +28,7 @@ from ..experts import ACTIVATIONS, ExpertBank, FeedForward
 from ..routing import Router, RouterConfig
 from ..types import LayerStats, Routing, RoutingContext
 
-__all__ = ["MoEConfig", "MoE", "routing_stats"]
+__all__ = ["MoEConfig", "MoE", "routing_stats", "check_input"]
 
 # "alltoall" is set by moekit.parallel.shard_experts on expert-parallel layers (auto never picks it).
 EngineName = Literal["auto", "reference", "sorted", "grouped_mm", "alltoall"]
@@ -96,6 +96,22 @@ class MoEConfig:
         return self.top_k * self.hidden_dim + self.shared_size
 
 
+def check_input(x: torch.Tensor, weight: torch.Tensor, layer: str) -> None:
+    """Dtype and device guard: the experts never silently compute in another dtype than their weights.
+
+    A bfloat16 / float16 input to a float32 layer (or any other mismatch) raises a ``ValueError`` saying how to
+    fix it, unless ``torch.autocast`` is active for the input's device (autocast then picks the matmul dtype).
+    The router itself always runs in float32 and accepts any floating input.
+    """
+    if x.device != weight.device:
+        raise ValueError(f"{layer}: input is on {x.device} but the layer's weights are on {weight.device}; "
+                         f"move one of them (e.g. layer.to({str(x.device)!r}))")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{layer}: input dtype {x.dtype} does not match the layer's weights ({weight.dtype}); "
+                         f"cast the input (x.to({weight.dtype})), cast the layer (layer.to({x.dtype})), "
+                         f"or run under torch.autocast")
+
+
 def routing_stats(routing: Routing, bias_E: torch.Tensor | None = None) -> LayerStats:
     """Per-layer statistics of one routing decision (device tensors; no host sync here)."""
     E = routing.num_experts
@@ -155,6 +171,7 @@ class MoE(nn.Module):
 
     def combine(self, x_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None = None) -> torch.Tensor:
         """Run the experts for a given routing (plus shared experts) and record statistics."""
+        check_input(x_TD, self.experts.w_up, self.name)
         engine = resolve_engine(self.config.engine, x_TD, self.experts)
         y_TD = engine(x_TD, routing, self.experts)
         if self.shared_experts is not None:

@@ -110,9 +110,11 @@ class Router(nn.Module):
                 ids_TK, weights_TK = limit_capacity(
                     ids_TK, weights_TK, self.num_experts, capacity(T, self.num_experts, self.top_k, limit))
         if self.training and self.updates_bias:
-            with torch.no_grad():
+            with torch.no_grad():  # tokens with non-finite scores (NaN/inf input) are not counted: a bad batch
+                finite_T1 = torch.isfinite(scores_TE).all(-1, keepdim=True)  # must not steer later selections
+                counted_TK = ids_TK.masked_fill(~finite_T1, -1)
                 self.pending_counts += torch.bincount(
-                    ids_TK.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].float()
+                    counted_TK.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].float()
         if ctx is not None:
             self._add_losses(ctx, layer, logits_TE, scores_TE, selected_TK, num_sequences)
         return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE, logits_TE=logits_TE)
@@ -140,7 +142,8 @@ class Router(nn.Module):
         """Auxiliary-loss-free bias update (DeepSeek-V3): ``b_i += gamma * sign(mean(load) - load_i)``.
 
         Call after ``optimizer.step()``. Uses the assignment counts gathered by training forwards since the
-        last call (summed over ``process_group`` when distributed), then resets them.
+        last call (summed over ``process_group`` when distributed), then resets them. Tokens whose scores were
+        not finite (NaN or inf inputs) are left out of the counts, so a bad batch cannot move the bias.
         """
         if not self.updates_bias:
             return

@@ -93,7 +93,8 @@ class BlockFFN(nn.Module):
                 q_TE = r_TE / r_TE.sum(-1, keepdim=True).clamp_min(1e-20)
                 loss = chunk_sparsity_loss(q_TE.view(B, S, E), c.chunk_len)
                 if self.training and c.adaptive_chunk_coef:
-                    self._history.append(loss.detach())
+                    if torch.isfinite(loss):  # a NaN batch must not poison the coefficient schedule
+                        self._history.append(loss.detach())
                     del self._history[: -2 * c.interval]
                 ctx.add_loss("blockffn_chunk_loss", self.chunk_coef * loss, self.name)
             if ctx.collect_stats:
