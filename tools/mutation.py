@@ -1,0 +1,99 @@
+"""Mutation testing of moekit's core packages with mutmut, one package at a time.
+
+    python tools/mutation.py routing ops            # the packages to run (default: all five)
+    python tools/mutation.py routing --max-children 2 --work /tmp/moekit-mutation
+
+For each package the repository (``moekit/``, ``tests/``, ``pyproject.toml``) is copied to ``WORK/PACKAGE``;
+there ``[tool.mutmut]`` is extended with ``only_mutate = ["moekit/PACKAGE/*"]`` and the package's fast test
+subset (``TESTS`` below), and ``mutmut run`` is started. The per-package counts (killed, survived, timeout,
+no tests, ...) are printed and written to ``WORK/PACKAGE/score.json``; ``mutmut results`` and
+``mutmut show NAME`` inspect the survivors inside ``WORK/PACKAGE``. Nothing in the repository is changed.
+Slow: minutes to hours per package on a small machine; see docs/testing.md for measured scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# fast tests that exercise each package's behaviour (each subset runs in seconds)
+TESTS: dict[str, list[str]] = {
+    "routing": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_guards.py",
+                "tests/test_config.py", "tests/test_variants_topp.py", "tests/test_variants_moepp.py",
+                "tests/test_variants_blockffn.py", "tests/test_variants_traps.py"],
+    "ops": ["tests/test_engines.py", "tests/test_hf_core.py"],
+    "dispatch": ["tests/test_engines.py", "tests/test_ep_units.py", "tests/test_hf_core.py"],
+    "experts": ["tests/test_engines.py", "tests/test_hf_core.py", "tests/test_routing.py",
+                "tests/test_upcycle.py"],
+    "layers": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_engines.py",
+               "tests/test_guards.py", "tests/test_config.py", "tests/test_variants_traps.py",
+               *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_variants_*.py"))],
+}
+STATUS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault", "not checked",
+          "caught by type check")
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def prepare(package: str, work: Path) -> Path:
+    dest = work / package
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "moekit", dest / "moekit", ignore=ignore)
+    shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
+    text = (ROOT / "pyproject.toml").read_text()
+    config = tomllib.loads(text)["tool"]["mutmut"]
+    block = ("\n[tool.mutmut]\n" + f"source_paths = {_toml_list(config['source_paths'])}\n"
+             + f"only_mutate = {_toml_list([f'moekit/{package}/*'])}\n"
+             + f"pytest_add_cli_args = {_toml_list(config.get('pytest_add_cli_args', []))}\n"
+             + f"pytest_add_cli_args_test_selection = {_toml_list(TESTS[package])}\n")
+    text = re.sub(r"\n\[tool\.mutmut\]\n(?:[^\[].*\n|\n)*", "\n", text) + block
+    (dest / "pyproject.toml").write_text(text)
+    return dest
+
+
+def score(dest: Path) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=dest,
+                         capture_output=True, text=True).stdout
+    counts = {s: 0 for s in STATUS}
+    for line in out.splitlines():
+        if ":" in line:
+            status = line.rsplit(":", 1)[1].strip()
+            counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("packages", nargs="*", default=list(TESTS), choices=list(TESTS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/moekit-mutation"))
+    parser.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    args = parser.parse_args(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    for package in args.packages:
+        dest = prepare(package, args.work)
+        print(f"== {package}: mutmut in {dest}", flush=True)
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+                       cwd=dest, env=env)
+        counts = score(dest)
+        judged = counts["killed"] + counts["survived"] + counts["timeout"]
+        counts_out = {**counts, "score": round((counts["killed"] + counts["timeout"]) / judged, 4) if judged else None}
+        (dest / "score.json").write_text(json.dumps(counts_out, indent=1) + "\n")
+        print(f"== {package}: {json.dumps(counts_out)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
