@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -40,5 +41,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if result.stopped_by:  # checkpointed and summarised; the exit status says a signal ended it (128 + n)
+        return 128 + int(getattr(signal, result.stopped_by, signal.SIGINT))
     return 0

@@ -45,7 +45,7 @@ from torch import nn
 from .. import parallel
 from ..configs import ConfigError
 from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, set_rng_states,
-                         write_checkpoint)
+                         weights_path, write_checkpoint)
 from .config import RunConfig
 from .evaluate import resolve_device
 
@@ -182,7 +182,7 @@ class Distributed:
         try:
             parallel.load_full_state_dict(model, model_state)
         except (RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{Path(out_dir) / 'model.safetensors'} does not fit the model in config.json "
+            raise CheckpointError(f"{weights_path(out_dir)} does not fit the model in config.json "
                                   f"({e})") from None
         names = {id(p): n for n, p in model.named_parameters()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
