@@ -35,6 +35,7 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +50,26 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save
 from .config import RunConfig
 from .evaluate import resolve_device
 
-__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean"]
+__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean", "CollectiveError", "explain_collective_error"]
+
+# What gloo / NCCL say when a peer is gone or silent past the timeout.
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
+              "nccl communicator was aborted")
+
+
+class CollectiveError(ConfigError):
+    """A collective failed because another rank died, was stopped or stayed silent past the timeout."""
+
+
+def explain_collective_error(error: BaseException, timeout_s: float, rank: int) -> CollectiveError | None:
+    """A one-line :class:`CollectiveError` for a lost or silent peer, or ``None`` for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not any(k in text.lower() for k in _PEER_LOST):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return CollectiveError(f"rank {rank}: a collective failed because another rank died, was stopped or did not "
+                           f"answer within parallel.timeout_s={timeout_s:g} s ({first[:160]}); the last checkpoint "
+                           f"is kept: resume with --resume, or raise --parallel.timeout_s if a rank is only slow")
 
 
 def _world_size_from_env() -> int:
@@ -90,7 +110,7 @@ class Distributed:
         backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
         owns = not dist.is_initialized()
         try:
-            groups = parallel.init_from_env(ep, backend=backend)
+            groups = parallel.init_from_env(ep, backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return cls(groups, owns)

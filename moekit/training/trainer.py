@@ -38,7 +38,7 @@ from ..routing import update_expert_biases
 from ..types import RoutingContext
 from .checkpoint import CONFIG_FILE, CheckpointError, clean_checkpoints, read_json, write_json
 from .config import RunConfig
-from .distributed import Distributed, micro_index, reduce_and_clip, world_mean
+from .distributed import Distributed, explain_collective_error, micro_index, reduce_and_clip, world_mean
 from .evaluate import autocast, evaluate, resolve_device
 from .metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics, summary_table
 from .optim import build_optimizer, learning_rate
@@ -223,6 +223,12 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
             wrote = True
             par.on_main(lambda: (write_json(out_dir / CONFIG_FILE, to_dict(cfg)), clean_checkpoints(out_dir)))
             result = run.loop(until_step)
+        except RuntimeError as e:
+            explained = explain_collective_error(e, cfg.parallel.timeout_s, par.groups.rank) \
+                if par.is_distributed else None
+            if explained is None:
+                raise
+            raise explained from None
         finally:
             torch.set_num_threads(threads)
         ok = True
