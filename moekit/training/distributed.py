@@ -45,8 +45,15 @@ from torch import nn
 
 from .. import parallel
 from ..configs import ConfigError
-from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, set_rng_states,
-                         weights_path, write_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_states,
+    weights_path,
+    write_checkpoint,
+)
 from .config import RunConfig
 from .evaluate import resolve_device
 

@@ -22,7 +22,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["RunLock", "check_run_dir", "LOCK_FILE"]
+__all__ = ["LOCK_FILE", "RunLock", "check_run_dir"]
 
 LOCK_FILE = ".lock"
 # What a run folder may hold besides its own files when a new run starts in it.
@@ -36,7 +36,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

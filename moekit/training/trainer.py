@@ -36,11 +36,29 @@ from ..models import LanguageModel, count
 from ..parallel import ParallelGroups
 from ..routing import update_expert_biases
 from ..types import RoutingContext
-from .checkpoint import CONFIG_FILE, CheckpointError, clean_checkpoints, read_json, write_json
+from .checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    clean_checkpoints,
+    read_json,
+    write_json,
+)
 from .config import RunConfig
-from .distributed import Distributed, explain_collective_error, micro_index, reduce_and_clip, world_mean
+from .distributed import (
+    Distributed,
+    explain_collective_error,
+    micro_index,
+    reduce_and_clip,
+    world_mean,
+)
 from .evaluate import autocast, evaluate, resolve_device
-from .metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics, summary_table
+from .metrics import (
+    MetricsLog,
+    Progress,
+    measure_matmul_peak,
+    read_metrics,
+    summary_table,
+)
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
@@ -221,7 +239,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         try:
             run = _Run(cfg, out_dir, resume, progress, par)  # data, model, checkpoint: may still refuse
             wrote = True
-            par.on_main(lambda: (write_json(out_dir / CONFIG_FILE, to_dict(cfg)), clean_checkpoints(out_dir)))
+
+            def start_writing() -> None:
+                write_json(out_dir / CONFIG_FILE, to_dict(cfg))
+                clean_checkpoints(out_dir)  # what an earlier, killed writer left
+            par.on_main(start_writing)
             result = run.loop(until_step)
         except RuntimeError as e:
             explained = explain_collective_error(e, cfg.parallel.timeout_s, par.groups.rank) \
