@@ -36,7 +36,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> RunLock:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self.acquire()
         return self
 
