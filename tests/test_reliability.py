@@ -471,3 +471,40 @@ def test_a_stopped_rank_fails_its_peers_after_the_configured_timeout(tmp_path):
     assert got["seconds"] < 20
     assert got["error"].startswith("rank 0: a collective failed because another rank died, was stopped or did "
                                    "not answer within parallel.timeout_s=2 s")
+
+
+# -------------------------------------------------------------------------- bad input: one line, exit 2
+
+def test_wrong_types_are_refused_from_python_too():
+    from moekit import MoEConfig
+    base = dict(dim=8, hidden_dim=8, num_experts=4)
+    with pytest.raises(ConfigError, match="moe.top_k=True is a bool, not int"):
+        MoEConfig(**base, top_k=True)
+    with pytest.raises(ConfigError, match="moe.num_shared_experts=1.5 is a float, not int"):
+        MoEConfig(**base, num_shared_experts=1.5)
+    with pytest.raises(ConfigError, match="router.norm_topk_prob='no' is a str, not bool"):
+        RouterConfig(norm_topk_prob="no")
+    assert RouterConfig(capacity_factor=2).capacity_factor == 2  # an int where a float is declared is fine
+
+
+def test_empty_or_too_little_data_is_one_line_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    for extra, message in ((f"--data.path={tmp_path / 'empty.txt'}", "left an empty training or validation"),
+                           (f"--data.path={tmp_path / 'folder'}", "holds no text files"),
+                           ("--data.max_bytes=1", "left an empty training or validation"),
+                           ("--data.max_bytes=100", "fewer than model.context=32 + 2")):
+        source = [] if "max_bytes" in extra else ["--data.source=text"]
+        fails_with(capsys, ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *source, extra], message)
+        assert not (tmp_path / "run").exists()
+
+
+def test_sample_and_analyze_refuse_bad_input_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(**{"train.max_steps": "1"}), run, progress=False)
+    fails_with(capsys, ["sample", str(run), "--temperature", "nan"], "finite --temperature")
+    fails_with(capsys, ["sample", str(run), "--prompt", "\udcff"], "--prompt is not valid UTF-8")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    fails_with(capsys, ["analyze", str(run), "--text", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "an")],
+               "is not valid UTF-8")
+    assert not (tmp_path / "an").exists()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import check, check_choice
+from ..configs import check, check_choice, check_types
 from ..dispatch import ENGINES, resolve_engine
 from ..experts import ACTIVATIONS, ExpertBank, FeedForward
 from ..routing import Router, RouterConfig
@@ -66,6 +66,7 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "moe")
         for name in ("dim", "hidden_dim", "num_experts", "top_k"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"moe.{name}={value!r} must be a positive integer")

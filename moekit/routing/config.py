@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..configs import check, check_choice
+from ..configs import check, check_choice, check_types
 
 __all__ = ["RouterConfig"]
 
@@ -62,6 +62,7 @@ class RouterConfig:
     use_selection_bias: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self, "router")
         check_choice("router", "score_func", self.score_func, ("softmax", "sigmoid"))
         check_choice("router", "selector", self.selector, ("topk", "expert_choice"))
         check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence"))

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..configs import ConfigError, apply_overrides, check, check_choice, from_dict
+from ..configs import ConfigError, apply_overrides, check, check_choice, check_types, from_dict
 from ..data import DataConfig
 from ..models import ModelConfig
 
@@ -77,6 +77,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
         for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_seconds",
                      "checkpoint_seconds"):
             value = getattr(self, name)
@@ -122,6 +123,7 @@ class ParallelConfig:
     ep_size: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self, "parallel")
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
 
@@ -143,6 +145,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "run")
         # The name becomes a folder name (runs/<name>-<time>): it must not leave the runs folder.
         check(isinstance(self.name, str) and self.name not in ("", ".", "..") and "/" not in self.name
               and "\\" not in self.name and "\0" not in self.name,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import ConfigError, to_dict
-from ..data import TokenData, load_data, train_batch
+from ..data import TokenData, load_data, train_batch, val_batches
 from ..layers.variants.thor import THOR, add_consistency_loss
 from ..models import LanguageModel, count
 from ..parallel import ParallelGroups
@@ -282,6 +282,9 @@ class _Run:
             raise ConfigError(f"the tokenizer {cfg.data.tokenizer!r} has {self.data.tokenizer.vocab_size} tokens "
                               f"but model.vocab_size={cfg.model.vocab_size}; set "
                               f"--model.vocab_size={self.data.tokenizer.vocab_size}")
+        # Too little data fails here, before anything is written, rather than at the first step.
+        train_batch(self.data, 1, cfg.model.context, tc.seed, 0)
+        next(val_batches(self.data, 1, cfg.model.context, 1))
         self.peak = measure_matmul_peak(self.device)
         self.state = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
         if resume:
