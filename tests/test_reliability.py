@@ -477,7 +477,7 @@ def test_a_stopped_rank_fails_its_peers_after_the_configured_timeout(tmp_path):
 
 def test_wrong_types_are_refused_from_python_too():
     from moekit import MoEConfig
-    base = dict(dim=8, hidden_dim=8, num_experts=4)
+    base = {"dim": 8, "hidden_dim": 8, "num_experts": 4}
     with pytest.raises(ConfigError, match="moe.top_k=True is a bool, not int"):
         MoEConfig(**base, top_k=True)
     with pytest.raises(ConfigError, match="moe.num_shared_experts=1.5 is a float, not int"):
@@ -508,3 +508,28 @@ def test_sample_and_analyze_refuse_bad_input_in_one_line(tmp_path, capsys):
     fails_with(capsys, ["analyze", str(run), "--text", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "an")],
                "is not valid UTF-8")
     assert not (tmp_path / "an").exists()
+
+
+def test_zero_tokens_give_zero_losses_and_a_dtype_mismatch_is_named():
+    from moekit import MoE, MoEConfig, RoutingContext
+    moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2,
+                        router=RouterConfig(aux_loss_coef=0.01, z_loss_coef=1e-3)))
+    ctx = RoutingContext()
+    y = moe(torch.randn(0, 8), ctx)
+    assert y.shape == (0, 8) and set(ctx.losses) == {"aux_loss", "z_loss"}
+    assert all(float(v) == 0.0 for v in ctx.losses.values())  # not NaN
+    ctx.total_loss().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in moe.parameters())
+    with pytest.raises(ValueError, match="MoE input is torch.float64 but its weights are torch.float32"):
+        moe(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_hf_split_and_non_text_values_of_a_saved_dataset_are_checked(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from moekit.data import DataConfig, load_data
+    datasets.Dataset.from_dict({"body": ["abc " * 20] * 20, "n": list(range(20))}).save_to_disk(str(tmp_path / "ds"))
+    assert len(load_data(DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="body")).train) > 0
+    with pytest.raises(ConfigError, match="data.hf_split='test' but .* is a single saved split"):
+        load_data(DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="body", hf_split="test"))
+    with pytest.raises(ConfigError, match="row 0 of column 'n' .* is a int, not text"):
+        load_data(DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="n"))

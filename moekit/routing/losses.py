@@ -26,6 +26,8 @@ def load_balancing_loss(
         num_sequences: ``B`` when the ``T = B*S`` rows are ``B`` sequences laid out one after the other.
     """
     T, E = probs_TE.shape
+    if T == 0:  # no tokens: nothing to balance (a mean over none would be NaN); keeps the graph
+        return probs_TE.sum() * 0.0
     if T % num_sequences:
         raise ValueError(f"{T} tokens do not split into {num_sequences} equal sequences; "
                          f"use aux_loss_level='batch' for ragged input")
@@ -39,5 +41,7 @@ def load_balancing_loss(
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss, unweighted."""
+    """ST-MoE router z-loss, unweighted (0 for no tokens, not the NaN of an empty mean)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.float().sum() * 0.0
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
