@@ -29,7 +29,11 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
   ``--resume`` loads them into any ``ep_size`` or world size (load the full state, keep the local experts).
   Every rank reads the run folder on resume, so multi-node runs need it on a shared filesystem. Resuming
   with another ``world_size * grad_accum`` changes the batches from there on.
-- **Stopping**: the time budget and Ctrl-C are agreed on by all ranks every step, so no rank stops alone.
+- **Stopping**: the time budget and Ctrl-C / SIGTERM are agreed on by all ranks every step, so no rank stops
+  alone, and so are non-finite steps (decided on the world-reduced loss and gradient norm).
+- **Timeouts**: every process group (the default one and the expert-parallel ones) gets
+  ``parallel.timeout_s``; a rank that dies or stops makes its peers fail after it with one line
+  (:class:`CollectiveError`) instead of hanging.
 """
 
 from __future__ import annotations

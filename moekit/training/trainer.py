@@ -11,6 +11,11 @@ Determinism: weights come from ``torch.manual_seed(train.seed)``; batch ``(step,
 ``(seed, step, m)``; a checkpoint holds the weights, the AdamW moments and the RNG state, so a resumed run
 takes exactly the steps an uninterrupted one takes (for step budgets; a time budget depends on the clock).
 
+Reliability (docs/reliability.md): the loss and gradient norm are checked every step before the update
+(``train.on_nonfinite``); checkpoints are atomic sets written every ``train.checkpoint_every`` steps /
+``train.checkpoint_seconds``; Ctrl-C and SIGTERM stop after the step with a checkpoint, summary and plots;
+the run folder is locked and checked before anything is written.
+
 Under torchrun the same loop runs on every process, data- and expert-parallel: see
 :mod:`moekit.training.distributed` (each rank's micro-batches, gradient reduction, rank-0 logging, full
 checkpoints that load into any layout).
