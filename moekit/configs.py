@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-__all__ = ["check", "check_choice", "to_dict", "from_dict", "apply_overrides", "ConfigError"]
+__all__ = ["check", "check_choice", "check_types", "to_dict", "from_dict", "apply_overrides", "ConfigError"]
 
 C = TypeVar("C")
 
@@ -32,6 +32,51 @@ def check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{owner}.{name}={value!r} is not one of {list(allowed)}{hint}")
+
+
+def _fits(tp: Any, value: Any) -> bool:
+    """Whether ``value`` is of the declared type ``tp`` (strictly: a bool is no int, a float no int)."""
+    origin = get_origin(tp)
+    if tp is Any or isinstance(tp, (str, TypeVar)):
+        return True
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = [a for a in get_args(tp) if a is not Ellipsis]
+        return not args or all(_fits(args[0], v) for v in value)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # anything more elaborate is the config's own business
+
+
+def check_types(cfg: Any, owner: str) -> None:
+    """Raise :class:`ConfigError` naming the first field whose value is not of its declared type.
+
+    Configs call it first in ``__post_init__``, so ``top_k=True`` or ``num_shared_experts=1.5`` given from
+    Python fail as clearly as from a TOML file or the command line (where :func:`from_dict` coerces).
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        tp = hints.get(f.name, Any)
+        if not _fits(tp, value):
+            if get_origin(tp) is Literal:
+                check_choice(owner, f.name, value, get_args(tp))  # names the allowed values
+            shown = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"{owner}.{f.name}={value!r} is a {type(value).__name__}, not {shown}; give a value "
+                              f"of that type")
 
 
 def literal_values(owner: type, name: str) -> tuple:

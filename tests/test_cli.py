@@ -9,6 +9,7 @@ from moekit.cli import main as cli
 from moekit.cli.main import main
 from moekit.models import count
 from moekit.recipes import load_preset
+from moekit.training.checkpoint import checkpoint_dir, read_state
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_train_eval_sample(run_dir, capsys):
 
 def test_resume_continues_a_run(run_dir, capsys):
     assert main(["train", "--resume", "--out", str(run_dir), "--train.max_steps=8", "--no-progress"]) == 0
-    assert '"step": 8' in (run_dir / "state.json").read_text()
+    assert read_state(run_dir)["step"] == 8
 
 
 def test_info_and_presets(capsys):
@@ -78,8 +79,9 @@ def test_user_errors_are_one_line_exit_2(capsys, tmp_path, run_dir):
     fails_with(capsys, ["info", "--config", str(bad)], "invalid TOML")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    for name in ("config.json", "state.json"):
-        (corrupt / name).write_bytes((run_dir / name).read_bytes())
+    (corrupt / "config.json").write_bytes((run_dir / "config.json").read_bytes())
+    # the old layout (files at the top of the folder) is still read
+    (corrupt / "state.json").write_bytes((checkpoint_dir(run_dir) / "state.json").read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
     fails_with(capsys, ["sample", str(corrupt)], "model.safetensors is corrupt")
     (corrupt / "model.safetensors").unlink()

@@ -12,6 +12,7 @@ from moekit.models import LanguageModel
 from moekit.recipes import load_preset
 from moekit.training import (CheckpointError, evaluate_run, load_checkpoint, load_run, save_checkpoint, train,
                              train_step, with_overrides)
+from moekit.training.checkpoint import checkpoint_dir, weights_path
 from moekit.training.optim import build_optimizer, learning_rate
 
 
@@ -35,9 +36,12 @@ def test_tiny_run_learns_and_writes_its_folder(tiny_run):
     assert summary["tokens"] == 40 * 4 * 32 and summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
     assert set(summary["layers"]) == {"layers.0.ffn", "layers.1.ffn"}
     out = tiny_run.out_dir
-    for name in ("config.json", "metrics.jsonl", "summary.json", "model.safetensors", "optimizer.safetensors",
-                 "state.json", "loss.png", "expert_load.png"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "expert_load.png"):
         assert (out / name).is_file(), name
+    assert [p.name for p in (out / "ckpt").iterdir()] == ["step_00000040"]  # one complete set, nothing else
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        assert (out / "ckpt" / "step_00000040" / name).is_file(), name
+    assert weights_path(out) == out / "ckpt" / "step_00000040" / "model.safetensors"
     assert json.loads((out / "config.json").read_text()) == to_dict(tiny())
     vals = [r for r in tiny_run.records if "val_loss" in r]
     assert [r["step"] for r in vals] == [20, 40]
@@ -84,14 +88,16 @@ def test_checkpoint_errors_are_clear(tiny_run, tmp_path):
     with pytest.raises(CheckpointError, match="already holds a run"):
         train(tiny(), tiny_run.out_dir, progress=False)
     broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "state.json", "optimizer.safetensors"):
-        (broken / name).write_bytes((tiny_run.out_dir / name).read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    (broken / "ckpt" / "step_00000040").mkdir(parents=True)
+    (broken / "config.json").write_bytes((tiny_run.out_dir / "config.json").read_bytes())
+    ckpt, src = broken / "ckpt" / "step_00000040", checkpoint_dir(tiny_run.out_dir)
+    for name in ("state.json", "optimizer.safetensors"):
+        (ckpt / name).write_bytes((src / name).read_bytes())
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
         load_run(broken)
-    (broken / "model.safetensors").write_bytes((tiny_run.out_dir / "model.safetensors").read_bytes())
-    (broken / "state.json").write_text(json.dumps({"step": 3}))
+    (ckpt / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (ckpt / "state.json").write_text(json.dumps({"step": 3}))
     with pytest.raises(CheckpointError, match="from step 40 but state.json says step 3"):
         load_run(broken)
     with pytest.raises(CheckpointError, match="model in .* differs"):

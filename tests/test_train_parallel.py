@@ -25,11 +25,11 @@ from moekit.configs import ConfigError, from_dict, to_dict
 from moekit.parallel import gather_full_state_dict, init_from_env, make_groups, run_local, shard_experts
 from moekit.recipes import load_preset
 from moekit.training import evaluate_run, load_run, train, with_overrides
+from moekit.training.checkpoint import checkpoint_dir, weights_path
 from moekit.training.runs import read_run_config
 
 STEPS, HALF = 6, 3
-RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "model.safetensors", "optimizer.safetensors",
-             "state.json", "loss.png", "expert_load.png"}
+RUN_FILES = {"config.json", "metrics.jsonl", "summary.json", "ckpt", ".lock", "loss.png", "expert_load.png"}
 
 
 def tiny(**overrides) -> object:
@@ -119,9 +119,10 @@ def test_ep2_run_folder_holds_a_full_checkpoint_that_loads_in_one_process(ranks,
     out = root / "ep2"
     assert {p.name for p in out.iterdir()} == RUN_FILES  # rank 0 wrote everything, nobody left temporaries
     assert json.loads((out / "config.json").read_text())["parallel"]["ep_size"] == 2
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+    assert [p.name for p in (out / "ckpt").iterdir()] == [f"step_{STEPS:08d}"]
+    with safe_open(str(weights_path(out)), framework="pt") as f:
         assert f.get_slice("layers.0.ffn.experts.w_up").get_shape() == [4, 32, 32]  # all 4 experts
-    with safe_open(str(out / "optimizer.safetensors"), framework="pt") as f:
+    with safe_open(str(checkpoint_dir(out) / "optimizer.safetensors"), framework="pt") as f:
         assert f.get_slice("adam.layers.1.ffn.experts.w_down.exp_avg").get_shape() == [4, 32, 32]
     cfg, model, state = load_run(out)
     assert state["step"] == STEPS and cfg.parallel.ep_size == 2

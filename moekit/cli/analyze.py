@@ -106,7 +106,13 @@ def _texts(args) -> list[str]:
     if args.text:
         lines = []
         for path in args.text:
-            lines += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                from .main import UsageError
+                raise UsageError(f"--text {path} is not valid UTF-8 ({e.reason} at byte {e.start}); convert it "
+                                 f"to UTF-8 (e.g. iconv -t UTF-8)") from None
+            lines += [line.strip() for line in text.splitlines() if line.strip()]
         return lines
     from moekit.analysis import stdlib_sentences
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -29,8 +30,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .main import UsageError
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
-        raise UsageError("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0) or not 0 < args.top_p <= 1 \
+            or args.max_new_tokens < 0:
+        raise UsageError(f"need a finite --temperature >= 0 (got {args.temperature}), 0 < --top-p <= 1 (got "
+                         f"{args.top_p}) and --max-new-tokens >= 0 (got {args.max_new_tokens})")
+    try:
+        (args.prompt or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--prompt is not valid UTF-8 text; check the terminal's or script's encoding") from None
     cfg, model, _ = load_run(args.run, args.device)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids = tokenizer.encode(args.prompt or "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def register(subparsers) -> None:
                               description="Train a language model; the run folder gets config.json, "
                               "metrics.jsonl, summary.json, a checkpoint and plots. On several processes: "
                               "torchrun --nproc_per_node=N -m moekit train ... [--parallel.ep_size=E] "
-                              "(data parallel; E consecutive processes share the experts).")
+                              "(data parallel; E consecutive processes share the experts). Ctrl-C or SIGTERM stops after the "
+                              "current step with a checkpoint, summary and plots (exit status 130 / 143); "
+                              "--resume continues.")
     add_config_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
@@ -40,5 +43,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    if result.stopped_by:  # checkpointed and summarised; the exit status says a signal ended it (128 + n)
+        return 128 + int(getattr(signal, result.stopped_by, signal.SIGINT))
     return 0

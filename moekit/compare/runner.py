@@ -1,7 +1,7 @@
 """Running a study's runs: cached, resumable, one spawned process per run, with a progress display.
 
 - A run whose folder holds ``summary.json`` is finished and is read back, never retrained.
-- A run whose folder holds a checkpoint (``state.json``) but no summary was interrupted; it continues with
+- A run whose folder holds a checkpoint (:func:`~moekit.training.checkpoint.has_checkpoint`) but no finished summary was interrupted; it continues with
   ``train(..., resume=True)``, which takes exactly the steps an uninterrupted run takes.
 - Otherwise the run starts afresh.
 
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..training.checkpoint import STATE_FILE, read_json, write_json
+from ..training.checkpoint import has_checkpoint, read_json, write_json
 from ..training.metrics import Progress, read_metrics
 from .plan import RunSpec, folder_of
 
@@ -83,7 +83,7 @@ def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
     """Worker body: train (or resume) one run; returns ``done`` or ``interrupted``."""
     from ..training import train
     folder = folder_of(Path(out_dir), spec)
-    resume = (folder / STATE_FILE).is_file()
+    resume = has_checkpoint(folder)
     start = time.time()
     result = train(spec.config, folder, resume=resume, progress=False)
     finished = "val_loss" in result.summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..configs import check, check_choice
+from ..configs import check, check_choice, check_types
 
 __all__ = ["DataConfig", "SOURCES"]
 
@@ -48,6 +48,7 @@ class DataConfig:
     hf_text_field: str = "text"
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         check_choice("data", "source", self.source, SOURCES)
         check(self.source not in ("text", "hf") or bool(self.path),
               f"data.source={self.source!r} needs data.path (a file, folder or dataset name); "

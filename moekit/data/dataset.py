@@ -39,7 +39,8 @@ class TokenData:
 
 def _to_tensor(ids) -> torch.Tensor:
     if isinstance(ids, (bytes, bytearray)):
-        return torch.frombuffer(bytearray(ids), dtype=torch.uint8)
+        # frombuffer refuses an empty buffer; an empty stream is reported by load_data
+        return torch.frombuffer(bytearray(ids), dtype=torch.uint8) if ids else torch.empty(0, dtype=torch.uint8)
     return torch.tensor(ids, dtype=torch.int32)
 
 

@@ -33,6 +33,11 @@ def hf_documents(path: str, split: str, text_field: str, val_fraction: float,
         if split not in ds:
             raise ConfigError(f"data.hf_split={split!r} not in dataset {path!r}; available: {list(ds)}")
         ds = ds[split]
+    else:  # one saved split: hf_split must name it, not be silently ignored
+        own = str(ds.split) if ds.split is not None else None
+        if split != (own or "train"):
+            raise ConfigError(f"data.hf_split={split!r} but {path!r} is a single saved split "
+                              f"({own or 'unnamed'}); drop --data.hf_split or save a DatasetDict with that split")
     if text_field not in ds.column_names:
         raise ConfigError(f"data.hf_text_field={text_field!r} is not a column of {path!r}; "
                           f"columns: {ds.column_names}")
@@ -40,6 +45,9 @@ def hf_documents(path: str, split: str, text_field: str, val_fraction: float,
     threshold = round(val_fraction * 10_000)
     train, val = [], []
     for i, text in enumerate(rows):
+        if not isinstance(text, str):
+            raise ConfigError(f"row {i} of column {text_field!r} in {path!r} is a {type(text).__name__}, not text; "
+                              f"choose a text column with --data.hf_text_field")
         (val if zlib.crc32(str(i).encode()) % 10_000 < threshold else train).append(text)
     if not val and len(train) > 1:
         val.append(train.pop())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import check, check_choice
+from ..configs import check, check_choice, check_types
 from ..dispatch import ENGINES, resolve_engine
 from ..experts import ACTIVATIONS, ExpertBank, FeedForward
 from ..routing import Router, RouterConfig
@@ -66,6 +66,7 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "moe")
         for name in ("dim", "hidden_dim", "num_experts", "top_k"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"moe.{name}={value!r} must be a positive integer")
@@ -156,6 +157,11 @@ class MoE(nn.Module):
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"MoE expects inputs of shape [..., {self.config.dim}], got {tuple(x.shape)}; "
                              f"check MoEConfig.dim")
+        weight = next(self.experts.parameters(), None)
+        if (weight is not None and x.is_floating_point() and x.dtype != weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"MoE input is {x.dtype} but its weights are {weight.dtype}; convert one to the "
+                             f"other (moe.to({x.dtype}) or x.to({weight.dtype})), or run under torch.autocast")
         return x.reshape(-1, self.config.dim)
 
     def route(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None, num_sequences: int = 1) -> Routing:

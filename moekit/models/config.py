@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configs import check
+from ..configs import check, check_types
 from ..layers import MoEConfig
 
 __all__ = ["ModelConfig"]
@@ -56,6 +56,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "context", "moe_every"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be a positive integer")

@@ -62,11 +62,14 @@ class ParallelGroups:
         return self.rank == 0
 
 
-def make_groups(ep_size: int = 1) -> ParallelGroups:
+def make_groups(ep_size: int = 1, timeout: timedelta | None = None) -> ParallelGroups:
     """Create the EP and replica groups on an initialised default group (every rank must call this).
 
     Args:
         ep_size: ranks per expert-parallel group; must divide the world size.
+        timeout: collective timeout of every group created here (``None``: torch's default for new groups,
+            30 minutes for gloo); :func:`init_from_env` passes its own, so that a stopped peer surfaces as an
+            error on the other ranks after it, in every group.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
@@ -82,10 +85,10 @@ def make_groups(ep_size: int = 1) -> ParallelGroups:
     # new_subgroups_by_enumeration is collective: every rank creates every group, in the same order.
     if ep_size > 1:
         ep_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(dp_size)])
+            [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(dp_size)], timeout=timeout)
     if dp_size > 1:
         replica_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(j, world, ep_size)) for j in range(ep_size)])
+            [list(range(j, world, ep_size)) for j in range(ep_size)], timeout=timeout)
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -103,17 +106,18 @@ def init_from_env(ep_size: int = 1, backend: str | None = None,
     Args:
         ep_size: ranks per expert-parallel group (``--parallel.ep_size``).
         backend: ``nccl`` when every local rank can have a GPU of its own, else ``gloo``, unless given.
-        timeout: collective timeout; a peer that died surfaces as an error after it.
+        timeout: collective timeout of the default group and of every group made here; a peer that died or
+            stopped surfaces as an error after it.
     """
     if not dist.is_initialized():
         if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return make_groups(ep_size)
+            return make_groups(ep_size, timeout)
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         backend = backend or ("nccl" if torch.cuda.device_count() >= local_ranks else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
-    return make_groups(ep_size)
+    return make_groups(ep_size, timeout)
 
 
 def shutdown() -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ..configs import check, check_choice
+from ..configs import check, check_choice, check_types
 
 __all__ = ["RouterConfig"]
 
@@ -75,6 +76,7 @@ class RouterConfig:
     use_selection_bias: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self, "router")
         check_choice("router", "score_func", self.score_func, ("softmax", "sigmoid"))
         check_choice("router", "selector", self.selector, ("topk", "expert_choice"))
         check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence"))
@@ -86,12 +88,13 @@ class RouterConfig:
               f"router.topk_groups={self.topk_groups} must be in [1, num_groups={self.num_groups}]")
         for name in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, name)
-            check(value is None or value > 0,
-                  f"router.{name}={value} must be positive; use None (dropless) or a value such as 1.25")
+            check(value is None or (value > 0 and math.isfinite(value)),
+                  f"router.{name}={value} must be positive and finite; use None (dropless) or a value such as 1.25")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter_eps"):
             value = getattr(self, name)
-            check(value >= 0, f"router.{name}={value} must be >= 0; use 0 to disable it")
-        check(self.routed_scaling_factor > 0,
+            check(value >= 0 and math.isfinite(value), f"router.{name}={value} must be finite and >= 0; use 0 to "
+                  f"disable it")
+        check(self.routed_scaling_factor > 0 and math.isfinite(self.routed_scaling_factor),
               f"router.routed_scaling_factor={self.routed_scaling_factor} must be positive (1.0 is neutral)")
         check(self.jitter_eps < 1, f"router.jitter_eps={self.jitter_eps} must be < 1 (Switch uses 0.01)")
 

@@ -31,6 +31,8 @@ def load_balancing_loss(
         first_choice: ``f`` from slot 0 only (each token's highest-scoring choice; GShard) instead of all slots.
     """
     T, E = probs_TE.shape
+    if T == 0:  # no tokens: nothing to balance (a mean over none would be NaN); keeps the graph
+        return probs_TE.sum() * 0.0
     if T % num_sequences:
         raise ValueError(f"{T} tokens do not split into {num_sequences} equal sequences; "
                          f"use aux_loss_level='batch' for ragged input")
@@ -46,5 +48,7 @@ def load_balancing_loss(
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss, unweighted."""
+    """ST-MoE router z-loss, unweighted (0 for no tokens, not the NaN of an empty mean)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.float().sum() * 0.0
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

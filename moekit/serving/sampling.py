@@ -23,7 +23,7 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float 
     Top-p (Holtzman et al., arXiv 1904.09751) keeps the smallest set of most likely tokens whose probability
     reaches ``top_p``.
     """
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not temperature >= 0 or temperature == float("inf") or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     if temperature == 0:
         return logits_BV.argmax(-1)

@@ -7,10 +7,11 @@ it is not given, so a preset or an override states the model width once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..configs import ConfigError, apply_overrides, check, check_choice, from_dict
+from ..configs import ConfigError, apply_overrides, check, check_choice, check_types, from_dict
 from ..data import DataConfig
 from ..models import ModelConfig
 
@@ -43,7 +44,14 @@ class TrainConfig:
         eval_every: validate every this many steps (0: only at the end).
         eval_batches: validation batches per evaluation.
         log_every: record routing statistics (load balance) and refresh the progress line this often.
-        checkpoint_every: write a checkpoint this often (0: at the end and on interruption only).
+        checkpoint_every: write a checkpoint every this many steps (0: no step-based checkpoints).
+        checkpoint_seconds: also write one when this much wall time (rank 0's clock) has passed since the
+            last (0 or ``None``: none by time). A run always checkpoints at its end and when stopped by
+            Ctrl-C / SIGTERM. Each checkpoint replaces the previous one atomically (see
+            :mod:`moekit.training.checkpoint`).
+        on_nonfinite: what a NaN/inf loss or gradient norm does: ``stop`` (the run ends with an error and
+            saves nothing; the last checkpoint is kept) or ``skip`` (the step's update is dropped and
+            training goes on; 10 such steps in a row stop the run).
     """
 
     seed: int = 0
@@ -64,9 +72,18 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
+    checkpoint_seconds: float | None = 600.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "max_seconds",
+                     "checkpoint_seconds"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                    and math.isfinite(value)),
+                  f"train.{name}={value!r} must be a finite number")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"train.{name}={value!r} must be a positive integer")
@@ -83,6 +100,9 @@ class TrainConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
               f"train.beta1={self.beta1}, train.beta2={self.beta2} must be in [0, 1) (e.g. 0.9 and 0.95)")
         check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        check(self.checkpoint_seconds is None or self.checkpoint_seconds >= 0,
+              f"train.checkpoint_seconds={self.checkpoint_seconds} must be >= 0 (0 or none: no checkpoints by time)")
+        check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
 
@@ -103,6 +123,7 @@ class ParallelConfig:
     ep_size: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self, "parallel")
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
 
@@ -124,6 +145,12 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "run")
+        # The name becomes a folder name (runs/<name>-<time>): it must not leave the runs folder.
+        check(isinstance(self.name, str) and self.name not in ("", ".", "..") and "/" not in self.name
+              and "\\" not in self.name and "\0" not in self.name,
+              f"name={self.name!r} must be a plain label without path separators (e.g. 'my-run'); use --out DIR "
+              f"to choose the run folder")
         if self.data.tokenizer == "bytes":
             check(self.model.vocab_size >= 256,
                   f"model.vocab_size={self.model.vocab_size} is too small for byte-level data (256 values); "

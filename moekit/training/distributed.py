@@ -29,13 +29,18 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
   ``--resume`` loads them into any ``ep_size`` or world size (load the full state, keep the local experts).
   Every rank reads the run folder on resume, so multi-node runs need it on a shared filesystem. Resuming
   with another ``world_size * grad_accum`` changes the batches from there on.
-- **Stopping**: the time budget and Ctrl-C are agreed on by all ranks every step, so no rank stops alone.
+- **Stopping**: the time budget and Ctrl-C / SIGTERM are agreed on by all ranks every step, so no rank stops
+  alone, and so are non-finite steps (decided on the world-reduced loss and gradient norm).
+- **Timeouts**: every process group (the default one and the expert-parallel ones) gets
+  ``parallel.timeout_s``; a rank that dies or stops makes its peers fail after it with one line
+  (:class:`CollectiveError`) instead of hanging.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -50,12 +55,32 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
     set_rng_states,
+    weights_path,
     write_checkpoint,
 )
 from .config import RunConfig
 from .evaluate import resolve_device
 
-__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean"]
+__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean", "CollectiveError", "explain_collective_error"]
+
+# What gloo / NCCL say when a peer is gone or silent past the timeout.
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
+              "nccl communicator was aborted")
+
+
+class CollectiveError(ConfigError):
+    """A collective failed because another rank died, was stopped or stayed silent past the timeout."""
+
+
+def explain_collective_error(error: BaseException, timeout_s: float, rank: int) -> CollectiveError | None:
+    """A one-line :class:`CollectiveError` for a lost or silent peer, or ``None`` for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not any(k in text.lower() for k in _PEER_LOST):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return CollectiveError(f"rank {rank}: a collective failed because another rank died, was stopped or did not "
+                           f"answer within parallel.timeout_s={timeout_s:g} s ({first[:160]}); the last checkpoint "
+                           f"is kept: resume with --resume, or raise --parallel.timeout_s if a rank is only slow")
 
 
 def _world_size_from_env() -> int:
@@ -96,7 +121,7 @@ class Distributed:
         backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
         owns = not dist.is_initialized()
         try:
-            groups = parallel.init_from_env(ep, backend=backend)
+            groups = parallel.init_from_env(ep, backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return cls(groups, owns)
@@ -188,7 +213,7 @@ class Distributed:
         try:
             parallel.load_full_state_dict(model, model_state)
         except (RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{Path(out_dir) / 'model.safetensors'} does not fit the model in config.json "
+            raise CheckpointError(f"{weights_path(out_dir)} does not fit the model in config.json "
                                   f"({e})") from None
         names = {id(p): n for n, p in model.named_parameters()}
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,13 +48,15 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops lines past the checkpoint."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        from .checkpoint import write_atomic
         self.path = Path(path)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")
+        kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        # A fresh file replaces whatever is there (a planted symlink included), and is then appended to
+        # without following links.
+        write_atomic(self.path, lambda tmp: tmp.write_text(text))
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+        self._file = os.fdopen(fd, "a")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -69,11 +72,13 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):  # anything else is not a record of ours
+            out.append(record)
     return out
 
 

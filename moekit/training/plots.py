@@ -43,15 +43,23 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    """Save a PNG atomically (never through a symlink planted at ``path``)."""
+    from .checkpoint import write_atomic
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def plot_expert_load(plt, load: dict[str, list[float]], path: Path) -> None:
     """Heatmap of each expert's share of assignments times E (1.0 = perfectly balanced)."""
     from ..analysis.plots import load_heatmap
     rows = [[c * len(counts) / (sum(counts) or 1) for c in counts] for counts in load.values()]
-    load_heatmap(plt, rows, list(load), "expert load on validation (share x E; 1 = balanced)", path)
+    from .checkpoint import write_atomic
+    write_atomic(Path(path), lambda tmp: load_heatmap(plt, rows, list(load),
+                                                      "expert load on validation (share x E; 1 = balanced)", tmp))
 
 
 def plot_run(out_dir: Path, records: list[dict], load: dict[str, list[float]]) -> list[Path]:

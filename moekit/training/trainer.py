@@ -11,6 +11,11 @@ Determinism: weights come from ``torch.manual_seed(train.seed)``; batch ``(step,
 ``(seed, step, m)``; a checkpoint holds the weights, the AdamW moments and the RNG state, so a resumed run
 takes exactly the steps an uninterrupted one takes (for step budgets; a time budget depends on the clock).
 
+Reliability (docs/reliability.md): the loss and gradient norm are checked every step before the update
+(``train.on_nonfinite``); checkpoints are atomic sets written every ``train.checkpoint_every`` steps /
+``train.checkpoint_seconds``; Ctrl-C and SIGTERM stop after the step with a checkpoint, summary and plots;
+the run folder is locked and checked before anything is written.
+
 Under torchrun the same loop runs on every process, data- and expert-parallel: see
 :mod:`moekit.training.distributed` (each rank's micro-batches, gradient reduction, rank-0 logging, full
 checkpoints that load into any layout).
@@ -18,6 +23,7 @@ checkpoints that load into any layout).
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -29,21 +35,47 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import ConfigError, to_dict
-from ..data import TokenData, load_data, train_batch
+from ..data import TokenData, load_data, train_batch, val_batches
 from ..layers.variants.thor import THOR, add_consistency_loss
 from ..models import LanguageModel, count
 from ..parallel import ParallelGroups
 from ..routing import update_expert_biases
 from ..types import RoutingContext
-from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, write_json
+from .checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    clean_checkpoints,
+    read_json,
+    write_json,
+)
 from .config import RunConfig
-from .distributed import Distributed, micro_index, reduce_and_clip, world_mean
+from .distributed import (
+    Distributed,
+    explain_collective_error,
+    micro_index,
+    reduce_and_clip,
+    world_mean,
+)
 from .evaluate import autocast, evaluate, resolve_device
-from .metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics, summary_table
+from .metrics import (
+    MetricsLog,
+    Progress,
+    measure_matmul_peak,
+    read_metrics,
+    summary_table,
+)
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
+from .rundir import LOCK_FILE, RunLock, check_run_dir
 
-__all__ = ["train", "TrainResult", "train_step", "call_on_step"]
+__all__ = ["train", "TrainResult", "train_step", "call_on_step", "NonFiniteError"]
+
+# In train.on_nonfinite="skip" mode, this many non-finite steps in a row still stop the run.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class NonFiniteError(ConfigError):
+    """A step's loss or gradient norm is NaN or inf: the run stops without saving (the last checkpoint stays)."""
 
 
 @dataclass
@@ -53,6 +85,7 @@ class TrainResult:
     out_dir: Path
     summary: dict
     records: list[dict] = field(default_factory=list)
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run early
 
     @property
     def losses(self) -> list[float]:
@@ -106,13 +139,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
         ce_sum += ce.item()
         aux_sum += float(aux.detach()) if isinstance(aux, torch.Tensor) else float(aux)
         stats.update(ctx.stats_summary())
-    grad_norm = reduce_and_clip(model, tc.grad_clip if tc.grad_clip > 0 else float("inf"), groups)
-    optimizer.step()
+    grad_norm = float(reduce_and_clip(model, tc.grad_clip if tc.grad_clip > 0 else float("inf"), groups))
+    # World means before the update, so that every rank takes the same decision on non-finite values.
+    ce, aux = world_mean([ce_sum / tc.grad_accum, aux_sum / tc.grad_accum], groups)
+    finite = math.isfinite(grad_norm) and math.isfinite(ce) and math.isfinite(aux)
+    if finite:
+        optimizer.step()
+    elif tc.on_nonfinite == "stop":
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(
+            f"step {step + 1}: loss {ce + aux} / gradient norm {grad_norm} is not finite; training stopped and "
+            f"nothing was saved (the last checkpoint is kept). Lower --train.lr (now {tc.lr}) or raise "
+            f"--train.warmup_steps, or pass --train.on_nonfinite=skip to skip such steps")
     optimizer.zero_grad(set_to_none=True)
     update_expert_biases(model)
     call_on_step(model, step + 1)
-    ce, aux = world_mean([ce_sum / tc.grad_accum, aux_sum / tc.grad_accum], groups)
-    out = {"loss": ce + aux, "ce": ce, "aux": aux, "grad_norm": float(grad_norm)}
+    out = {"loss": ce + aux, "ce": ce, "aux": aux, "grad_norm": grad_norm}
+    if not finite:
+        out["skipped"] = 1
     if stats:
         out["load_cv"] = sum(s["load_cv"] for s in stats.values()) / len(stats)
         out["dead_experts"] = sum(s["dead_experts"] for s in stats.values())
@@ -130,36 +174,36 @@ class _NoLog:
 
 
 class _StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (and checkpoint); a second one interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, checkpoint, write the summary
+    and plots; a second signal interrupts at once (the previous complete checkpoint is still there)."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
     def __init__(self) -> None:
-        self.requested, self._previous = False, None
+        self.requested, self.by = False, None
+        self._previous: dict = {}
 
     def __enter__(self) -> "_StopFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.by = True, signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        saved = read_json(out_dir / CONFIG_FILE)
-        if saved.get("model") != to_dict(cfg.model):
-            raise CheckpointError(f"the model in {out_dir / CONFIG_FILE} differs from the one asked for; resume "
-                                  f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
-    elif (out_dir / STATE_FILE).exists():
-        raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    write_json(out_dir / CONFIG_FILE, to_dict(cfg))
+def _check_model(cfg: RunConfig, out_dir: Path) -> None:
+    saved = read_json(out_dir / CONFIG_FILE)
+    if saved.get("model") != to_dict(cfg.model):
+        raise CheckpointError(f"the model in {out_dir / CONFIG_FILE} differs from the one asked for; resume "
+                              f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
@@ -174,26 +218,55 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
 
+    The writing process holds an exclusive lock on the folder (:class:`~moekit.training.rundir.RunLock`), and
+    everything (folder, data, checkpoint, model) is checked before the first file is written.
+
     Returns:
         The run folder, the summary (validation loss and bits per byte, tokens/s, MFU, wall time, per-layer
         load statistics) and every metrics record.
     """
     out_dir = Path(out_dir)
     par = Distributed.start(cfg)  # a single process unless torchrun launched this one
-    ok = False
+    lock = RunLock(out_dir)
+    created = not out_dir.exists()
+    ok = wrote = False
     try:
-        par.on_main(lambda: _prepare_dir(cfg, out_dir, resume))
+        def open_folder() -> None:
+            check_run_dir(out_dir, resume)
+            lock.acquire()
+            check_run_dir(out_dir, resume)  # again, now that no other writer can change it
+            if resume:
+                _check_model(cfg, out_dir)
+        par.on_main(open_folder)
         threads = torch.get_num_threads()
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         try:
-            result = _Run(cfg, out_dir, resume, progress, par).loop(until_step)
+            run = _Run(cfg, out_dir, resume, progress, par)  # data, model, checkpoint: may still refuse
+            wrote = True
+
+            def start_writing() -> None:
+                write_json(out_dir / CONFIG_FILE, to_dict(cfg))
+                clean_checkpoints(out_dir)  # what an earlier, killed writer left
+            par.on_main(start_writing)
+            result = run.loop(until_step)
+        except RuntimeError as e:
+            explained = explain_collective_error(e, cfg.parallel.timeout_s, par.groups.rank) \
+                if par.is_distributed else None
+            if explained is None:
+                raise
+            raise explained from None
         finally:
             torch.set_num_threads(threads)
         ok = True
         return result
     finally:
         par.close(ok)
+        lock.release()
+        if not wrote and created and par.is_main and out_dir.is_dir():  # refused: leave nothing behind
+            (out_dir / LOCK_FILE).unlink(missing_ok=True)
+            if not any(out_dir.iterdir()):
+                out_dir.rmdir()
 
 
 class _Run:
@@ -214,13 +287,19 @@ class _Run:
             raise ConfigError(f"the tokenizer {cfg.data.tokenizer!r} has {self.data.tokenizer.vocab_size} tokens "
                               f"but model.vocab_size={cfg.model.vocab_size}; set "
                               f"--model.vocab_size={self.data.tokenizer.vocab_size}")
+        # Too little data fails here, before anything is written, rather than at the first step.
+        train_batch(self.data, 1, cfg.model.context, tc.seed, 0)
+        next(val_batches(self.data, 1, cfg.model.context, 1))
         self.peak = measure_matmul_peak(self.device)
         self.state = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
         if resume:
             self.state = par.load(out_dir, self.model, self.optimizer)
             call_on_step(self.model, self.state["step"])  # hooks that keep state re-derive it from the step
-        self.log = (MetricsLog(out_dir / "metrics.jsonl", resume_step=self.state["step"] if resume else None)
-                    if par.is_main else _NoLog())
+        self.resume = resume
+        self.log: MetricsLog | _NoLog = _NoLog()  # opened by loop(), once the run is known to start
+        self.last_save = (self.state["step"], self.state["elapsed"])
+        self.saved = resume  # a resumed run's checkpoint is of its current step
+        self.skipped_in_a_row = 0
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val, self.load_cv = None, None
@@ -232,6 +311,9 @@ class _Run:
     def loop(self, until_step: int | None) -> TrainResult:
         tc, state = self.cfg.train, self.state
         stop_at = min(tc.max_steps, until_step) if until_step is not None else tc.max_steps
+        if self.par.is_main:
+            self.log = MetricsLog(self.out_dir / "metrics.jsonl",
+                                  resume_step=state["step"] if self.resume else None)
         self.start = time.perf_counter() - state["elapsed"]
         try:
             with _StopFlag() as stop:
@@ -241,13 +323,16 @@ class _Run:
                     if stopped or (tc.max_seconds is not None and elapsed >= tc.max_seconds):
                         break
                     self._step(elapsed)
-                self.par.save(self.out_dir, self.model, self.optimizer, state)
+                self._save()
                 _, stopped = self.par.agree(0.0, stop.requested)
                 if stopped or (until_step is not None and state["step"] < tc.max_steps):
                     launch = "moekit" if not self.par.is_distributed else "torchrun ... -m moekit"
                     self.bar.write(f"stopped at step {state['step']}; continue with: "
                                    f"{launch} train --resume --out {self.out_dir}")
-                    return TrainResult(self.out_dir, dict(state), self._records())
+                    if not stopped:  # until_step: the resume writes the summary
+                        return TrainResult(self.out_dir, dict(state), self._records())
+                    self.log.close()
+                    return self._stopped_early(stop.by or "signal")
                 if self.val is None or self.val["step"] != state["step"]:
                     self._validate()
         finally:
@@ -264,6 +349,13 @@ class _Run:
         rec = train_step(self.model, self.optimizer, self.data, self.cfg, step, self.device,
                          collect_stats=step % tc.log_every == 0, groups=self.par.groups)
         dt = time.perf_counter() - t0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if rec.get("skipped") else 0
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(f"step {step + 1}: {MAX_SKIPPED_IN_A_ROW} steps in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; training stopped (the last checkpoint is kept). "
+                                 f"Lower --train.lr (now {tc.lr})")
+        if rec.get("skipped"):
+            self.bar.write(f"step {step + 1}: non-finite loss or gradient norm; step skipped")
         state.update(step=step + 1, tokens=state["tokens"] + self.tokens_per_step,
                      train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start)
         self.load_cv = rec.get("load_cv", self.load_cv)
@@ -276,8 +368,20 @@ class _Run:
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
             self._validate()
             state["elapsed"] = time.perf_counter() - self.start
-        if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-            self.par.save(self.out_dir, self.model, self.optimizer, state)
+        by_steps = tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
+        # elapsed is rank 0's clock, agreed on by every rank: they all take this decision together
+        by_time = tc.checkpoint_seconds and elapsed - self.last_save[1] >= tc.checkpoint_seconds
+        if by_steps or by_time:
+            self._save(elapsed)
+
+    def _save(self, elapsed: float | None = None) -> None:
+        """Checkpoint (once per step: a save at the step of the last one is skipped)."""
+        state = self.state
+        if self.last_save[0] == state["step"] and self.saved:  # the same on every rank
+            return
+        self.par.save(self.out_dir, self.model, self.optimizer, state)
+        self.last_save = (state["step"], state["elapsed"] if elapsed is None else elapsed)
+        self.saved = True
 
     def _validate(self) -> None:
         tc, step = self.cfg.train, self.state["step"]
@@ -286,6 +390,25 @@ class _Run:
         self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
         self.bar.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte")
         self.val = {**val, "step": step}
+
+    def _stopped_early(self, by: str) -> TrainResult:
+        """A signal stopped the run: a summary of what was done (no ``val_loss``: the run is not finished)
+        and the plots, so that an early stop is still readable."""
+        state, counts = self.state, self.counts
+        records = self._records()
+        train_losses = [r["loss"] for r in records if "loss" in r]
+        summary = {"step": state["step"], "tokens": state["tokens"], "stopped_early": True, "stopped_by": by,
+                   "max_steps": self.cfg.train.max_steps,
+                   "last_loss": train_losses[-1] if train_losses else None,
+                   "last_val_loss": self.val["val_loss"] if self.val else None,
+                   "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0,
+                   "wall_time_s": state["elapsed"], "train_time_s": state["train_time"],
+                   "total_params": counts.total_params, "active_params": counts.active_params,
+                   "data": self.data.description}
+        if self.par.is_main:
+            write_json(self.out_dir / "summary.json", summary)
+            plot_run(self.out_dir, records, self.val["load"] if self.val else {})
+        return TrainResult(self.out_dir, summary, records, stopped_by=by)
 
     def _records(self) -> list[dict]:
         return read_metrics(self.out_dir / "metrics.jsonl") if self.par.is_main else []
