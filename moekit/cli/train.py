@@ -19,8 +19,9 @@ def register(subparsers) -> None:
                               description="Train a language model; the run folder gets config.json, "
                               "metrics.jsonl, summary.json, a checkpoint and plots. On several processes: "
                               "torchrun --nproc_per_node=N -m moekit train ... [--parallel.ep_size=E] "
-                              "(data parallel; E consecutive processes share the experts). Ctrl-C or SIGTERM stops after the "
-                              "current step with a checkpoint, summary and plots (exit status 130 / 143); "
+                              "(data parallel; E consecutive processes share the experts). "
+                              "Ctrl-C or SIGTERM stops after the current step with a checkpoint, summary and plots "
+                              "(exit status 130 / 143); "
                               "--resume continues.")
     add_config_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
