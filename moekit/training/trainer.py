@@ -19,6 +19,8 @@ checkpoints that load into any layout).
 from __future__ import annotations
 
 import signal
+import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,15 +37,19 @@ from ..models import LanguageModel, count
 from ..parallel import ParallelGroups
 from ..routing import update_expert_biases
 from ..types import RoutingContext
-from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, write_json
+from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, read_state, write_json
 from .config import RunConfig
 from .distributed import Distributed, micro_index, reduce_and_clip, world_mean
 from .evaluate import autocast, evaluate, resolve_device
-from .metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics, summary_table
+from .metrics import (MetricsLog, Progress, budget_status, format_duration, measure_matmul_peak, read_metrics,
+                      summary_table)
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 
-__all__ = ["train", "TrainResult", "train_step", "call_on_step"]
+__all__ = ["train", "TrainResult", "train_step", "call_on_step", "budget_plan", "spent_budget", "SLOW_FACTOR"]
+
+SLOW_FACTOR = 3.0  # warn when the measured tokens/s is below expected_tokens_per_s / SLOW_FACTOR
+_RATE_STEPS = 5  # steps (after the first, which warms up) whose median rate checks the throughput
 
 
 @dataclass
@@ -150,6 +156,33 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def budget_plan(cfg: RunConfig, world_size: int = 1) -> str:
+    """The line printed before the first step: the governing budget and, where known, its expected duration."""
+    tc = cfg.train
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * world_size
+    text = f"budget: {tc.max_steps:,} steps x {tokens_per_step:,} tokens = {tc.max_steps * tokens_per_step:,} tokens"
+    if tc.max_seconds is not None:
+        text += (f", or {format_duration(tc.max_seconds)} of wall time if that comes first (a time budget: how far "
+                 f"the run gets depends on the machine's load)")
+    if tc.expected_tokens_per_s:
+        seconds = tc.max_steps * tokens_per_step / (tc.expected_tokens_per_s * world_size)
+        if tc.max_seconds is not None:
+            seconds = min(seconds, tc.max_seconds)
+        text += (f"; expected duration about {format_duration(seconds)} at {tc.expected_tokens_per_s:,.0f} "
+                 f"tokens/s (train.expected_tokens_per_s, 2 idle CPU cores), plus validation")
+    return text
+
+
+def spent_budget(cfg: RunConfig, state: dict) -> str | None:
+    """Which override continues a run whose checkpoint ``state`` has reached its budget, or ``None``."""
+    tc = cfg.train
+    if state["step"] >= tc.max_steps:
+        return f"--train.max_steps={2 * tc.max_steps}"
+    if tc.max_seconds is not None and state.get("elapsed", 0.0) >= tc.max_seconds:
+        return f"--train.max_seconds={2 * tc.max_seconds:g}"
+    return None
+
+
 def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -179,6 +212,17 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         load statistics) and every metrics record.
     """
     out_dir = Path(out_dir)
+    if resume:
+        state = read_state(out_dir)
+        override = spent_budget(cfg, state)
+        if override is not None:  # said even with progress off: otherwise the call silently does nothing
+            print(f"{out_dir} finished: its checkpoint is at step {state['step']:,} and has spent its budget "
+                  f"(train.max_steps={cfg.train.max_steps}, train.max_seconds={cfg.train.max_seconds}); to train "
+                  f"on, resume with a larger budget, e.g. moekit train --resume --out {out_dir} {override}",
+                  file=sys.stderr, flush=True)
+            summary_path = out_dir / "summary.json"
+            summary = read_json(summary_path) if summary_path.is_file() else dict(state)
+            return TrainResult(out_dir, summary, read_metrics(out_dir / "metrics.jsonl"))
     par = Distributed.start(cfg)  # a single process unless torchrun launched this one
     ok = False
     try:
@@ -222,12 +266,15 @@ class _Run:
         self.log = (MetricsLog(out_dir / "metrics.jsonl", resume_step=self.state["step"] if resume else None)
                     if par.is_main else _NoLog())
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
+        self.session_start = (self.state["step"], self.state["elapsed"])
+        self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val, self.load_cv = None, None
         c = self.counts
         self.bar.write(f"{cfg.name}: {c.total_params:,} params ({c.active_params:,} active), "
                        f"{c.flops_per_token / 1e6:.1f} MFLOP/token; data: {self.data.description}; "
                        f"matmul peak {self.peak / 1e9:.0f} GFLOP/s; run folder {out_dir}{par.describe()}")
+        self.bar.write(budget_plan(cfg, par.world_size))
 
     def loop(self, until_step: int | None) -> TrainResult:
         tc, state = self.cfg.train, self.state
@@ -272,12 +319,37 @@ class _Run:
         fields = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{self.tokens_per_step / dt:,.0f}"}
         if self.load_cv is not None:
             fields["load_cv"] = f"{self.load_cv:.2f}"
-        self.bar.update(step + 1, fields)
+        fraction, eta, governs = budget_status(step + 1, state["elapsed"], tc.max_steps, tc.max_seconds,
+                                               start_step=self.session_start[0],
+                                               start_elapsed=self.session_start[1])
+        label = (f"step {step + 1:,}/{tc.max_steps:,}" if governs == "steps" else
+                 f"time {format_duration(state['elapsed'])}/{format_duration(tc.max_seconds)} (step {step + 1:,})")
+        self.bar.update(step + 1, fields, force=step + 1 == tc.max_steps, fraction=fraction, eta=eta, label=label)
+        self._check_throughput(self.tokens_per_step / dt, eta)
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
             self._validate()
             state["elapsed"] = time.perf_counter() - self.start
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
             self.par.save(self.out_dir, self.model, self.optimizer, state)
+
+    def _check_throughput(self, tokens_per_s: float, eta: float | None) -> None:
+        """After the first few steps of a session, warn once when the machine is far slower than expected."""
+        self.rates.append(tokens_per_s)
+        expected = self.cfg.train.expected_tokens_per_s
+        if len(self.rates) != _RATE_STEPS + 1 or not expected or not self.par.is_main:
+            return
+        measured = statistics.median(self.rates[1:]) / self.par.world_size  # the first step warms up
+        if measured < expected / SLOW_FACTOR:
+            budget = ("the model it trains is the same (a step budget), only later" if self.cfg.train.max_seconds
+                      is None else "under its time budget it will train fewer steps than the preset intends")
+            text = (f"warning: this machine trains at {measured:,.0f} tokens/s per process, far below the "
+                    f"{expected:,.0f} tokens/s this config expects (train.expected_tokens_per_s, 2 idle CPU cores): "
+                    f"is it busy? About {format_duration(eta)} to go; {budget}. MFU is measured against a matmul "
+                    f"peak taken under the same load, so it does not show this.")
+            if self.show:
+                self.bar.write(text)
+            else:
+                print(text, file=sys.stderr, flush=True)
 
     def _validate(self) -> None:
         tc, step = self.cfg.train, self.state["step"]
