@@ -31,7 +31,7 @@ from ..types import LayerStats, Routing, RoutingContext
 __all__ = ["MoEConfig", "MoE", "routing_stats"]
 
 # "alltoall" is set by moekit.parallel.shard_experts on expert-parallel layers (auto never picks it).
-EngineName = Literal["auto", "reference", "sorted", "grouped_mm", "alltoall"]
+EngineName = Literal["auto", "reference", "sorted", "sorted_op", "grouped_mm", "alltoall"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
