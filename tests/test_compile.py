@@ -81,5 +81,5 @@ def test_plain_sorted_engine_breaks_the_graph():
     """What the custom op avoids: the sorted engine's host sync fails a fullgraph compile."""
     torch._dynamo.reset()
     moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2, engine="sorted"))
-    with pytest.raises(torch._dynamo.exc.Unsupported):
+    with pytest.raises(Exception, match=r"(?i)data-dependent|tolist"):
         torch.compile(moe, fullgraph=True, backend="aot_eager")(torch.randn(5, 8))
