@@ -107,3 +107,21 @@ def test_spent_budget_names_the_override():
 def test_expected_tokens_per_s_is_validated():
     with pytest.raises(ValueError, match="train.expected_tokens_per_s=-1"):
         with_overrides(load_preset("tiny"), {"train.expected_tokens_per_s": "-1"})
+
+
+def test_tensorboard_scalars_for_training_and_routing(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--no-progress", "--tensorboard",
+                 "--train.max_steps=4", "--train.eval_every=2", "--train.eval_batches=1", "--train.log_every=2"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/load_cv", "val/val_bpb",
+            "routing/layers.0.ffn/load_cv", "routing/layers.1.ffn/dead_experts"} <= tags
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == losses
+    assert [e.step for e in events.Scalars("val/val_bpb")] == [2, 4]

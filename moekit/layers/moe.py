@@ -49,7 +49,8 @@ class MoEConfig:
             (Qwen2-MoE); ``None`` keeps the product.
         use_shared_gate: scale the shared experts' output by ``sigmoid(w_shared_gate @ x)`` (Qwen2-MoE).
         use_ffn_bias: the routed experts' projections carry per-expert biases (GPT-OSS, split BERT FFNs).
-        engine: ``auto`` picks the fastest engine that supports the device and dtype.
+        engine: ``auto`` picks the fastest engine that supports the device and dtype (under ``torch.compile``,
+            the compile-friendly ``sorted_op``); or ``reference``, ``sorted``, ``sorted_op``, ``grouped_mm``.
         router: scorer, selector and balancing settings.
     """
 

@@ -124,6 +124,10 @@ class RunConfig:
     Attributes:
         name: the preset (or a label of your own).
         description: one line on what the run is for (presets list it).
+        model: the network: sizes, attention, and which layers are MoE (ModelConfig).
+        data: the corpus, its tokenizer and its train/validation split (DataConfig).
+        train: optimisation, budgets and bookkeeping (TrainConfig).
+        parallel: how the run spreads over torchrun processes (ParallelConfig).
     """
 
     name: str = "custom"

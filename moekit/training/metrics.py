@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-__all__ = ["MetricsLog", "Progress", "budget_status", "format_duration", "measure_matmul_peak", "summary_table",
+__all__ = ["MetricsLog", "TensorBoardLog", "Progress", "budget_status", "format_duration", "measure_matmul_peak", "summary_table",
            "read_metrics"]
 
 _PEAK_CACHE: dict[str, float] = {}
@@ -63,6 +63,39 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardLog:
+    """Every metrics record also as TensorBoard scalars (``train/loss``, ``val/val_bpb``, ...), and per-layer
+    routing statistics as ``routing/<layer>/<statistic>``, in ``log_dir`` (``tensorboard --logdir DIR``).
+
+    Uses ``torch.utils.tensorboard``, which needs the ``tensorboard`` package (``pip install moekit[tensorboard]``).
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from ..configs import ConfigError
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'moekit[tensorboard]' "
+                              "(or pip install tensorboard)") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        group = "val" if any(k.startswith("val_") for k in record) else "train"
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+
+    def write_layers(self, step: int, layers: dict[str, dict]) -> None:
+        for layer, row in layers.items():
+            for key, value in row.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"routing/{layer}/{key}", value, step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

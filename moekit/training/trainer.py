@@ -41,7 +41,7 @@ from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, rea
 from .config import RunConfig
 from .distributed import Distributed, micro_index, reduce_and_clip, world_mean
 from .evaluate import autocast, evaluate, resolve_device
-from .metrics import (MetricsLog, Progress, budget_status, format_duration, measure_matmul_peak, read_metrics,
+from .metrics import (MetricsLog, Progress, TensorBoardLog, budget_status, format_duration, measure_matmul_peak, read_metrics,
                       summary_table)
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
@@ -196,13 +196,15 @@ def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, tensorboard: bool = False) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (or continue the checkpoint there with ``resume=True``).
 
     Args:
         until_step: stop after this step with a checkpoint, as if interrupted (the schedule still spans
             ``train.max_steps``); the final validation, summary and plots are then left for the resume.
         progress: show a progress bar / progress lines on stderr and the summary table on stdout.
+        tensorboard: also write every metrics record and the per-layer routing statistics of each
+            validation as TensorBoard scalars into ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
 
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
@@ -231,7 +233,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         try:
-            result = _Run(cfg, out_dir, resume, progress, par).loop(until_step)
+            result = _Run(cfg, out_dir, resume, progress, par, tensorboard).loop(until_step)
         finally:
             torch.set_num_threads(threads)
         ok = True
@@ -243,7 +245,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
 class _Run:
     """The state of one training invocation: model, optimizer, data, bookkeeping."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed,
+                 tensorboard: bool = False) -> None:
         tc = cfg.train
         self.cfg, self.out_dir, self.par = cfg, out_dir, par
         self.show = progress and par.is_main
@@ -265,6 +268,7 @@ class _Run:
             call_on_step(self.model, self.state["step"])  # hooks that keep state re-derive it from the step
         self.log = (MetricsLog(out_dir / "metrics.jsonl", resume_step=self.state["step"] if resume else None)
                     if par.is_main else _NoLog())
+        self.tb = TensorBoardLog(out_dir / "tensorboard") if tensorboard and par.is_main else None
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
         self.session_start = (self.state["step"], self.state["elapsed"])
         self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
@@ -300,6 +304,8 @@ class _Run:
         finally:
             self.bar.close()
             self.log.close()
+            if self.tb is not None:
+                self.tb.close()
         return self._finish()
 
     def _step(self, elapsed: float) -> None:
@@ -314,8 +320,11 @@ class _Run:
         state.update(step=step + 1, tokens=state["tokens"] + self.tokens_per_step,
                      train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start)
         self.load_cv = rec.get("load_cv", self.load_cv)
-        self.log.write({"step": step + 1, **rec, "lr": lr, "tokens": state["tokens"],
-                        "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"]})
+        record = {"step": step + 1, **rec, "lr": lr, "tokens": state["tokens"],
+                  "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"]}
+        self.log.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
         fields = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{self.tokens_per_step / dt:,.0f}"}
         if self.load_cv is not None:
             fields["load_cv"] = f"{self.load_cv:.2f}"
@@ -356,6 +365,9 @@ class _Run:
         val = evaluate(self.model, self.data, batch_size=tc.batch_size, num_batches=tc.eval_batches,
                        dtype=tc.dtype, device=self.device)
         self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+        if self.tb is not None:
+            self.tb.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+            self.tb.write_layers(step, val["layers"])
         self.bar.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte")
         self.val = {**val, "step": step}
 
