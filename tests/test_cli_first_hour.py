@@ -23,7 +23,7 @@ def _subparsers():
 
 def test_every_subcommand_help_is_plain_and_shows_defaults(capsys):
     choices = _subparsers()
-    assert {"train", "eval", "sample", "analyze", "bench", "compare", "config"} <= set(choices)
+    assert {"train", "eval", "sample", "analyze", "bench", "compare", "config", "report"} <= set(choices)
     for name, p in choices.items():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
