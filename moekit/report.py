@@ -24,7 +24,7 @@ from typing import Any
 
 from .configs import ConfigError
 
-__all__ = ["build_report", "write_report", "ReportError"]
+__all__ = ["ReportError", "build_report", "write_report"]
 
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -116,7 +116,7 @@ def _run_sections(run_dir: Path, samples: int, sample_tokens: int) -> tuple[str,
     summary = read_json(summary_path) if summary_path.is_file() else {}
     sections = []
     if summary:
-        rows = [("validation loss (nats/token)", summary.get("val_loss")),
+        rows: list[tuple[str, Any]] = [("validation loss (nats/token)", summary.get("val_loss")),
                 ("validation bits/byte", summary.get("val_bpb")), ("steps", summary.get("step")),
                 ("tokens", summary.get("tokens")), ("tokens/s", summary.get("tokens_per_s")),
                 ("MFU", f"{summary.get('mfu', 0.0):.1%}"), ("wall time (s)", summary.get("wall_time_s")),
@@ -124,8 +124,9 @@ def _run_sections(run_dir: Path, samples: int, sample_tokens: int) -> tuple[str,
                 ("training FLOPs/token", summary.get("flops_per_token")), ("data", summary.get("data"))]
         sections.append(("Summary", _table(["figure", "value"], rows, cls="summary")))
     else:
-        sections.append(("Summary", f"<p>No summary.json yet: the checkpoint is at step {state['step']:,} of "
-                         f"{cfg.train.max_steps:,} (an interrupted or running run).</p>"))
+        note = (f"<p>No summary.json yet: the checkpoint is at step {state['step']:,} of "
+                f"{cfg.train.max_steps:,} (an interrupted or running run).</p>")
+        sections.append(("Summary", note))
     figures = [_figure(run_dir / name, caption) for name, caption in
                (("loss.png", "Training and validation loss"), ("expert_load.png", "Expert load per MoE layer"))
                if (run_dir / name).is_file()]
@@ -135,9 +136,9 @@ def _run_sections(run_dir: Path, samples: int, sample_tokens: int) -> tuple[str,
         standard = ["load_cv", "max_over_mean", "load_entropy", "token_entropy", "dead_experts", "drop_rate"]
         extra = sorted({k for row in layers.values() for k in row} - set(standard) - {"tokens", "bias_drift"})
         cols = [c for c in standard if any(c in row for row in layers.values())] + extra
-        rows = [[name] + [int(row[c]) if c == "dead_experts" and c in row else row.get(c) for c in cols]
+        layer_rows = [[name] + [int(row[c]) if c == "dead_experts" and c in row else row.get(c) for c in cols]
                 for name, row in layers.items()]
-        sections.append(("Routing statistics per layer", _table(["layer", *cols], rows, cls="routing") +
+        sections.append(("Routing statistics per layer", _table(["layer", *cols], layer_rows, cls="routing") +
                          "<p>load_cv: coefficient of variation of the experts' loads (0 = balanced); max_over_mean: "
                          "the busiest expert's load over the mean; entropies divided by ln E; dead_experts: experts "
                          "that received no token (validation data).</p>"))

@@ -50,7 +50,7 @@ def test_config_lists_every_key_with_default_and_meaning(capsys):
     out = capsys.readouterr().out
     assert "\ntrain.max_steps = 256\n    optimizer steps;" in out and "\ntrain.lr = 0.001\n" in out
     assert "\nmodel.moe.router.num_groups = 1\n    group-limited routing" in out
-    keys = re.findall(r"^([a-z_.0-9]+) = ", out, flags=re.M)
+    keys = re.findall(r"^([a-z_.0-9]+) = ", out, flags=re.MULTILINE)
     assert len(keys) == len([r for r in describe_config(load_preset("default")) if r[1] != ""])
     assert field_docs(TrainConfig)["beta2"].startswith("AdamW moment")  # "beta1, beta2:" names both
 

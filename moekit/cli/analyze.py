@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["register", "build_parser", "run", "main"]
+__all__ = ["build_parser", "main", "register", "run"]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,8 +7,14 @@ import argparse
 from ..recipes import load_config_file, load_preset
 from ..training import RunConfig, with_overrides
 
-__all__ = ["add_config_arguments", "config_from_args", "HelpFormatter", "plain_text", "add_threads_argument",
-           "apply_threads"]
+__all__ = [
+    "HelpFormatter",
+    "add_config_arguments",
+    "add_threads_argument",
+    "apply_threads",
+    "config_from_args",
+    "plain_text",
+]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

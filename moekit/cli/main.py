@@ -27,7 +27,7 @@ import sys
 
 from ..configs import ConfigError
 
-__all__ = ["main", "build_parser", "COMMANDS", "UsageError", "parse_overrides"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parse_overrides"]
 
 COMMANDS = ("train", "eval", "sample", "info", "presets", "config", "bench", "analyze", "compare", "report")
 

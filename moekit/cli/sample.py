@@ -12,7 +12,7 @@ from ..serving import generate
 from ..training import load_run
 from .common import add_threads_argument, apply_threads
 
-__all__ = ["register", "decoding_threads", "SMALL_MODEL_PARAMS"]
+__all__ = ["SMALL_MODEL_PARAMS", "decoding_threads", "register"]
 
 SMALL_MODEL_PARAMS = 100_000_000
 

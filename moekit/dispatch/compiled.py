@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from ..experts import ExpertBank
+from ..ops import sorted_moe_ffn
 from ..types import Routing
 from .registry import register_engine
-from ..ops import sorted_moe_ffn
 from .sorted import _sort, sorted_engine
 
-__all__ = ["sorted_op_engine", "sorted_moe_op"]
+__all__ = ["sorted_moe_op", "sorted_op_engine"]
 
 
 class _Bank:
@@ -80,7 +81,9 @@ def sorted_moe_backward(grad_y_TD: torch.Tensor, x_TD: torch.Tensor, ids_TK: tor
         x = x_TD.detach().requires_grad_()
         weights_N = weights_TK.reshape(-1)[valid_N].detach().requires_grad_()
         leaves = [w.detach().requires_grad_() if w is not None else None for w in weights]
-        y_TD = sorted_moe_ffn(x, weights_N, valid_N // K, counts[1:], leaves[0], leaves[1], leaves[2], activation,
+        w_up, w_down = leaves[1], leaves[2]
+        assert w_up is not None and w_down is not None  # required arguments of the op
+        y_TD = sorted_moe_ffn(x, weights_N, valid_N // K, counts[1:], leaves[0], w_up, w_down, activation,
                               leaves[3], leaves[4], leaves[5])
         wanted = [x, weights_N] + [w for w in leaves if w is not None]
         grads = iter(torch.autograd.grad(y_TD, wanted, grad_y_TD, allow_unused=True))

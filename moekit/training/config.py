@@ -14,7 +14,7 @@ from ..configs import ConfigError, apply_overrides, check, check_choice, from_di
 from ..data import DataConfig
 from ..models import ModelConfig
 
-__all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "run_config_from_dict", "with_overrides"]
+__all__ = ["ParallelConfig", "RunConfig", "TrainConfig", "run_config_from_dict", "with_overrides"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

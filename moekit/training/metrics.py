@@ -17,8 +17,8 @@ from typing import Any, TextIO
 
 import torch
 
-__all__ = ["MetricsLog", "TensorBoardLog", "Progress", "budget_status", "format_duration", "measure_matmul_peak", "summary_table",
-           "read_metrics"]
+__all__ = ["MetricsLog", "Progress", "TensorBoardLog", "budget_status", "format_duration", "measure_matmul_peak",
+           "read_metrics", "summary_table"]
 
 _PEAK_CACHE: dict[str, float] = {}
 
@@ -116,7 +116,7 @@ def format_duration(seconds: float | None) -> str:
     """``75 -> '1:15'``, ``3725 -> '1:02:05'``; ``None`` (not known yet) -> ``'?'``."""
     if seconds is None or math.isnan(seconds) or math.isinf(seconds):
         return "?"
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     h, m, s = s // 3600, s // 60 % 60, s % 60
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 

@@ -41,12 +41,20 @@ from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, rea
 from .config import RunConfig
 from .distributed import Distributed, micro_index, reduce_and_clip, world_mean
 from .evaluate import autocast, evaluate, resolve_device
-from .metrics import (MetricsLog, Progress, TensorBoardLog, budget_status, format_duration, measure_matmul_peak, read_metrics,
-                      summary_table)
+from .metrics import (
+    MetricsLog,
+    Progress,
+    TensorBoardLog,
+    budget_status,
+    format_duration,
+    measure_matmul_peak,
+    read_metrics,
+    summary_table,
+)
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 
-__all__ = ["train", "TrainResult", "train_step", "call_on_step", "budget_plan", "spent_budget", "SLOW_FACTOR"]
+__all__ = ["SLOW_FACTOR", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "train", "train_step"]
 
 SLOW_FACTOR = 3.0  # warn when the measured tokens/s is below expected_tokens_per_s / SLOW_FACTOR
 _RATE_STEPS = 5  # steps (after the first, which warms up) whose median rate checks the throughput
