@@ -103,3 +103,21 @@ def test_bench_quick_shows_progress(tmp_path, capsys):
 def test_threads_must_be_positive(capsys):
     assert main(["bench", "--threads", "0"]) == 2
     assert "--threads 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_wrong_folders_and_unwritable_outputs_are_one_line(tiny_run, tmp_path, capsys):
+    (tmp_path / "not_a_run").mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where a folder is needed: nothing can be written under it
+    for argv, fragment in ((["analyze", str(tmp_path / "not_a_run"), "--no-progress"], "config.json is missing"),
+                           (["eval", str(tmp_path / "not_a_run")], "moekit run folder"),
+                           (["sample", str(tmp_path / "not_a_run")], "moekit run folder"),
+                           (["analyze", str(tiny_run), "--no-progress", "--out", str(blocker / "a")],
+                            "choose a writable --out"),
+                           (["report", str(tiny_run), "--samples", "0", "--out", str(blocker / "r.html")],
+                            "does not exist")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and fragment in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "not_a_run"]
+    assert list((tmp_path / "not_a_run").iterdir()) == []

@@ -120,6 +120,17 @@ def _texts(args) -> list[str]:
     return stdlib_sentences(args.stdlib)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _out_dir(args) -> Path:
     if args.out:
         return Path(args.out)
@@ -135,14 +146,18 @@ def run(args: argparse.Namespace) -> int:
     from moekit.cli.common import apply_threads
 
     apply_threads(args.threads)
-
-    model, tokenizer = _load_model(args)
+    model, tokenizer = _load_model(args)  # first: a folder of the wrong kind fails before anything is written
+    out = _out_dir(args)
+    try:  # then, before the analysis: an unwritable folder fails at once, not after minutes of work
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .main import UsageError
+        raise UsageError(f"cannot write the analysis into {out} ({e.strerror or e}); choose a writable --out") from None
     model.to(_device(args.device))
     texts = _texts(args)
     if not texts:
         raise SystemExit("no text to analyse: the --text files are empty")
     from moekit.training.metrics import Progress
-    out = _out_dir(args)
     bar = Progress(len(texts), 0, enabled=not args.no_progress, unit="passage", desc="analyze ")
     try:
         report = analyze(model, texts, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
@@ -151,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     out.mkdir(parents=True, exist_ok=True)
     table, tokens = report.table(), report.token_table(args.per_expert)
-    (out / "table.txt").write_text(table + "\n", encoding="utf-8")
-    (out / "tokens.txt").write_text(tokens + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    for name, text in (("table.txt", table + "\n"), ("tokens.txt", tokens + "\n"),
+                       ("report.json", json.dumps(report.to_dict(), indent=1))):
+        _write_atomic(out / name, text)
     print(table)
     print()
     print(tokens)
