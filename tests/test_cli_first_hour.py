@@ -121,3 +121,14 @@ def test_wrong_folders_and_unwritable_outputs_are_one_line(tiny_run, tmp_path, c
         assert len(err.strip().splitlines()) == 1 and fragment in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "not_a_run"]
     assert list((tmp_path / "not_a_run").iterdir()) == []
+
+
+def test_compare_shows_progress_with_eta(tmp_path, capsys):
+    study = tmp_path / "small.toml"
+    study.write_text('description = "two tiny arms"\nbase = "tiny"\nseeds = [0]\n[budget]\nkind = "tokens"\n'
+                     'tokens = 640\n[overrides]\ntrain = { eval_every = 0, eval_batches = 1 }\n'
+                     '[[arms]]\nname = "top2"\n[[arms]]\nname = "top1"\noverrides = { model = { moe = { top_k = 1 } } }\n')
+    assert main(["compare", str(study), "--workers", "0", "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("compare ")]
+    assert lines[-1].startswith("compare 100% step 10/10") and "ETA 0:00" in lines[-1] and "runs done 2/2" in lines[-1]

@@ -165,6 +165,10 @@ class Progress:
         except ImportError:
             pass
 
+    def restart_clock(self) -> None:
+        """Elapsed time and the ETA's rate count from now (from ``initial`` units done)."""
+        self._t0 = time.monotonic()
+
     def _on_terminal(self) -> bool:
         return self.bar is not None and not self.bar.disable
 
