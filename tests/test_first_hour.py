@@ -125,3 +125,10 @@ def test_tensorboard_scalars_for_training_and_routing(tmp_path):
     losses = [(r["step"], r["loss"]) for r in logged if "loss" in r]
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == losses
     assert [e.step for e in events.Scalars("val/val_bpb")] == [2, 4]
+
+
+def test_summary_table_compares_tokens_per_s_with_the_expectation():
+    from moekit.training.metrics import summary_table
+    table = summary_table({"tokens_per_s": 103.4, "expected_tokens_per_s": 4500.0, "mfu": 0.6})
+    assert "tokens/s" in table and "103.4 (expected 4,500 on 2 idle CPU cores)" in table
+    assert "expected" not in summary_table({"tokens_per_s": 103.4})

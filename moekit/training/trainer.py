@@ -393,6 +393,7 @@ class _Run:
                    "flops_per_token": counts.flops_per_token, "wall_time_s": state["elapsed"],
                    "train_time_s": state["train_time"], "total_params": counts.total_params,
                    "active_params": counts.active_params, "data": self.data.description,
+                   "expected_tokens_per_s": self.cfg.train.expected_tokens_per_s,
                    "layers": val["layers"], "load": val["load"]}
         if not self.par.is_main:
             return TrainResult(self.out_dir, summary, [])
