@@ -129,19 +129,31 @@ class LayerReport:
         return float(self.load_E.max() * self.load_E.numel())
 
 
+TABLE_NOTATION = """\
+tokens: tokens routed through the layer. load_cv: coefficient of variation (sd / mean) of the experts' shares
+of the assignments (0 = perfectly balanced). max_over_mean: the busiest expert's share over the mean share
+(1 = balanced; E = one expert takes everything). load_entropy: entropy of the experts' shares divided by
+ln E (1 = balanced, 0 = one expert). token_entropy: mean entropy of each token's routing probabilities
+divided by ln E (0 = every token sure of its expert, 1 = uniform).
+dead_experts: experts that received no token. Token table: 'tok' n/m = the token was sent to this expert n
+times out of its m occurrences; the percentage is the expert's share of all assignments."""
+
+
 @dataclass
 class RoutingReport:
     layers: list[LayerReport]
 
     def table(self) -> str:
-        """Fixed-width text table: one row per layer."""
+        """Fixed-width text table: one row per layer (counts as integers), then what each column means."""
         cols = ["tokens", "load_cv", "max_over_mean", "load_entropy", "token_entropy", "dead_experts"]
+        counts = {"tokens", "dead_experts"}
         width = max([5] + [len(r.name) for r in self.layers])
         lines = ["layer".ljust(width) + "".join(f"{c:>15}" for c in cols)]
         for r in self.layers:
             row = r.row()
-            lines.append(r.name.ljust(width) + "".join(f"{row[c]:>15.4g}" for c in cols))
-        return "\n".join(lines)
+            lines.append(r.name.ljust(width) + "".join(f"{int(row[c]):>15,d}" if c in counts else f"{row[c]:>15.4f}"
+                                                       for c in cols))
+        return "\n".join(lines + ["", TABLE_NOTATION])
 
     def token_table(self, per_expert: int = 5) -> str:
         """Which tokens each expert receives most selectively, per layer."""

@@ -36,7 +36,8 @@ def _is_transformers(model: nn.Module) -> bool:
 
 def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_size: int = 8,
             max_length: int = 128, per_expert: int = 8, min_count: int = 3,
-            forward: Callable[[torch.Tensor, torch.Tensor], object] | None = None) -> RoutingReport:
+            forward: Callable[[torch.Tensor, torch.Tensor], object] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> RoutingReport:
     """Route ``texts`` through ``model`` and summarise per layer.
 
     Args:
@@ -48,6 +49,7 @@ def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_siz
         per_expert / min_count: for the token table, how many tokens to keep per expert, and how often a
             token must occur to be ranked by the share of its occurrences sent to an expert.
         forward: ``fn(ids_BS, mask_BS)`` running the model, when neither calling convention fits.
+        progress: called as ``progress(passages done, passages)`` after each forward pass.
     """
     cfg = getattr(model, "config", None)
     vocab = getattr(cfg, "vocab_size", None) or getattr(model, "vocab_size", 256)
@@ -78,6 +80,8 @@ def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_siz
                 state["mask"] = mask.reshape(-1).bool().to(device)
                 trace.tokens.append(x.reshape(-1)[mask.reshape(-1).bool()])
                 forward(x.to(device), mask.to(device))
+                if progress is not None:
+                    progress(start + len(batch), len(ids))
     finally:
         model.train(was_training)
     return summarize(trace, decode, per_expert=per_expert, min_count=min_count)

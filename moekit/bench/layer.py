@@ -12,6 +12,7 @@ to agree before anything is timed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -89,8 +90,12 @@ def _check_agreement(candidates: dict[str, nn.Module], x: torch.Tensor, name: st
 
 
 def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 10,
-                engines: tuple[str, ...] = ("sorted",), tokens: int | None = None) -> dict:
-    """Benchmark one shape; returns absolute medians and ratios to dense-equivalent."""
+                engines: tuple[str, ...] = ("sorted",), tokens: int | None = None,
+                tick: Callable[[], None] | None = None) -> dict:
+    """Benchmark one shape; returns absolute medians and ratios to dense-equivalent.
+
+    ``tick()`` is called after every timing round: ``2 * (repeats + 2)`` times (forward, then forward+backward).
+    """
     s = SHAPES[name]
     T = tokens or s.tokens
     torch.manual_seed(0)
@@ -128,8 +133,8 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
             (module(xg) * g).sum().backward()
         return run
 
-    forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device)
-    train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device)
+    forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick)
+    train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick)
     memory = {}
     for n, m in candidates.items():
         xg = x.detach().requires_grad_(True)

@@ -20,11 +20,14 @@ def _sync(device: torch.device | str | None) -> None:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-              device: torch.device | str | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
+              device: torch.device | str | None = None, tick: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds (``tick()`` after each round,
+    warm-up rounds included: ``warmup + repeats`` calls)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+        if tick is not None:
+            tick()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -34,6 +37,8 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - t0)
+        if tick is not None:
+            tick()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -2,17 +2,19 @@
 
 Copy-paste examples (CPU)::
 
-    # a run folder written by `moekit train`
+    # a run folder written by `moekit train`: writes into runs/tiny/analysis/
     moekit analyze runs/tiny --stdlib 400
     # a random tiny model of any supported transformers architecture (no download)
-    python -m moekit.cli.analyze --tiny mixtral --stdlib 200 --out runs/analyze-tiny
+    moekit analyze --tiny mixtral --stdlib 200 --out runs/analyze-tiny
     # a transformers checkpoint folder on disk (loaded offline, MoE blocks patched by moekit)
-    python -m moekit.cli.analyze --hf /path/to/OLMoE-1B-7B --text notes.txt --out runs/analyze-olmoe
+    moekit analyze --hf /path/to/OLMoE-1B-7B --text notes.txt --out runs/analyze-olmoe
     # any model a Python function builds: fn() -> model or (model, tokenizer)
-    python -m moekit.cli.analyze --model mypkg.models:build --stdlib 400
+    moekit analyze --model mypkg.models:build --stdlib 400
 
 On one GPU add ``--device cuda`` (``auto``, the default, uses it when there is one). Writes ``table.txt``,
-``tokens.txt``, ``report.json`` and ``load.png``, ``coactivation.png``, ``entropy.png`` into ``--out``.
+``tokens.txt``, ``report.json`` and ``load.png``, ``coactivation.png``, ``entropy.png`` into ``--out``: by
+default ``RUN/analysis`` for a run folder, else ``runs/analyze/<model>-<date>-<time>`` (a new folder each
+time, so no analysis overwrites another).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["register", "build_parser", "run", "main"]
+__all__ = ["build_parser", "main", "register", "run"]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,9 +41,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     txt.add_argument("--stdlib", type=int, default=400, metavar="N",
                      help="number of standard-library docstring sentences when no --text is given (default 400)")
     run_g = p.add_argument_group("run")
-    run_g.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
+    run_g.add_argument("--out", metavar="DIR", help="output folder (default: RUN/analysis for a run folder, else "
+                       "runs/analyze/<model>-<date>-<time>)")
     run_g.add_argument("--engine", default="auto", help="moekit engine for patched blocks (default auto)")
-    run_g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    run_g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="where to run; auto: CUDA when available")
+    run_g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    run_g.add_argument("--no-progress", action="store_true", help="no progress display")
     run_g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     run_g.add_argument("--max-length", type=int, default=128, help="tokens kept per passage (default 128)")
     run_g.add_argument("--per-expert", type=int, default=5, help="tokens listed per expert (default 5)")
@@ -49,8 +55,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import HelpFormatter
     p = argparse.ArgumentParser(prog="moekit analyze", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     _add_arguments(p)
     return p
 
@@ -119,22 +126,55 @@ def _texts(args) -> list[str]:
     return stdlib_sentences(args.stdlib)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _out_dir(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    if args.run:
+        return Path(args.run) / "analysis"
+    import time
+    name = args.tiny or (Path(args.hf).name if args.hf else args.model.replace(":", "-").replace(".", "-"))
+    return Path("runs") / "analyze" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis import analyze, save_plots
+    from moekit.cli.common import apply_threads
 
-    model, tokenizer = _load_model(args)
+    apply_threads(args.threads)
+    model, tokenizer = _load_model(args)  # first: a folder of the wrong kind fails before anything is written
+    out = _out_dir(args)
+    try:  # then, before the analysis: an unwritable folder fails at once, not after minutes of work
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .main import UsageError
+        raise UsageError(f"cannot write the analysis into {out} ({e.strerror or e}); choose a writable --out") from None
     model.to(_device(args.device))
     texts = _texts(args)
     if not texts:
         raise SystemExit("no text to analyse: the --text files are empty")
-    report = analyze(model, texts, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-                     per_expert=args.per_expert)
-    out = Path(args.out)
+    from moekit.training.metrics import Progress
+    bar = Progress(len(texts), 0, enabled=not args.no_progress, unit="passage", desc="analyze ")
+    try:
+        report = analyze(model, texts, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                         per_expert=args.per_expert, progress=lambda done, total: bar.update(done, force=done == total))
+    finally:
+        bar.close()
     out.mkdir(parents=True, exist_ok=True)
     table, tokens = report.table(), report.token_table(args.per_expert)
-    (out / "table.txt").write_text(table + "\n", encoding="utf-8")
-    (out / "tokens.txt").write_text(tokens + "\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    for name, text in (("table.txt", table + "\n"), ("tokens.txt", tokens + "\n"),
+                       ("report.json", json.dumps(report.to_dict(), indent=1))):
+        _write_atomic(out / name, text)
     print(table)
     print()
     print(tokens)

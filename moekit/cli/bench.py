@@ -1,6 +1,9 @@
 """``moekit bench``: the MoE layer benchmark of BENCHMARKS.md (ratios to dense-equivalent, one run).
 
-    moekit bench                          # mixtral-s and fine-s, CPU float32
+Examples::
+
+    moekit bench --quick                  # under a minute: mixtral-s at 1,024 tokens, 3 rounds
+    moekit bench                          # mixtral-s and fine-s, CPU float32 (several minutes)
     moekit bench --shapes fine-s --repeats 5 --out bench_out/layer.json
     moekit bench --device cuda            # GPU shapes too, bfloat16
 """
@@ -8,19 +11,29 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
+
+from .common import add_threads_argument, apply_threads
+
+QUICK_SHAPES, QUICK_TOKENS, QUICK_REPEATS = ["mixtral-s"], 1024, 3  # --quick: under a minute on 2 CPU cores
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark the MoE layer against dense and transformers",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", help="shape names: mixtral-s, fine-s, mixtral-m, qwen3-30b-a3b")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds per candidate (default: 10)")
-    p.add_argument("--tokens", type=int, default=None, help="override the shape's token count")
-    p.add_argument("--engines", nargs="*", default=None, help="moekit engines to time (default: sorted)")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+                              description=__doc__)
+    p.add_argument("--shapes", nargs="*", help="shape names: mixtral-s, fine-s, mixtral-m, qwen3-30b-a3b "
+                   "(default: every shape the device runs)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke check under a minute: mixtral-s, 1,024 tokens, 3 rounds (explicit --shapes, "
+                   "--tokens, --repeats win)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default: 10; 3 with --quick)")
+    p.add_argument("--tokens", type=int, default=None, help="override the shape's token count (default: the shape's)")
+    p.add_argument("--engines", nargs="*", default=None,
+                   help="moekit engines to time (default: sorted; sorted and grouped_mm on CUDA)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_threads_argument(p, "torch's")
     p.set_defaults(func=run)
 
 
@@ -29,26 +42,44 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench.layer import SHAPES, bench_layer, format_table
     from ..runtime import tune_cpu_allocator
+    from ..training.checkpoint import write_json
+    from ..training.metrics import Progress
+    from .main import UsageError
 
     tune_cpu_allocator()  # every candidate runs in this process, so all of them get the same allocator
-
+    apply_threads(args.threads)
     unknown = [s for s in args.shapes or [] if s not in SHAPES]
     if unknown:
-        raise ValueError(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+        raise UsageError(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+        raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
+    repeats: int = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 10)
+    tokens: int | None = args.tokens if args.tokens is not None else (QUICK_TOKENS if args.quick else None)
+    if repeats < 1 or (tokens is not None and tokens < 1):
+        raise UsageError("--repeats and --tokens must be >= 1")
     dtype = torch.bfloat16 if gpu else torch.float32
-    shapes = args.shapes or [n for n, s in SHAPES.items() if gpu or not s.gpu_only]
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else [n for n, s in SHAPES.items() if gpu or not s.gpu_only])
     engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted",)))
+    rounds_per_shape = 2 * (repeats + 2)
+    bar = Progress(len(shapes) * rounds_per_shape, 0, enabled=not args.no_progress, unit="round", desc="bench ")
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        bar.update(done[0], force=done[0] % rounds_per_shape == 0)
+
     results = []
-    for name in shapes:
-        result = bench_layer(name, args.device, dtype, args.repeats, engines, args.tokens)
-        print(format_table(result), flush=True)
-        results.append(result)
+    try:
+        for name in shapes:
+            result = bench_layer(name, args.device, dtype, repeats, engines, tokens, tick=tick)
+            print(format_table(result), flush=True)
+            results.append(result)
+    finally:
+        bar.close()
     if args.out:
         path = pathlib.Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
+        write_json(path, results)
         print(f"wrote {path}")
     return 0

@@ -7,7 +7,14 @@ import argparse
 from ..recipes import load_config_file, load_preset
 from ..training import RunConfig, with_overrides
 
-__all__ = ["add_config_arguments", "config_from_args"]
+__all__ = [
+    "HelpFormatter",
+    "add_config_arguments",
+    "add_threads_argument",
+    "apply_threads",
+    "config_from_args",
+    "plain_text",
+]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,3 +32,43 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         cfg = load_preset(args.preset or "default")
     return with_overrides(cfg, args.overrides or {})
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks (examples stay readable); every option's help ends with its default
+    unless it already says it (flags, whose default is off, and options whose text explains ``None``, excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is False or default == argparse.SUPPRESS or not action.option_strings
+                or action.nargs == 0):
+            return text
+        if default is None:
+            return f"{text} (default: none)"
+        return f"{text} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as terminal text: no reStructuredText literals (````x````) or ``::`` block markers, and
+    long unindented lines wrapped (indented lines, the examples, stay as written)."""
+    import textwrap
+    lines = []
+    for line in doc.replace("``", "").replace("::\n", ":\n").splitlines():
+        lines += textwrap.wrap(line, 100) if len(line) > 100 and not line[:1].isspace() else [line]
+    return "\n".join(lines)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, default_text: str) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help=f"CPU threads for torch (default: {default_text})")
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` for this process, after checking the value."""
+    if threads is None:
+        return
+    from .main import UsageError
+    if threads < 1:
+        raise UsageError(f"--threads {threads} must be >= 1")
+    import torch
+    torch.set_num_threads(threads)

@@ -6,16 +6,21 @@ import argparse
 import json
 
 from ..training import evaluate_run
+from .common import add_threads_argument
 
 __all__ = ["register"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a run's checkpoint on its validation data")
+    p = subparsers.add_parser("eval", help="evaluate a run's checkpoint on its validation data",
+                              description="Validation loss, bits per byte and per-layer expert load of a run's "
+                              "checkpoint.\n\nExamples:\n  moekit eval runs/default\n"
+                              "  moekit eval runs/default --batches 16 --json")
     p.add_argument("run", metavar="RUN", help="a run folder written by moekit train")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's eval_batches)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's train.eval_batches)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run; auto: CUDA when available (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_threads_argument(p, "torch's")
     p.set_defaults(func=run)
 
 

@@ -11,7 +11,10 @@ __all__ = ["register"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="parameter and FLOP counts of a preset / config")
+    p = subparsers.add_parser("info", help="parameter and FLOP counts of a preset / config",
+                              description="Parameters, active parameters per token and training FLOPs per token "
+                              "of a preset or config.\n\nExamples:\n  moekit info --preset default\n"
+                              "  moekit info --preset default --model.moe.num_experts=16")
     add_config_arguments(p)
     p.set_defaults(func=run)
 

@@ -11,10 +11,12 @@ Examples::
 
     moekit presets
     moekit info --preset default
-    moekit train                                  # the default preset, about 4 minutes on 2 CPU cores
+    moekit train                                  # the default preset: 256 steps, about 4 minutes on 2 CPU cores
     moekit train --preset tiny --out runs/tiny --train.max_steps=100 --model.moe.top_k=1
     moekit eval runs/tiny
     moekit sample runs/tiny --prompt "def " --temperature 0.8
+    moekit config --preset default                # every config key with its default and meaning
+    moekit report runs/tiny                       # one self-contained HTML page of a run or study
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import sys
 
 from ..configs import ConfigError
 
-__all__ = ["main", "build_parser", "COMMANDS", "UsageError", "parse_overrides"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parse_overrides"]
 
-COMMANDS = ("train", "eval", "sample", "info", "presets", "bench", "analyze", "compare")
+COMMANDS = ("train", "eval", "sample", "info", "presets", "config", "bench", "analyze", "compare", "report")
 
 
 class UsageError(ConfigError):
@@ -37,7 +39,9 @@ class UsageError(ConfigError):
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts models: train, evaluate, "
-                                     "sample and inspect.", epilog="moekit COMMAND --help shows a command's options.")
+                                     "sample and inspect.", epilog="moekit COMMAND --help shows a command's options "
+                                     "and examples.\n\nExamples:\n" + __doc__.split("Examples::\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
@@ -48,7 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command another part of moekit has not added yet
             raise
         module.register(sub)
+    _tidy_help(sub)
     return parser
+
+
+def _tidy_help(sub) -> None:
+    """Every subcommand: defaults in its help, plain-text description (its one-line help when it has none)."""
+    from .common import HelpFormatter, plain_text
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = HelpFormatter
+        p.description = plain_text(p.description or helps.get(name) or "")
+        p.epilog = plain_text(p.epilog) if p.epilog else None
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -80,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unrecognised arguments: {' '.join(extra)} (see {prog} --help)")
         from ..runtime import tune_cpu_allocator
         tune_cpu_allocator()  # large CPU temporaries stay in the heap (see moekit.runtime)
+        if args.command not in ("train", "compare", "sample"):  # those choose their own threads
+            from .common import apply_threads
+            apply_threads(getattr(args, "threads", None))
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `moekit presets | head -1`
         return 0

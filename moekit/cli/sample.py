@@ -11,20 +11,35 @@ import torch
 from ..data import get_tokenizer
 from ..serving import generate
 from ..training import load_run
+from .common import add_threads_argument, apply_threads
 
-__all__ = ["register"]
+__all__ = ["SMALL_MODEL_PARAMS", "decoding_threads", "register"]
+
+SMALL_MODEL_PARAMS = 100_000_000
+
+
+def decoding_threads(num_params: int, requested: int | None) -> int | None:
+    """Threads for token-by-token decoding: ``requested``, else 1 for a small model, else ``None`` (torch's)."""
+    if requested is not None:
+        return requested
+    return 1 if num_params < SMALL_MODEL_PARAMS else None
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="generate text from a run's checkpoint")
+    p = subparsers.add_parser("sample", help="generate text from a run's checkpoint",
+                              description="Generate text from a run's checkpoint (KV cache on by default).\n\n"
+                              "Examples:\n  moekit sample runs/default --prompt 'def ' -n 64\n"
+                              "  moekit sample runs/default --prompt 'import ' --temperature 0   # greedy")
     p.add_argument("run", metavar="RUN", help="a run folder written by moekit train")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (1 disables)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each token")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    add_threads_argument(p, f"1 for models under {SMALL_MODEL_PARAMS // 10**6}M parameters, whose one-token "
+                         "matmuls lose more to thread synchronisation than they gain; torch's otherwise")
     p.set_defaults(func=run)
 
 
@@ -39,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except UnicodeEncodeError:
         raise UsageError("--prompt is not valid UTF-8 text; check the terminal's or script's encoding") from None
     cfg, model, _ = load_run(args.run, args.device)
+    apply_threads(decoding_threads(sum(p.numel() for p in model.parameters()), args.threads))
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ids = tokenizer.encode(args.prompt or "\n")
     if not ids:

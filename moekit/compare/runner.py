@@ -108,7 +108,7 @@ class _Display:
         self.out_dir, self.specs, self.enabled = out_dir, specs, enabled
         self.by_steps = all(s.planned_flops is not None for s in specs)
         total = sum(s.config.train.max_steps for s in specs) if self.by_steps else len(specs)
-        self.bar = Progress(total, 0, enabled=enabled)
+        self.bar = Progress(total, 0, enabled=enabled, unit="step" if self.by_steps else "run", desc="compare ")
         self.done: dict[str, int] = {}
         self.active: set[str] = set()  # submitted and not done (the pool may queue one more than it runs)
         self.workers = 1
@@ -120,7 +120,8 @@ class _Display:
 
     def refresh(self) -> None:
         self.bar.update(self._position(), {"runs done": f"{len(self.done)}/{len(self.specs)}",
-                                           "running": str(min(len(self.active), self.workers))})
+                                           "running": str(min(len(self.active), self.workers))},
+                        force=len(self.done) == len(self.specs))
 
     def finish(self, outcome: RunOutcome, how: str) -> None:
         spec = outcome.spec
@@ -133,6 +134,11 @@ class _Display:
         else:
             self.bar.write(f"{how} {spec.arm} seed {spec.seed}: interrupted; rerun the study to resume")
         self.refresh()
+
+    def start_timing(self) -> None:
+        """The ETA's rate counts from here: cached runs, finished before, would make it look too fast."""
+        self.bar.initial = self._position()
+        self.bar.restart_clock()
 
     def close(self) -> None:
         self.bar.close()
@@ -153,6 +159,7 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int | None 
             display.finish(cached, "cached")
         else:
             todo.append(spec)
+    display.start_timing()
     try:
         if workers == 0:
             for spec in todo:

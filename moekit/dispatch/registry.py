@@ -28,6 +28,7 @@ class Engine:
     fn: EngineFn
     supports: Callable[[torch.Tensor, ExpertBank], str | None]
     priority: int  # higher is preferred by ``auto``
+    compile_friendly: bool = False  # traceable by torch.compile(fullgraph=True): ``auto`` prefers it there
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
         return self.fn(x_TD, routing, bank)
@@ -40,11 +41,11 @@ def _always(x: torch.Tensor, bank: ExpertBank) -> str | None:
     return None
 
 
-def register_engine(name: str, priority: int = 0, supports=_always):
+def register_engine(name: str, priority: int = 0, supports=_always, compile_friendly: bool = False):
     """Decorator registering ``fn(x_TD, routing, bank) -> y_TD`` under ``name``."""
 
     def wrap(fn: EngineFn) -> EngineFn:
-        ENGINES[name] = Engine(name, fn, supports, priority)
+        ENGINES[name] = Engine(name, fn, supports, priority, compile_friendly)
         return fn
 
     return wrap
@@ -59,9 +60,11 @@ def get_engine(name: str) -> Engine:
 
 
 def resolve_engine(name: str, x_TD: torch.Tensor, bank: ExpertBank) -> Engine:
-    """The engine to run for ``name`` on these inputs; ``auto`` picks the best supported one."""
+    """The engine to run for ``name`` on these inputs; ``auto`` picks the best supported one (under
+    ``torch.compile``, the best compile-friendly one: no graph break inside the layer)."""
     if name == "auto":
-        for engine in sorted(ENGINES.values(), key=lambda e: -e.priority):
+        compiling = torch.compiler.is_compiling()
+        for engine in sorted(ENGINES.values(), key=lambda e: (-(compiling and e.compile_friendly), -e.priority)):
             if engine.supports(x_TD, bank) is None:
                 return engine
         raise RuntimeError("no registered engine supports these inputs")  # reference supports everything

@@ -15,7 +15,7 @@ from ..configs import ConfigError, apply_overrides, check, check_choice, check_t
 from ..data import DataConfig
 from ..models import ModelConfig
 
-__all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "run_config_from_dict", "with_overrides"]
+__all__ = ["ParallelConfig", "RunConfig", "TrainConfig", "run_config_from_dict", "with_overrides"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -27,10 +27,16 @@ class TrainConfig:
         batch_size: sequences per micro-batch; tokens per step are ``batch_size * grad_accum * context``, times
             the number of processes under torchrun (each trains on its own micro-batches).
         grad_accum: micro-batches whose gradients add up before each optimizer step.
-        max_steps: optimizer steps; the cosine schedule spans them.
+        max_steps: optimizer steps; the cosine schedule spans them. The presets budget in steps, so a run
+            trains the same model on any machine, busy or idle; only its duration differs.
         max_seconds: optional wall-time budget (training and validation, not start-up). The run stops at
             whichever of ``max_steps`` and ``max_seconds`` comes first, and the schedule follows the one that
-            is further along. Runs with a time budget are not bit-reproducible.
+            is further along. Runs with a time budget are not bit-reproducible (how far they get depends on
+            the machine's load).
+        expected_tokens_per_s: training tokens/s this config reaches on the reference machine (2 idle CPU
+            cores, float32), or ``None``. Gives the duration estimate printed before the first step, and a
+            warning when the measured rate is below a third of it (a busy or slower machine: the run then
+            takes longer, and under a time budget it would train less).
         lr: peak learning rate of AdamW.
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
         warmup_steps: linear warm-up from ``lr / warmup_steps``.
@@ -59,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_seconds: float | None = None
+    expected_tokens_per_s: float | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -94,6 +101,9 @@ class TrainConfig:
               f"train.threads={self.threads} must be positive, or none for torch's default")
         check(self.max_seconds is None or self.max_seconds > 0,
               f"train.max_seconds={self.max_seconds} must be positive, or none for no time budget")
+        check(self.expected_tokens_per_s is None or self.expected_tokens_per_s > 0,
+              f"train.expected_tokens_per_s={self.expected_tokens_per_s} must be positive, or none for no "
+              f"estimate")
         check(self.lr > 0, f"train.lr={self.lr} must be positive (e.g. 3e-3)")
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
@@ -135,6 +145,10 @@ class RunConfig:
     Attributes:
         name: the preset (or a label of your own).
         description: one line on what the run is for (presets list it).
+        model: the network: sizes, attention, and which layers are MoE (ModelConfig).
+        data: the corpus, its tokenizer and its train/validation split (DataConfig).
+        train: optimisation, budgets and bookkeeping (TrainConfig).
+        parallel: how the run spreads over torchrun processes (ParallelConfig).
     """
 
     name: str = "custom"

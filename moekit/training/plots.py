@@ -28,7 +28,8 @@ def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
 def plot_loss(plt, records: list[dict], path: Path) -> None:
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     if train:
         steps = [r["step"] for r in train]
         ax.plot(steps, [r["loss"] for r in train], color="tab:blue", alpha=0.25, lw=0.8)
@@ -38,11 +39,12 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
                 label="validation")
-    ax.set_xlabel("step")
+    ax.set_title("Loss: training (faint: per step) and validation", fontsize=10)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="best")
     _save(fig, path)
     plt.close(fig)
 
@@ -59,7 +61,7 @@ def plot_expert_load(plt, load: dict[str, list[float]], path: Path) -> None:
     rows = [[c * len(counts) / (sum(counts) or 1) for c in counts] for counts in load.values()]
     from .checkpoint import write_atomic
     write_atomic(Path(path), lambda tmp: load_heatmap(plt, rows, list(load),
-                                                      "expert load on validation (share x E; 1 = balanced)", tmp))
+                                                      "Expert load on validation data (share x E; 1 = balanced)", tmp))
 
 
 def plot_run(out_dir: Path, records: list[dict], load: dict[str, list[float]]) -> list[Path]:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import signal
+import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from .checkpoint import (
     CheckpointError,
     clean_checkpoints,
     read_json,
+    read_state,
     write_json,
 )
 from .config import RunConfig
@@ -60,6 +63,9 @@ from .evaluate import autocast, evaluate, resolve_device
 from .metrics import (
     MetricsLog,
     Progress,
+    TensorBoardLog,
+    budget_status,
+    format_duration,
     measure_matmul_peak,
     read_metrics,
     summary_table,
@@ -68,10 +74,13 @@ from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
 
-__all__ = ["train", "TrainResult", "train_step", "call_on_step", "NonFiniteError"]
+__all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "train",
+           "train_step"]
 
 # In train.on_nonfinite="skip" mode, this many non-finite steps in a row still stop the run.
 MAX_SKIPPED_IN_A_ROW = 10
+SLOW_FACTOR = 3.0  # warn when the measured tokens/s is below expected_tokens_per_s / SLOW_FACTOR
+_RATE_STEPS = 5  # steps (after the first, which warms up) whose median rate checks the throughput
 
 
 class NonFiniteError(ConfigError):
@@ -206,14 +215,43 @@ def _check_model(cfg: RunConfig, out_dir: Path) -> None:
                               f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
 
 
+def budget_plan(cfg: RunConfig, world_size: int = 1) -> str:
+    """The line printed before the first step: the governing budget and, where known, its expected duration."""
+    tc = cfg.train
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * world_size
+    text = f"budget: {tc.max_steps:,} steps x {tokens_per_step:,} tokens = {tc.max_steps * tokens_per_step:,} tokens"
+    if tc.max_seconds is not None:
+        text += (f", or {format_duration(tc.max_seconds)} of wall time if that comes first (a time budget: how far "
+                 f"the run gets depends on the machine's load)")
+    if tc.expected_tokens_per_s:
+        seconds = tc.max_steps * tokens_per_step / (tc.expected_tokens_per_s * world_size)
+        if tc.max_seconds is not None:
+            seconds = min(seconds, tc.max_seconds)
+        text += (f"; expected duration about {format_duration(seconds)} at {tc.expected_tokens_per_s:,.0f} "
+                 f"tokens/s (train.expected_tokens_per_s, 2 idle CPU cores), plus validation")
+    return text
+
+
+def spent_budget(cfg: RunConfig, state: dict) -> str | None:
+    """Which override continues a run whose checkpoint ``state`` has reached its budget, or ``None``."""
+    tc = cfg.train
+    if state["step"] >= tc.max_steps:
+        return f"--train.max_steps={2 * tc.max_steps}"
+    if tc.max_seconds is not None and state.get("elapsed", 0.0) >= tc.max_seconds:
+        return f"--train.max_seconds={2 * tc.max_seconds:g}"
+    return None
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, tensorboard: bool = False) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (or continue the checkpoint there with ``resume=True``).
 
     Args:
         until_step: stop after this step with a checkpoint, as if interrupted (the schedule still spans
             ``train.max_steps``); the final validation, summary and plots are then left for the resume.
         progress: show a progress bar / progress lines on stderr and the summary table on stdout.
+        tensorboard: also write every metrics record and the per-layer routing statistics of each
+            validation as TensorBoard scalars into ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
 
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
@@ -226,6 +264,17 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         load statistics) and every metrics record.
     """
     out_dir = Path(out_dir)
+    if resume:
+        state = read_state(out_dir)
+        override = spent_budget(cfg, state)
+        if override is not None:  # said even with progress off: otherwise the call silently does nothing
+            print(f"{out_dir} finished: its checkpoint is at step {state['step']:,} and has spent its budget "
+                  f"(train.max_steps={cfg.train.max_steps}, train.max_seconds={cfg.train.max_seconds}); to train "
+                  f"on, resume with a larger budget, e.g. moekit train --resume --out {out_dir} {override}",
+                  file=sys.stderr, flush=True)
+            summary_path = out_dir / "summary.json"
+            summary = read_json(summary_path) if summary_path.is_file() else dict(state)
+            return TrainResult(out_dir, summary, read_metrics(out_dir / "metrics.jsonl"))
     par = Distributed.start(cfg)  # a single process unless torchrun launched this one
     lock = RunLock(out_dir)
     created = not out_dir.exists()
@@ -242,7 +291,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         try:
-            run = _Run(cfg, out_dir, resume, progress, par)  # data, model, checkpoint: may still refuse
+            run = _Run(cfg, out_dir, resume, progress, par, tensorboard)  # data, model, checkpoint: may still refuse
             wrote = True
 
             def start_writing() -> None:
@@ -272,7 +321,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
 class _Run:
     """The state of one training invocation: model, optimizer, data, bookkeeping."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed,
+                 tensorboard: bool = False) -> None:
         tc = cfg.train
         self.cfg, self.out_dir, self.par = cfg, out_dir, par
         self.show = progress and par.is_main
@@ -300,13 +350,17 @@ class _Run:
         self.last_save = (self.state["step"], self.state["elapsed"])
         self.saved = resume  # a resumed run's checkpoint is of its current step
         self.skipped_in_a_row = 0
+        self.tb = TensorBoardLog(out_dir / "tensorboard") if tensorboard and par.is_main else None
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
+        self.session_start = (self.state["step"], self.state["elapsed"])
+        self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val, self.load_cv = None, None
         c = self.counts
         self.bar.write(f"{cfg.name}: {c.total_params:,} params ({c.active_params:,} active), "
                        f"{c.flops_per_token / 1e6:.1f} MFLOP/token; data: {self.data.description}; "
                        f"matmul peak {self.peak / 1e9:.0f} GFLOP/s; run folder {out_dir}{par.describe()}")
+        self.bar.write(budget_plan(cfg, par.world_size))
 
     def loop(self, until_step: int | None) -> TrainResult:
         tc, state = self.cfg.train, self.state
@@ -338,6 +392,8 @@ class _Run:
         finally:
             self.bar.close()
             self.log.close()
+            if self.tb is not None:
+                self.tb.close()
         return self._finish()
 
     def _step(self, elapsed: float) -> None:
@@ -359,12 +415,21 @@ class _Run:
         state.update(step=step + 1, tokens=state["tokens"] + self.tokens_per_step,
                      train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start)
         self.load_cv = rec.get("load_cv", self.load_cv)
-        self.log.write({"step": step + 1, **rec, "lr": lr, "tokens": state["tokens"],
-                        "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"]})
+        record = {"step": step + 1, **rec, "lr": lr, "tokens": state["tokens"],
+                  "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"]}
+        self.log.write(record)
+        if self.tb is not None:
+            self.tb.write(record)
         fields = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{self.tokens_per_step / dt:,.0f}"}
         if self.load_cv is not None:
             fields["load_cv"] = f"{self.load_cv:.2f}"
-        self.bar.update(step + 1, fields)
+        fraction, eta, governs = budget_status(step + 1, state["elapsed"], tc.max_steps, tc.max_seconds,
+                                               start_step=self.session_start[0],
+                                               start_elapsed=self.session_start[1])
+        label = (f"step {step + 1:,}/{tc.max_steps:,}" if governs == "steps" else
+                 f"time {format_duration(state['elapsed'])}/{format_duration(tc.max_seconds)} (step {step + 1:,})")
+        self.bar.update(step + 1, fields, force=step + 1 == tc.max_steps, fraction=fraction, eta=eta, label=label)
+        self._check_throughput(self.tokens_per_step / dt, eta)
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
             self._validate()
             state["elapsed"] = time.perf_counter() - self.start
@@ -383,11 +448,33 @@ class _Run:
         self.last_save = (state["step"], state["elapsed"] if elapsed is None else elapsed)
         self.saved = True
 
+    def _check_throughput(self, tokens_per_s: float, eta: float | None) -> None:
+        """After the first few steps of a session, warn once when the machine is far slower than expected."""
+        self.rates.append(tokens_per_s)
+        expected = self.cfg.train.expected_tokens_per_s
+        if len(self.rates) != _RATE_STEPS + 1 or not expected or not self.par.is_main:
+            return
+        measured = statistics.median(self.rates[1:]) / self.par.world_size  # the first step warms up
+        if measured < expected / SLOW_FACTOR:
+            budget = ("the model it trains is the same (a step budget), only later" if self.cfg.train.max_seconds
+                      is None else "under its time budget it will train fewer steps than the preset intends")
+            text = (f"warning: this machine trains at {measured:,.0f} tokens/s per process, far below the "
+                    f"{expected:,.0f} tokens/s this config expects (train.expected_tokens_per_s, 2 idle CPU cores): "
+                    f"is it busy? About {format_duration(eta)} to go; {budget}. MFU is measured against a matmul "
+                    f"peak taken under the same load, so it does not show this.")
+            if self.show:
+                self.bar.write(text)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
     def _validate(self) -> None:
         tc, step = self.cfg.train, self.state["step"]
         val = evaluate(self.model, self.data, batch_size=tc.batch_size, num_batches=tc.eval_batches,
                        dtype=tc.dtype, device=self.device)
         self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+        if self.tb is not None:
+            self.tb.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+            self.tb.write_layers(step, val["layers"])
         self.bar.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte")
         self.val = {**val, "step": step}
 
@@ -424,6 +511,7 @@ class _Run:
                    "flops_per_token": counts.flops_per_token, "wall_time_s": state["elapsed"],
                    "train_time_s": state["train_time"], "total_params": counts.total_params,
                    "active_params": counts.active_params, "data": self.data.description,
+                   "expected_tokens_per_s": self.cfg.train.expected_tokens_per_s,
                    "layers": val["layers"], "load": val["load"]}
         if not self.par.is_main:
             return TrainResult(self.out_dir, summary, [])
