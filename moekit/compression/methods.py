@@ -230,7 +230,10 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
     _gptq_layer(moe, record, opts, ternary_grid if bits == 1.5 else (lambda w: minmax_grid(w, 2)))
     if bits == 1.5 and opts.codec:
         from .codec import to_tunstall
-        install_bank(moe, to_tunstall(moe.experts))
+        coded = to_tunstall(moe.experts)
+        # the dictionary assumes QMoE's ~88% zeros; where the codes are denser it would grow them: keep the smaller
+        if coded.stored_bytes() < moe.experts.stored_bytes():
+            install_bank(moe, coded)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
