@@ -9,11 +9,27 @@ from moekit.compression import artifact
 from moekit.compression.api import compress
 from moekit.compression.bank import CompressedBank, expert_weights
 from moekit.compression.calibrate import CompressionError, calibrate
-from moekit.compression.codec import build_codebook, decode_rows, encode_rows, to_tunstall
+from moekit.compression.codec import (
+    build_codebook,
+    decode_rows,
+    encode_rows,
+    to_tunstall,
+)
 from moekit.compression.gptq import gptq, hessian
-from moekit.compression.merge import (align_neurons, global_group_counts, lowrank_sparse_init, merge_weights,
-                                      permute_expert)
-from moekit.compression.quant import minmax_grid, pack_bits, rtn, ternary_grid, unpack_bits
+from moekit.compression.merge import (
+    align_neurons,
+    global_group_counts,
+    lowrank_sparse_init,
+    merge_weights,
+    permute_expert,
+)
+from moekit.compression.quant import (
+    minmax_grid,
+    pack_bits,
+    rtn,
+    ternary_grid,
+    unpack_bits,
+)
 from moekit.models import LanguageModel, ModelConfig
 from moekit.training.checkpoint import CheckpointError
 
@@ -65,7 +81,7 @@ def test_rtn_error_is_within_half_a_step():
 
 def test_gptq_with_identity_hessian_and_huge_damping_is_rtn():
     w = torch.randn(9, 20)
-    q, grid = gptq(w, torch.eye(20), lambda m: minmax_grid(m, 3), percdamp=1e6, blocksize=7)
+    q, _ = gptq(w, torch.eye(20), lambda m: minmax_grid(m, 3), percdamp=1e6, blocksize=7)
     assert torch.equal(q, rtn(w, 3)[0])
 
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..compression.methods import METHODS
     from .main import UsageError
     if args.list:
-        for name, m in METHODS.items():
+        for name in METHODS:
             print(name)
         return 0
     if not args.run:

@@ -5,9 +5,37 @@ from .api import CompressionReport, compress, expert_bytes
 from .bank import CompressedBank
 from .calibrate import CompressionError, LayerRecord, calibrate
 from .methods import METHODS, CompressOptions
-from .upcycle import (DenseFFN, SplitFFN, cluster_neurons, expert_importance, fit_router, moefy, random_partition,
-                      set_top_k, sparse_upcycle, split_ffn)
+from .upcycle import (
+                      DenseFFN,
+                      SplitFFN,
+                      cluster_neurons,
+                      expert_importance,
+                      fit_router,
+                      moefy,
+                      random_partition,
+                      set_top_k,
+                      sparse_upcycle,
+                      split_ffn,
+)
 
-__all__ = ["DenseFFN", "SplitFFN", "sparse_upcycle", "split_ffn", "moefy", "cluster_neurons", "random_partition",
-           "expert_importance", "fit_router", "set_top_k", "compress", "CompressionReport", "CompressionError",
-           "CompressOptions", "CompressedBank", "LayerRecord", "calibrate", "expert_bytes", "METHODS"]
+__all__ = [
+                      "METHODS",
+                      "CompressOptions",
+                      "CompressedBank",
+                      "CompressionError",
+                      "CompressionReport",
+                      "DenseFFN",
+                      "LayerRecord",
+                      "SplitFFN",
+                      "calibrate",
+                      "cluster_neurons",
+                      "compress",
+                      "expert_bytes",
+                      "expert_importance",
+                      "fit_router",
+                      "moefy",
+                      "random_partition",
+                      "set_top_k",
+                      "sparse_upcycle",
+                      "split_ffn",
+]

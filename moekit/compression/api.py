@@ -14,7 +14,7 @@ from .bank import CompressedBank
 from .calibrate import CompressionError, calibrate, check_calibration, find_moe_layers
 from .methods import CompressOptions, expert_float_bytes, get_method
 
-__all__ = ["compress", "CompressionReport", "expert_bytes"]
+__all__ = ["CompressionReport", "compress", "expert_bytes"]
 
 
 @dataclass
@@ -94,6 +94,7 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
             m.apply(moe, records[name], opts, plan)
     for name, moe in layers:
         bank = moe.experts
+        assert isinstance(bank, CompressedBank)
         report.layers[name].update(experts_after=moe.config.num_experts, stored_experts=bank.spec.num_stored,
                                    format=bank.spec.format, bits=bank.spec.bits, bytes=bank.stored_bytes())
         report.bytes_after += bank.stored_bytes()

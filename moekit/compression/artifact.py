@@ -30,14 +30,30 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..configs import to_dict
-from ..training.checkpoint import (CONFIG_FILE, CheckpointError, read_checkpoint, read_json, write_checkpoint,
-                                   write_json)
+from ..training.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    read_checkpoint,
+    read_json,
+    write_checkpoint,
+    write_json,
+)
 from .bank import BankSpec, CompressedBank
 from .calibrate import find_moe_layers
 from .surgery import install_bank, prune_router
 
-__all__ = ["FORMAT", "VERSION", "HEADER_FILE", "header_of", "save_compressed_run", "is_compressed_run",
-           "load_compressed_into", "save_compressed_state", "load_compressed_state", "CODEBOOK_KEY"]
+__all__ = [
+    "CODEBOOK_KEY",
+    "FORMAT",
+    "HEADER_FILE",
+    "VERSION",
+    "header_of",
+    "is_compressed_run",
+    "load_compressed_into",
+    "load_compressed_state",
+    "save_compressed_run",
+    "save_compressed_state",
+]
 
 FORMAT, VERSION, HEADER_FILE = "moekit-compressed-experts", 1, "compression.json"
 CODEBOOK_KEY = "compression.codebook"
@@ -171,7 +187,7 @@ def load_compressed_state(model: nn.Module, path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} cannot be read ({e})") from None
     if "moekit_compression" not in meta:

@@ -34,7 +34,7 @@ from torch import nn
 from ..experts.activations import hidden, is_gated
 from .quant import RowGrid, pack_bits, unpack_bits
 
-__all__ = ["BankSpec", "CompressedBank", "FORMATS", "expert_weights"]
+__all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
 
 FORMATS = ("float", "int", "ternary", "tunstall")
 
@@ -122,7 +122,8 @@ class CompressedBank(nn.Module):
     Build one with :meth:`from_float` or :meth:`from_quantized`; :meth:`empty` makes one to load a file into.
     """
 
-    codebook = None  # set by the loader for ``tunstall`` banks (shared by every layer)
+    codebook: torch.Tensor | None = None  # set by the loader for ``tunstall`` banks (shared by every layer)
+    slot_to_stored_E: torch.Tensor
 
     def __init__(self, spec: BankSpec) -> None:
         super().__init__()
@@ -171,12 +172,10 @@ class CompressedBank(nn.Module):
                     if (grid.kind == "ternary") != (fmt == "ternary") or grid.bits != bits:
                         raise ValueError("every matrix of a bank must use the same grid kind and bits")
                     getattr(bank, f"{m}_planes")[g] = pack_bits(q_RC, bits)
-                    if fmt == "int":
-                        getattr(bank, f"{m}_scale")[g] = grid.scale_R.half()
-                        getattr(bank, f"{m}_zero")[g] = grid.zero_R.half()
-                    else:
-                        getattr(bank, f"{m}_lo")[g] = grid.lo_R.half()
-                        getattr(bank, f"{m}_hi")[g] = grid.hi_R.half()
+                    first_R, second_R = grid._pair()
+                    names = ("scale", "zero") if fmt == "int" else ("lo", "hi")
+                    getattr(bank, f"{m}_{names[0]}")[g] = first_R.half()
+                    getattr(bank, f"{m}_{names[1]}")[g] = second_R.half()
             for name, t in (biases or {}).items():
                 getattr(bank, name).copy_(t)
             bank.slot_to_stored_E.copy_(slot_to_stored_E)
@@ -195,6 +194,8 @@ class CompressedBank(nn.Module):
             from .codec import decode_rows
             offsets = getattr(self, f"{m}_offsets")[g * R:(g + 1) * R + 1].long()
             stream = getattr(self, f"{m}_codes")[offsets[0]:offsets[-1]]
+            if self.codebook is None:
+                raise RuntimeError("an entropy-coded bank needs its codebook; load it with moekit's loader")
             return decode_rows(stream, offsets - offsets[0], C, self.codebook)
         return unpack_bits(getattr(self, f"{m}_planes")[g], C)
 
@@ -208,8 +209,9 @@ class CompressedBank(nn.Module):
         g = int(self.slot_to_stored_E[e])
         out = {m: self.matrix(m, g) for m in self.spec.matrices()}
         for b in ("b_gate", "b_up", "b_down"):
-            if hasattr(self, b) and isinstance(getattr(self, b), torch.Tensor):
-                out[b] = getattr(self, b)[g]
+            bias = self._buffers.get(b)
+            if bias is not None:
+                out[b] = bias[g]
         return out
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:

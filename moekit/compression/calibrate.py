@@ -21,7 +21,7 @@ from torch import nn
 from ..configs import ConfigError
 from ..layers import MoE
 
-__all__ = ["LayerRecord", "find_moe_layers", "run_model", "calibrate", "CompressionError", "check_calibration"]
+__all__ = ["CompressionError", "LayerRecord", "calibrate", "check_calibration", "find_moe_layers", "run_model"]
 
 
 class CompressionError(ConfigError):

@@ -24,7 +24,7 @@ import torch
 
 from ..training.checkpoint import CheckpointError
 
-__all__ = ["build_codebook", "encode_rows", "decode_rows", "to_tunstall", "check_codebook", "P_ZERO", "MAX_SYMBOLS"]
+__all__ = ["MAX_SYMBOLS", "P_ZERO", "build_codebook", "check_codebook", "decode_rows", "encode_rows", "to_tunstall"]
 
 P_ZERO, NUM_CODES, MAX_SYMBOLS, ZERO_SYMBOL, OFFSET = 0.885, 65536, 14, 4, 32768
 
@@ -35,7 +35,8 @@ def _trie(p_zero: float = P_ZERO, num_codes: int = NUM_CODES) -> tuple[torch.Ten
     p = [(1 - p_zero) / 2, p_zero, (1 - p_zero) / 2]
     sym_p = [p[s // 3] * p[s % 3] for s in range(9)]
     children: list[list[int]] = [[-1] * 9]
-    depth, prob, path = [0], [1.0], [()]
+    depth, prob = [0], [1.0]
+    path: list[tuple[int, ...]] = [()]
     heap = [(-1.0, 0)]
     leaves = 1
     while heap and leaves + 8 <= num_codes:
@@ -68,7 +69,7 @@ def build_codebook() -> torch.Tensor:
 
 
 def _symbols(q_RC: torch.Tensor) -> torch.Tensor:
-    R, C = q_RC.shape
+    C = q_RC.shape[1]
     q = torch.nn.functional.pad(q_RC.long(), (0, C % 2), value=1)
     return q[:, 0::2] * 3 + q[:, 1::2]
 
@@ -143,7 +144,7 @@ def to_tunstall(bank):
     if s.format != "ternary":
         raise ValueError(f"only ternary banks can be entropy-coded, not {s.format!r}")
     streams, offsets = {}, {}
-    for m, (R, _) in s.matrices().items():
+    for m in s.matrices():
         q = torch.cat([bank.codes(m, g) for g in range(s.num_stored)])
         streams[m], offsets[m] = encode_rows(q)
     spec = BankSpec(num_experts=s.num_experts, num_stored=s.num_stored, dim=s.dim, hidden_dim=s.hidden_dim,
@@ -154,8 +155,8 @@ def to_tunstall(bank):
         for name, buf in bank.named_buffers():
             if not name.endswith("_planes"):
                 getattr(new, name).copy_(buf)
-        for m in streams:
-            getattr(new, f"{m}_codes").copy_(streams[m])
+        for m, stream in streams.items():
+            getattr(new, f"{m}_codes").copy_(stream)
             getattr(new, f"{m}_offsets").copy_(offsets[m])
     new.codebook = build_codebook()
     return new

@@ -17,7 +17,7 @@ import torch
 
 from .quant import RowGrid
 
-__all__ = ["hessian", "gptq"]
+__all__ = ["gptq", "hessian"]
 
 
 def hessian(x_TC: torch.Tensor) -> torch.Tensor:

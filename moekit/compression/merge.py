@@ -27,8 +27,16 @@ import torch
 
 from .calibrate import CompressionError, LayerRecord
 
-__all__ = ["align_neurons", "permute_expert", "merge_weights", "msmoe_groups", "global_group_counts",
-           "random_groups", "router_similarity", "lowrank_sparse_init"]
+__all__ = [
+    "align_neurons",
+    "global_group_counts",
+    "lowrank_sparse_init",
+    "merge_weights",
+    "msmoe_groups",
+    "permute_expert",
+    "random_groups",
+    "router_similarity",
+]
 
 EPS = 1e-8
 

@@ -19,12 +19,19 @@ from ..layers import MoE
 from .bank import CompressedBank, expert_weights
 from .calibrate import CompressionError, LayerRecord
 from .gptq import gptq, hessian
-from .merge import (align_neurons, global_group_counts, groups_for_target, merge_weights, msmoe_groups,
-                    permute_expert, random_groups)
-from .quant import minmax_grid, rtn, ternary_grid
+from .merge import (
+    align_neurons,
+    global_group_counts,
+    groups_for_target,
+    merge_weights,
+    msmoe_groups,
+    permute_expert,
+    random_groups,
+)
+from .quant import RowGrid, minmax_grid, rtn, ternary_grid
 from .surgery import install_bank, prune_router
 
-__all__ = ["CompressOptions", "Method", "METHODS", "get_method"]
+__all__ = ["METHODS", "CompressOptions", "Method", "get_method"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,7 +144,7 @@ def _bits(opts: CompressOptions, allowed: tuple[float, ...], default: float) -> 
 def _apply_rtn(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
     bits = int(_bits(opts, (2, 3, 4, 8), 8))
     experts = _stacked(moe)
-    codes = {m: [rtn(e[m], bits) for e in experts] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
+    codes: dict[str, list] = {m: [rtn(e[m], bits) for e in experts] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
     slots = torch.arange(len(experts))
     install_bank(moe, CompressedBank.from_quantized(codes, slots, activation=moe.config.activation,
                                                     biases=_biases(experts)))
@@ -198,7 +205,7 @@ def _gptq_expert(w: dict[str, torch.Tensor], x_TD: torch.Tensor, make_grid, acti
             return grid.quantize(w[m]), grid
         return gptq(w[m], hessian(inputs_TC), make_grid, percdamp=percdamp)
 
-    out = {m: quantise(m, x_TD) for m in ("w_gate", "w_up") if m in w}
+    out: dict[str, tuple[torch.Tensor, RowGrid]] = {m: quantise(m, x_TD) for m in ("w_gate", "w_up") if m in w}
     # w_down is calibrated on the hidden activations of the already quantised input projections
     deq = {m: grid.dequantize(q) for m, (q, grid) in out.items()}
     h_up = x_TD @ deq["w_up"].T + w.get("b_up", 0)
@@ -213,8 +220,8 @@ def _gptq_layer(moe: MoE, record: LayerRecord, opts: CompressOptions, make_grid)
     for e, w in enumerate(experts):
         q = _gptq_expert(w, record.tokens_of(e, opts.max_tokens_per_expert), make_grid, moe.config.activation,
                          opts.percdamp)
-        for m in codes:
-            codes[m].append(q[m])
+        for m, per_expert in codes.items():
+            per_expert.append(q[m])
     bank = CompressedBank.from_quantized(codes, torch.arange(len(experts)), activation=moe.config.activation,
                                          biases=_biases(experts))
     install_bank(moe, bank)
@@ -230,9 +237,11 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
     _gptq_layer(moe, record, opts, ternary_grid if bits == 1.5 else (lambda w: minmax_grid(w, 2)))
     if bits == 1.5 and opts.codec:
         from .codec import to_tunstall
-        coded = to_tunstall(moe.experts)
+        packed = moe.experts
+        assert isinstance(packed, CompressedBank)
+        coded = to_tunstall(packed)
         # the dictionary assumes QMoE's ~88% zeros; where the codes are denser it would grow them: keep the smaller
-        if coded.stored_bytes() < moe.experts.stored_bytes():
+        if coded.stored_bytes() < packed.stored_bytes():
             install_bank(moe, coded)
 
 
@@ -264,7 +273,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def expert_float_bytes(moe: MoE) -> int:
+def expert_float_bytes(moe: MoE) -> float:
     """Bytes of a layer's experts stored in float32 (the reference every memory fraction is taken of)."""
     bank = moe.experts
     per = sum(r * c for r, c in ((bank.hidden_dim, bank.dim),) * (3 if bank.gated else 2))

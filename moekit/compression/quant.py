@@ -18,8 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RowGrid", "minmax_grid", "ternary_grid", "quantize_rows", "dequantize_rows", "pack_bits", "unpack_bits",
-           "rtn"]
+__all__ = [
+    "RowGrid",
+    "dequantize_rows",
+    "minmax_grid",
+    "pack_bits",
+    "quantize_rows",
+    "rtn",
+    "ternary_grid",
+    "unpack_bits",
+]
 
 
 @dataclass(frozen=True)
@@ -41,21 +49,28 @@ class RowGrid:
     lo_R: torch.Tensor | None = None
     hi_R: torch.Tensor | None = None
 
+    def _pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = (self.lo_R, self.hi_R) if self.kind == "ternary" else (self.scale_R, self.zero_R)
+        assert a is not None and b is not None, "grid built without its parameters"
+        return a, b
+
     def quantize(self, w_RC: torch.Tensor) -> torch.Tensor:
         """Integer codes (int64) of ``w`` on this grid; ``w_RC`` may hold a subset of columns (GPTQ)."""
+        a, b = self._pair()
         if self.kind == "ternary":
-            lo, hi = self.lo_R[:, None], self.hi_R[:, None]
+            lo, hi = a[:, None], b[:, None]
             codes = torch.ones_like(w_RC, dtype=torch.long)
             codes = torch.where(w_RC > hi / 2, 2, codes)
             return torch.where(w_RC < lo / 2, 0, codes)
         levels = 2 ** self.bits - 1
-        return torch.clamp(torch.round(w_RC / self.scale_R[:, None]) + self.zero_R[:, None], 0, levels).long()
+        return torch.clamp(torch.round(w_RC / a[:, None]) + b[:, None], 0, levels).long()
 
     def dequantize(self, q_RC: torch.Tensor) -> torch.Tensor:
+        a, b = self._pair()
         if self.kind == "ternary":
-            lo, hi = self.lo_R[:, None], self.hi_R[:, None]
+            lo, hi = a[:, None], b[:, None]
             return torch.where(q_RC == 2, hi, torch.where(q_RC == 0, lo, torch.zeros_like(hi)))
-        return (q_RC.float() - self.zero_R[:, None]) * self.scale_R[:, None]
+        return (q_RC.float() - b[:, None]) * a[:, None]
 
     def round(self, w_RC: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(w))``: the nearest grid value of every entry."""

@@ -20,7 +20,7 @@ from .artifact import header_of, save_compressed_run
 from .calibrate import CompressionError, find_moe_layers
 from .methods import METHODS
 
-__all__ = ["calibration_tokens", "compress_run", "sweep_run", "SWEEP_POINTS", "format_table"]
+__all__ = ["SWEEP_POINTS", "calibration_tokens", "compress_run", "format_table", "sweep_run"]
 
 # (method, options) operating points of the sweep: 2-3 per method, chosen to bracket 50% and 25% of expert bytes
 SWEEP_POINTS: list[tuple[str, dict]] = [
@@ -66,8 +66,9 @@ def _eval(model, cfg, data, num_batches: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| method | setting | baseline | expert MB (disk) | expert MB (resident) | memory | bits/param | "
-             "val bits/byte | Δ vs float |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| method | setting | baseline | expert MB (disk) | expert MB (resident) | memory | bits/param | "
+              "val bits/byte | Δ vs float |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {'yes' if r['baseline'] else ''} | "
                      f"{r['disk_bytes'] / 1e6:.3f} | {r['resident_bytes'] / 1e6:.3f} | {r['memory_fraction']:.3f} | "

@@ -15,7 +15,7 @@ from ..routing import Router
 from .bank import CompressedBank
 from .calibrate import CompressionError
 
-__all__ = ["prune_router", "install_bank"]
+__all__ = ["install_bank", "prune_router"]
 
 
 def prune_router(moe: MoE, keep: list[int]) -> None:
@@ -50,6 +50,6 @@ def install_bank(moe: MoE, bank: CompressedBank) -> None:
     if bank.num_experts != moe.router.weight.shape[0]:
         raise CompressionError(f"{moe.name}: the compressed bank has {bank.num_experts} slots but the router has "
                                f"{moe.router.weight.shape[0]} experts")
-    moe.experts = bank
+    moe.experts = bank  # type: ignore[assignment]  # offers what the reference engine reads
     if moe.config.engine != "reference":
         moe.config = dataclasses.replace(moe.config, engine="reference")
