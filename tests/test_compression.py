@@ -343,3 +343,71 @@ def test_loading_checks_shapes_and_version(tmp_path):
     artifact.save_compressed_state(model, path, bad)
     with pytest.raises(CheckpointError, match=r"w_\w+_planes' is \(8, 4, "):
         artifact.load_compressed_state(tiny_lm(), path)
+
+
+# ---- EAQuant (spec §5) ---------------------------------------------------------------------------------------
+
+def test_eaquant_smoothing_is_an_exact_reparameterisation():
+    from moekit.compression.eaquant import apply_smoothing, smoothing_scales
+    model = tiny_lm()
+    t = tokens(3)
+    before = logits(model, t)
+    records = calibrate(model, tokens())
+    for block in model.layers:
+        moe = block.ffn
+        rec = records[f"layers.{block.index}.ffn"]
+        weights = [expert_weights(moe.experts, e) for e in range(8)]
+        s_D, per_ED = smoothing_scales(weights, rec)
+        assert (s_D[None] >= per_ED).all()  # max aggregation dominates every expert's own scale
+        x = rec.x_TD[:20]
+        router_before = moe.router.logits(x)
+        outs_before = [moe.experts.expert(x, e) for e in range(8)]
+        apply_smoothing(moe, block.ffn_norm, s_D)
+        assert torch.allclose(moe.router.logits(x / s_D), router_before, atol=1e-4)
+        for e in range(8):
+            assert torch.allclose(moe.experts.expert(x / s_D, e), outs_before[e], atol=1e-4)
+    assert torch.allclose(logits(model, t), before, atol=1e-4)
+
+
+def test_router_kl_is_zero_for_identity_and_reads_only_fp_topk():
+    from moekit.compression.eaquant import router_topk_kl
+    z = torch.randn(30, 8)
+    assert router_topk_kl(z, z, 2) == 0
+    top = torch.softmax(z, -1).topk(2, -1).indices
+    other = z.clone()
+    for t in range(30):  # permute the entries outside the FP top-k: the softmax at the top-k is unchanged
+        rest = [e for e in range(8) if e not in top[t].tolist()]
+        other[t, rest] = z[t, rest[1:] + rest[:1]]
+    assert not torch.equal(other, z)
+    assert abs(float(router_topk_kl(z, other, 2))) < 1e-6
+    worse = z.clone()
+    worse.scatter_(1, top[:, :1], -5.0)
+    assert router_topk_kl(z, worse, 2) > 0
+
+
+def test_eaquant_caps_each_experts_tokens_and_uses_the_layer_input_for_empty_experts():
+    from moekit.compression.eaquant import balanced_tokens
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=16, hidden_dim=24, num_experts=8, top_k=2, router=RouterConfig(use_logit_bias=True))
+    model = LanguageModel(ModelConfig(vocab_size=40, dim=16, num_layers=2, num_heads=2, context=16, moe=moe)).eval()
+    with torch.no_grad():
+        model.layers[0].ffn.router.bias[5] = -1e4
+    rec = calibrate(model, tokens())["layers.0.ffn"]
+    T, K = rec.expert_ids_TK.shape
+    cap = int(2.0 * T * K / 8)
+    for e in range(8):
+        x = balanced_tokens(rec, e)
+        if e == 5:
+            assert torch.equal(x, rec.x_TD)
+        else:
+            assert 0 < x.shape[0] <= cap
+            assert torch.equal(x, rec.tokens_of(e)[:cap])
+
+
+def test_eaquant_w4_beats_rtn_w4_on_the_output():
+    t = tokens(4)
+    ref = logits(tiny_lm(), t)
+    ea, plain = tiny_lm(), tiny_lm()
+    compress(ea, "eaquant", tokens(), bits=4)
+    compress(plain, "rtn", tokens(), bits=4)
+    assert (logits(ea, t) - ref).square().mean() < (logits(plain, t) - ref).square().mean()

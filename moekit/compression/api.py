@@ -89,7 +89,7 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
             m.apply(moe, record, opts, None)
     else:
         records = calibrate(model, tokens_NS, batch_size=batch_size)
-        plan = m.plan(records, opts, layer_of) if m.plan is not None else None
+        plan = m.plan(records, opts, layer_of, model) if m.plan is not None else None
         for name, moe in layers:
             m.apply(moe, records[name], opts, plan)
     for name, moe in layers:

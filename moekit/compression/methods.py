@@ -78,7 +78,8 @@ class Method:
         sequential: recalibrate before each layer, so later layers see compressed activations (QMoE's order).
         baseline: shown beside the methods in every table.
         apply: ``apply(moe, record, options, plan)`` changes the layer in place.
-        plan: optional ``plan(records, options) -> {layer name: value}`` across all layers (M-SMoE's groups).
+        plan: optional ``plan(records, options, layers, model) -> {layer name: value}`` across all layers
+            (M-SMoE's groups, EAQuant's input norms).
         summary: one line for ``--list``.
     """
 
@@ -182,7 +183,7 @@ def _apply_random_merge(moe: MoE, record: LayerRecord, opts: CompressOptions, pl
 
 # ---- M-SMoE --------------------------------------------------------------------------------------------------
 
-def _plan_msmoe(records: dict[str, LayerRecord], opts: CompressOptions, layers: dict[str, MoE]) -> dict[str, int]:
+def _plan_msmoe(records: dict[str, LayerRecord], opts: CompressOptions, layers: dict[str, MoE], model) -> dict[str, int]:
     names = list(records)
     keep = _keep(layers[names[0]], opts)
     counts = global_group_counts([records[n].frequency_E() for n in names], keep)
@@ -245,6 +246,39 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
             install_bank(moe, coded)
 
 
+# ---- EAQuant -------------------------------------------------------------------------------------------------
+
+def _plan_eaquant(records, opts, layers: dict[str, MoE], model) -> dict:
+    """Each layer's input norm, where the model is a moekit LanguageModel (the block's ``ffn_norm``)."""
+    norms = {}
+    for name, moe in layers.items():
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parent = model.get_submodule(parent_name)
+        norm = getattr(parent, "ffn_norm", None)
+        norms[name] = norm if getattr(parent, "ffn", None) is moe and getattr(norm, "weight", None) is not None else None
+    return norms
+
+
+def _apply_eaquant(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
+    from .eaquant import align_router, apply_smoothing, clip_search_grid, smoothing_scales
+    bits = int(_bits(opts, (3, 4, 8), 4))
+    norm = (plan or {}).get(record.name)
+    x_TD = record.x_TD
+    if norm is not None:
+        s_D, _ = smoothing_scales(_stacked(moe), record)
+        apply_smoothing(moe, norm, s_D)
+        x_TD = x_TD / s_D  # the layer's inputs after the smoothed norm
+    align_router(moe, x_TD)
+    experts = _stacked(moe)
+    codes: dict[str, list] = {m: [] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
+    for e in experts:
+        for m, per_expert in codes.items():
+            grid = clip_search_grid(e[m], bits)
+            per_expert.append((grid.quantize(e[m]), grid))
+    install_bank(moe, CompressedBank.from_quantized(codes, torch.arange(len(experts)),
+                                                    activation=moe.config.activation, biases=_biases(experts)))
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "quantise", False, True, _apply_rtn,
            "baseline: round-to-nearest per output channel, int8 (--bits 8) or int4/3/2", default_bits=8),
@@ -258,6 +292,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("qmoe", "quantise", True, False, _apply_qmoe,
            "QMoE: per-expert-Hessian GPTQ to ternary (--bits 1.5, entropy-coded) or 2-bit (spec §4)",
            default_bits=1.5),
+    Method("eaquant", "quantise", False, False, _apply_eaquant,
+           "EAQuant (weights): expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3 (spec §5)",
+           plan=_plan_eaquant, default_bits=4),
     Method("gptq", "quantise", True, False, _apply_gptq,
            "GPTQ per expert on its routed tokens, int4 by default (--bits 2/3/4/8)", default_bits=4),
 )}

@@ -29,6 +29,7 @@ SWEEP_POINTS: list[tuple[str, dict]] = [
     ("m-smoe", {"target_memory": 0.5}), ("m-smoe", {"target_memory": 0.25}),
     ("rtn", {"bits": 8}), ("rtn", {"bits": 4}), ("rtn", {"bits": 3}),
     ("gptq", {"bits": 4}), ("gptq", {"bits": 3}),
+    ("eaquant", {"bits": 4}), ("eaquant", {"bits": 3}),
     ("qmoe", {"bits": 2}), ("qmoe", {"bits": 1.5}),
 ]
 
