@@ -411,3 +411,57 @@ def test_eaquant_w4_beats_rtn_w4_on_the_output():
     compress(ea, "eaquant", tokens(), bits=4)
     compress(plain, "rtn", tokens(), bits=4)
     assert (logits(ea, t) - ref).square().mean() < (logits(plain, t) - ref).square().mean()
+
+
+# ---- DERN (spec §2) ------------------------------------------------------------------------------------------
+
+def test_dern_keeping_all_experts_is_identical():
+    model = tiny_lm()
+    t = tokens(3)
+    before = logits(model, t)
+    compress(model, "dern", tokens(), keep_experts=8)
+    assert torch.allclose(logits(model, t), before, atol=1e-5)
+
+
+def test_dern_alpha_above_one_is_importance_pruning():
+    a, b = tiny_lm(), tiny_lm()
+    compress(a, "dern", tokens(), keep_experts=3, alpha=1.5)
+    records = calibrate(tiny_lm(), tokens())
+    for block in b.layers:
+        imp = records[f"layers.{block.index}.ffn"].importance_E()
+        kept = sorted(sorted(range(8), key=lambda i: (-float(imp[i]), i))[:3])
+        from moekit.compression.surgery import install_bank, prune_router
+        w = [expert_weights(block.ffn.experts, i) for i in kept]
+        prune_router(block.ffn, kept)
+        install_bank(block.ffn, CompressedBank.from_float({m: torch.stack([x[m] for x in w]) for m in w[0]},
+                                                          torch.arange(3), activation="swiglu"))
+    t = tokens(3)
+    assert torch.allclose(logits(a, t), logits(b, t), atol=1e-6)
+    assert all(blk.ffn.experts.num_experts == 3 and blk.ffn.experts.hidden_dim == 24 for blk in a.layers)
+
+
+def test_dern_segments_sum_to_the_expert_and_kmeans_over_own_segments_is_identity():
+    from moekit.compression.dern import from_segments, segments, spherical_kmeans
+    w = expert_dict(5)
+    x = torch.randn(4, 6)
+    seg = segments(w)
+    parts = sum(run_expert(from_segments(seg[j:j + 1], 6, True), x) for j in range(12))
+    assert torch.allclose(parts, run_expert(w, x), atol=1e-5)
+    centroids, assign = spherical_kmeans(seg, torch.ones(12), seg[:, :6].abs().amax(1), 12)
+    assert sorted(assign.tolist()) == list(range(12))  # one segment per cluster
+    assert torch.allclose(centroids[assign], seg, atol=1e-5)  # each centroid is its segment (a neuron permutation)
+
+
+def test_dern_recombines_a_permuted_twin_into_the_kept_expert():
+    from moekit.compression.dern import from_segments, recombine, segments, transfer_segments
+    w = expert_dict(6)
+    twin = permute_expert(w, torch.randperm(12, generator=torch.Generator().manual_seed(7)))
+    other = expert_dict(8)
+    kept, dropped = [segments(w), segments(other)], [segments(twin)]
+    received, cosines = transfer_segments(kept, dropped, 6, True, alpha=0.5)
+    assert len(received[0]) == 12 and not received[1]
+    assert all(abs(c - 1) < 1e-5 for c in cosines[0])
+    got = torch.stack([dropped[0][j] for _, j in received[0]])
+    merged = from_segments(recombine(kept[0], got, 0.6, torch.full((12,), 0.2), 6, True), 6, True)
+    x = torch.randn(5, 6)
+    assert torch.allclose(run_expert(merged, x), run_expert(w, x), atol=1e-4)

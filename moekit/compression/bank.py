@@ -16,8 +16,8 @@ Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only),
   ``m_scale``, ``m_zero`` ``[G, R]`` float16: ``w = (q - zero) * scale`` (RTN, GPTQ).
 - ``ternary``: ``m_planes`` ``[G, 2, R, ceil(C/8)]`` and per-row ``m_lo``, ``m_hi`` float16: codes 0/1/2 are
   ``lo / 0 / hi`` (QMoE).
-- ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_offsets``
-  ``[G*R + 1]`` int32 and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
+- ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_counts``
+  ``[G*R]`` int16 (codes in each row; their prefix sums locate a row's stream) and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
 
 Biases (GPT-OSS, split BERT FFNs) stay float32, ``[G, F]`` / ``[G, D]``.
 """
@@ -91,7 +91,7 @@ class BankSpec:
                 continue
             if self.format == "tunstall":
                 out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
-                out[f"{m}_offsets"] = ((G * R + 1,), torch.int32)
+                out[f"{m}_counts"] = ((G * R,), torch.int16)
             else:
                 out[f"{m}_planes"] = ((G, self.bits, R, (C + 7) // 8), torch.uint8)
             names = ("scale", "zero") if self.format == "int" else ("lo", "hi")
@@ -192,8 +192,11 @@ class CompressedBank(nn.Module):
         R, C = self.spec.matrices()[m]
         if self.spec.format == "tunstall":
             from .codec import decode_rows
-            offsets = getattr(self, f"{m}_offsets")[g * R:(g + 1) * R + 1].long()
-            stream = getattr(self, f"{m}_codes")[offsets[0]:offsets[-1]]
+            counts = getattr(self, f"{m}_counts").long()
+            start = int(counts[:g * R].sum())
+            offsets = torch.zeros(R + 1, dtype=torch.long)
+            offsets[1:] = torch.cumsum(counts[g * R:(g + 1) * R], 0)
+            stream = getattr(self, f"{m}_codes")[start:start + int(offsets[-1])]
             if self.codebook is None:
                 raise RuntimeError("an entropy-coded bank needs its codebook; load it with moekit's loader")
             return decode_rows(stream, offsets - offsets[0], C, self.codebook)

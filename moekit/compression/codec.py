@@ -157,6 +157,8 @@ def to_tunstall(bank):
                 getattr(new, name).copy_(buf)
         for m, stream in streams.items():
             getattr(new, f"{m}_codes").copy_(stream)
-            getattr(new, f"{m}_offsets").copy_(offsets[m])
+            counts = offsets[m][1:] - offsets[m][:-1]
+            assert int(counts.max()) < 2 ** 15, "rows too long for int16 code counts"
+            getattr(new, f"{m}_counts").copy_(counts)
     new.codebook = build_codebook()
     return new

@@ -47,6 +47,7 @@ class CompressOptions:
         percdamp: GPTQ damping (QMoE: 0.1).
         max_tokens_per_expert: cap on each expert's calibration tokens (None: all routed tokens).
         seed: for the random baseline.
+        alpha: DERN's segment similarity threshold (spec: start at 0.5-0.6).
     """
 
     bits: float | None = None
@@ -56,6 +57,7 @@ class CompressOptions:
     percdamp: float = 0.1
     max_tokens_per_expert: int | None = None
     seed: int = 0
+    alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if self.target_memory is not None and not 0 < self.target_memory <= 1:
@@ -246,6 +248,30 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
             install_bank(moe, coded)
 
 
+# ---- DERN ---------------------------------------------------------------------------------------------------
+
+def _apply_dern(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
+    from .dern import from_segments, recombine, segments, transfer_segments
+    keep = _keep(moe, opts)
+    experts = _stacked(moe)
+    if "b_up" in experts[0]:
+        raise CompressionError(f"{moe.name}: DERN does not handle experts with biases; use m-smoe or prune-frequency")
+    importance = record.importance_E()
+    order = sorted(range(len(experts)), key=lambda i: (-float(importance[i]), i))
+    kept, dropped = sorted(order[:keep]), sorted(order[keep:])
+    gated, D = "w_gate" in experts[0], moe.config.dim
+    segs = [segments(w) for w in experts]
+    received, _ = transfer_segments([segs[i] for i in kept], [segs[i] for i in dropped], D, gated, opts.alpha)
+    new = []
+    for k, i in enumerate(kept):
+        pairs = received[k]
+        got = torch.stack([segs[dropped[d]][j] for d, j in pairs]) if pairs else segs[i][:0]
+        weights = torch.tensor([float(importance[dropped[d]]) for d, _ in pairs])
+        new.append(from_segments(recombine(segs[i], got, float(importance[i]), weights, D, gated), D, gated))
+    prune_router(moe, kept)
+    install_bank(moe, _float_bank(new, torch.arange(keep), moe.config.activation))
+
+
 # ---- EAQuant -------------------------------------------------------------------------------------------------
 
 def _plan_eaquant(records, opts, layers: dict[str, MoE], model) -> dict:
@@ -289,6 +315,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("m-smoe", "reduce", False, False, _apply_msmoe,
            "M-SMoE: frequency-guided groups, neuron alignment, frequency-weighted merging (spec §1)",
            plan=_plan_msmoe),
+    Method("dern", "reduce", False, False, _apply_dern,
+           "DERN: drop the least important experts, move their similar neurons into kept experts, re-cluster (spec §2)"),
     Method("qmoe", "quantise", True, False, _apply_qmoe,
            "QMoE: per-expert-Hessian GPTQ to ternary (--bits 1.5, entropy-coded) or 2-bit (spec §4)",
            default_bits=1.5),
