@@ -465,3 +465,50 @@ def test_dern_recombines_a_permuted_twin_into_the_kept_expert():
     merged = from_segments(recombine(kept[0], got, 0.6, torch.full((12,), 0.2), 6, True), 6, True)
     x = torch.randn(5, 6)
     assert torch.allclose(run_expert(merged, x), run_expert(w, x), atol=1e-4)
+
+
+# ---- D²MoE MWQ (spec §7) -------------------------------------------------------------------------------------
+
+def test_mwq_levels_differ_by_one_signed_plane_and_error_never_grows():
+    from moekit.compression.mwq import mwq_quantize, output_error
+    torch.manual_seed(0)
+    x = torch.randn(300, 8) @ torch.randn(8, 200) + 0.1 * torch.randn(300, 200)
+    w = torch.randn(12, 200)
+    h = x.T @ x
+    q = mwq_quantize(w, h, bits=2, levels=3, group_size=64, blocksize=64)
+    errors = []
+    for k in range(4):
+        errors.append(output_error(w, q.reconstruct(k), h))
+        if k:
+            diff = q.reconstruct(k) - q.reconstruct(k - 1)
+            step = q.rscale_LRN[k - 1].repeat_interleave(64, dim=-1)[:, :200] * q.signs_LRC[k - 1]
+            assert torch.allclose(diff, step, atol=1e-5)
+            assert set(q.signs_LRC[k - 1].unique().tolist()) <= {-1.0, 1.0}
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.2 * errors[0]
+
+
+def test_mwq_bank_prefixes_are_valid_experts_and_storage_grows_one_plane_per_level(tmp_path):
+    sizes = []
+    for levels in (0, 1, 2):
+        model = tiny_lm()
+        compress(model, "d2moe-mwq", tokens(), bits=2, levels=levels)
+        bank = model.layers[0].ffn.experts
+        sizes.append(sum(getattr(bank, f"{m}_planes").numel() for m in ("w_gate", "w_up", "w_down")))
+    one_plane = 8 * (24 * 2 + 24 * 2 + 16 * 3)  # G x (rows x ceil(cols / 8)) for w_gate, w_up, w_down
+    assert sizes[1] - sizes[0] == sizes[2] - sizes[1] == one_plane
+    model = tiny_lm()
+    t = tokens(2)
+    ref = logits(model, t)
+    compress(model, "d2moe-mwq", tokens(), bits=2, levels=2)
+    errs = []
+    for k in (0, 1, 2):
+        for block in model.layers:
+            block.ffn.experts.active_levels = k
+        errs.append(float((logits(model, t) - ref).square().mean()))
+    assert errs[2] < errs[0] and all(map(lambda v: v == v, errs))
+    path = tmp_path / "m.safetensors"
+    artifact.save_compressed_state(model, path, artifact.header_of(model, "d2moe-mwq", {}))
+    fresh = tiny_lm(seed=4)
+    artifact.load_compressed_state(fresh, path)
+    assert torch.equal(logits(fresh, t), logits(model, t))

@@ -18,6 +18,10 @@ Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only),
   ``lo / 0 / hi`` (QMoE).
 - ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_counts``
   ``[G*R]`` int16 (codes in each row; their prefix sums locate a row's stream) and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
+- ``nested`` (D²MoE's MWQ, :mod:`.mwq`): ``m_planes`` ``[G, bits + levels, R, ceil(C/8)]`` (the base code's
+  planes, then one sign plane per residual level), per-group ``m_scale``, ``m_zero`` ``[G, R, N]`` and
+  ``m_rscale`` ``[G, levels, R, N]`` float16 (``N = ceil(C / group_size)``). ``active_levels`` picks how many
+  residual planes the bank runs with: any prefix is a valid lower-bit expert.
 
 Biases (GPT-OSS, split BERT FFNs) stay float32, ``[G, F]`` / ``[G, D]``.
 """
@@ -36,7 +40,7 @@ from .quant import RowGrid, pack_bits, unpack_bits
 
 __all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
 
-FORMATS = ("float", "int", "ternary", "tunstall")
+FORMATS = ("float", "int", "ternary", "tunstall", "nested")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +56,7 @@ class BankSpec:
         format: one of :data:`FORMATS`.
         bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall``, 32 for ``float``.
         num_codes: for ``tunstall``, the length of each matrix's code stream.
+        levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
     """
 
     num_experts: int
@@ -63,6 +68,8 @@ class BankSpec:
     format: str = "float"
     bits: int = 32
     num_codes: Mapping[str, int] | None = None
+    levels: int = 0
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -88,6 +95,13 @@ class BankSpec:
         for m, (R, C) in self.matrices().items():
             if self.format == "float":
                 out[m] = ((G, R, C), torch.float32)
+                continue
+            if self.format == "nested":
+                N = -(-C // self.group_size)
+                out[f"{m}_planes"] = ((G, self.bits + self.levels, R, (C + 7) // 8), torch.uint8)
+                out[f"{m}_scale"] = ((G, R, N), torch.float16)
+                out[f"{m}_zero"] = ((G, R, N), torch.float16)
+                out[f"{m}_rscale"] = ((G, self.levels, R, N), torch.float16)
                 continue
             if self.format == "tunstall":
                 out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
@@ -123,6 +137,7 @@ class CompressedBank(nn.Module):
     """
 
     codebook: torch.Tensor | None = None  # set by the loader for ``tunstall`` banks (shared by every layer)
+    active_levels: int | None = None  # ``nested`` banks: residual planes used (None: all)
     slot_to_stored_E: torch.Tensor
 
     def __init__(self, spec: BankSpec) -> None:
@@ -206,6 +221,15 @@ class CompressedBank(nn.Module):
         """The float32 weight ``[R, C]`` of matrix ``m`` of stored expert ``g``, dequantised now."""
         if self.spec.format == "float":
             return getattr(self, m)[g]
+        if self.spec.format == "nested":
+            from .mwq import reconstruct
+            s, C = self.spec, self.spec.matrices()[m][1]
+            levels = s.levels if self.active_levels is None else min(self.active_levels, s.levels)
+            planes = getattr(self, f"{m}_planes")[g]
+            signs = torch.stack([unpack_bits(planes[s.bits + k:s.bits + k + 1], C) * 2 - 1 for k in range(levels)]) \
+                if levels else torch.zeros(0, 1, C)
+            return reconstruct(unpack_bits(planes[:s.bits], C), signs, getattr(self, f"{m}_scale")[g],
+                               getattr(self, f"{m}_zero")[g], getattr(self, f"{m}_rscale")[g], s.group_size, levels)
         return self.grid(m, g).dequantize(self.codes(m, g))
 
     def weights(self, e: int) -> dict[str, torch.Tensor]:
@@ -224,6 +248,31 @@ class CompressedBank(nn.Module):
         h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
         h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
         return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    @classmethod
+    def from_mwq(cls, mats: Mapping[str, list], slot_to_stored_E: torch.Tensor, *, activation: str,
+                 biases: Mapping[str, torch.Tensor] | None = None) -> CompressedBank:
+        """A ``nested`` bank from ``{matrix: [MWQ per stored expert]}``."""
+        first = mats["w_up"][0]
+        G = len(mats["w_up"])
+        F_, D = first.codes_RC.shape
+        spec = BankSpec(num_experts=len(slot_to_stored_E), num_stored=G, dim=D, hidden_dim=F_, activation=activation,
+                        use_bias=bool(biases), format="nested", bits=first.bits, levels=first.signs_LRC.shape[0],
+                        group_size=first.group_size)
+        bank = cls(spec)
+        with torch.no_grad():
+            for m, per_expert in mats.items():
+                for g, q in enumerate(per_expert):
+                    planes = [pack_bits(q.codes_RC, spec.bits)]
+                    planes += [pack_bits((q.signs_LRC[k] > 0).long(), 1) for k in range(spec.levels)]
+                    getattr(bank, f"{m}_planes")[g] = torch.cat(planes)
+                    getattr(bank, f"{m}_scale")[g] = q.scale_RN.half()
+                    getattr(bank, f"{m}_zero")[g] = q.zero_RN.half()
+                    getattr(bank, f"{m}_rscale")[g] = q.rscale_LRN.half()
+            for name, t in (biases or {}).items():
+                getattr(bank, name).copy_(t)
+            bank.slot_to_stored_E.copy_(slot_to_stored_E)
+        return bank
 
     def stored_bytes(self) -> int:
         """Bytes of the bank's tensors (what it adds to the file and to resident memory)."""

@@ -48,6 +48,8 @@ class CompressOptions:
         max_tokens_per_expert: cap on each expert's calibration tokens (None: all routed tokens).
         seed: for the random baseline.
         alpha: DERN's segment similarity threshold (spec: start at 0.5-0.6).
+        levels / group_size: D²MoE MWQ's residual planes above the ``bits``-bit base (V1: 2-bit base + 2 = INT2/3/4),
+            and its group size (128).
     """
 
     bits: float | None = None
@@ -58,6 +60,8 @@ class CompressOptions:
     max_tokens_per_expert: int | None = None
     seed: int = 0
     alpha: float = 0.5
+    levels: int = 2
+    group_size: int = 128
 
     def __post_init__(self) -> None:
         if self.target_memory is not None and not 0 < self.target_memory <= 1:
@@ -272,6 +276,29 @@ def _apply_dern(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
     install_bank(moe, _float_bank(new, torch.arange(keep), moe.config.activation))
 
 
+# ---- D²MoE MWQ -----------------------------------------------------------------------------------------------
+
+def _apply_mwq(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
+    from .mwq import mwq_quantize
+    bits = int(_bits(opts, (2, 3, 4, 5), 2))
+    if opts.levels < 0:
+        raise CompressionError(f"levels={opts.levels} must be >= 0 (residual planes above the base)")
+    experts = _stacked(moe)
+    mats: dict[str, list] = {m: [] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
+    for e, w in enumerate(experts):
+        x_TD = record.tokens_of(e, opts.max_tokens_per_expert)
+        if x_TD.shape[0] == 0:
+            x_TD = record.x_TD  # no routed token: fit on the whole layer input
+        h_up = x_TD @ w["w_up"].T + w.get("b_up", 0)
+        h_gate = x_TD @ w["w_gate"].T + w.get("b_gate", 0) if "w_gate" in w else None
+        inputs = {"w_gate": x_TD, "w_up": x_TD, "w_down": hidden(moe.config.activation, h_gate, h_up)}
+        for m, per_expert in mats.items():
+            per_expert.append(mwq_quantize(w[m], hessian(inputs[m]), bits=bits, levels=opts.levels,
+                                           group_size=opts.group_size))
+    install_bank(moe, CompressedBank.from_mwq(mats, torch.arange(len(experts)), activation=moe.config.activation,
+                                              biases=_biases(experts)))
+
+
 # ---- EAQuant -------------------------------------------------------------------------------------------------
 
 def _plan_eaquant(records, opts, layers: dict[str, MoE], model) -> dict:
@@ -323,6 +350,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("eaquant", "quantise", False, False, _apply_eaquant,
            "EAQuant (weights): expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3 (spec §5)",
            plan=_plan_eaquant, default_bits=4),
+    Method("d2moe-mwq", "quantise", True, False, _apply_mwq,
+           "D²MoE MWQ: bit-nested experts, a --bits base plus binary residual planes (--levels), prefixes valid "
+           "(spec §7)", default_bits=2),
     Method("gptq", "quantise", True, False, _apply_gptq,
            "GPTQ per expert on its routed tokens, int4 by default (--bits 2/3/4/8)", default_bits=4),
 )}

@@ -31,6 +31,7 @@ SWEEP_POINTS: list[tuple[str, dict]] = [
     ("rtn", {"bits": 8}), ("rtn", {"bits": 4}), ("rtn", {"bits": 3}),
     ("gptq", {"bits": 4}), ("gptq", {"bits": 3}),
     ("eaquant", {"bits": 4}), ("eaquant", {"bits": 3}),
+    ("d2moe-mwq", {"bits": 2, "levels": 2}), ("d2moe-mwq", {"bits": 2, "levels": 1}),
     ("qmoe", {"bits": 2}), ("qmoe", {"bits": 1.5}),
 ]
 
