@@ -512,3 +512,58 @@ def test_mwq_bank_prefixes_are_valid_experts_and_storage_grows_one_plane_per_lev
     fresh = tiny_lm(seed=4)
     artifact.load_compressed_state(fresh, path)
     assert torch.equal(logits(fresh, t), logits(model, t))
+
+
+# ---- Expert Merging / ++ (spec §3) -------------------------------------------------------------------------------
+
+def test_expert_merging_init_single_expert_and_gradients():
+    from moekit.compression.expert_merging import MergeCoefficients, merge_tensor
+    base, a, b = expert_dict(10), expert_dict(11), expert_dict(12)
+    coefs = MergeCoefficients(list(base), 2, {})
+    for n in base:
+        taus = [a[n] - base[n], b[n] - base[n]]
+        assert torch.allclose(merge_tensor(base[n], taus, coefs.coef(n)), base[n] + 0.1 * (taus[0] + taus[1]),
+                              atol=1e-6)
+        assert torch.allclose(merge_tensor(base[n], [a[n] - base[n]], torch.ones(1, 1)), a[n], atol=1e-6)
+    x = torch.randn(6, 6)
+    merged = {n: merge_tensor(base[n], [a[n] - base[n], b[n] - base[n]], coefs.coef(n)) for n in base}
+    run_expert(merged, x).square().sum().backward()
+    assert [p for p in coefs.parameters()] and all(p.requires_grad for p in coefs.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in coefs.parameters())
+    assert all(not t.requires_grad for t in (*base.values(), *a.values()))
+
+
+def test_expert_merging_chunks_follow_torch_chunk():
+    from moekit.compression.expert_merging import merge_tensor
+    base, tau = torch.randn(5, 7), torch.randn(5, 7)
+    one = merge_tensor(base, [tau], torch.tensor([[0.3]]))
+    assert torch.allclose(one, base + 0.3 * tau)
+    coef = torch.tensor([[0.2, 0.5, 0.9]])
+    got = merge_tensor(base, [tau], coef).reshape(-1) - base.reshape(-1)
+    for c, chunk in zip(coef[0], torch.chunk(torch.arange(35), 3)):
+        assert torch.allclose(got[chunk], c * tau.reshape(-1)[chunk])
+
+
+def test_expert_merging_pp_allocation():
+    from moekit.compression.expert_merging import MergeCoefficients, allocate_chunks, unit_importance
+    taus = {"a": [torch.ones(4, 4)], "b": [3 * torch.ones(4, 4)], "c": [torch.zeros(4, 4)]}
+    coefs = {n: torch.full((1, 1), 0.5) for n in taus}
+    imp = unit_importance(coefs, taus)
+    assert all(v >= 0 for v in imp.values()) and abs(sum(imp.values()) - 1) < 1e-9
+    assert imp["b"] == pytest.approx(0.75)
+    assert allocate_chunks(imp, 9, kappa=0) == {"a": 3, "b": 3, "c": 3}
+    chunks = allocate_chunks(imp, 4, kappa=2)
+    assert chunks["b"] > chunks["a"] and chunks["c"] == 0
+    m = MergeCoefficients(list(taus), 1, chunks, fixed={"c": torch.full((1, 1), 0.2)})
+    assert "c" not in dict(m.named_parameters()) and torch.equal(m.coef("c"), torch.full((1, 1), 0.2))
+
+
+@pytest.mark.parametrize("method", ["expert-merging", "expert-merging++"])
+def test_expert_merging_methods_run_and_beat_plain_averaging(method):
+    t = tokens(4)
+    ref = logits(tiny_lm(), t)
+    learned, avg = tiny_lm(), tiny_lm()
+    compress(learned, method, tokens(), keep_experts=4, merge_steps=30)
+    compress(avg, "merge-random", tokens(), keep_experts=4)
+    assert torch.isfinite(logits(learned, t)).all()
+    assert (logits(learned, t) - ref).square().mean() < (logits(avg, t) - ref).square().mean()

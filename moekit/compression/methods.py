@@ -50,6 +50,8 @@ class CompressOptions:
         alpha: DERN's segment similarity threshold (spec: start at 0.5-0.6).
         levels / group_size: D²MoE MWQ's residual planes above the ``bits``-bit base (V1: 2-bit base + 2 = INT2/3/4),
             and its group size (128).
+        merge_steps / budget / kappa: Expert Merging's optimisation steps, and ++'s chunk budget (a multiple of
+            the number of merged tensors) and steepness κ.
     """
 
     bits: float | None = None
@@ -62,6 +64,9 @@ class CompressOptions:
     alpha: float = 0.5
     levels: int = 2
     group_size: int = 128
+    merge_steps: int = 40
+    budget: float = 1.0
+    kappa: float = 1.0
 
     def __post_init__(self) -> None:
         if self.target_memory is not None and not 0 < self.target_memory <= 1:
@@ -252,6 +257,57 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
             install_bank(moe, coded)
 
 
+# ---- Expert Merging / ++ ---------------------------------------------------------------------------------------
+
+def _apply_expert_merging(moe: MoE, record: LayerRecord, opts: CompressOptions, plan, plus: bool = False) -> None:
+    from .expert_merging import allocate_chunks, fit_merge, unit_importance
+    num_groups = plan[record.name] if plan else _keep(moe, opts)
+    groups = msmoe_groups(record, num_groups)
+    experts = _stacked(moe)
+    freq = record.frequency_E()
+    slots = torch.empty(len(experts), dtype=torch.long)
+    problems = []
+    for g, members in enumerate(groups):
+        slots[members] = g
+        ref = experts[members[0]]
+        aligned = [ref] + [permute_expert(experts[i], align_neurons(ref, experts[i])) for i in members[1:]]
+        f = [float(freq[i]) for i in members]
+        alphas = [x / sum(f) for x in f] if sum(f) > 0 else [1 / len(f)] * len(f)
+        inputs = [record.tokens_of(i, opts.max_tokens_per_expert) for i in members]
+        problems.append((ref, aligned, inputs, alphas))
+    merged, first = [], []
+    for ref, aligned, inputs, alphas in problems:
+        if len(aligned) == 1:
+            merged.append(ref)
+            first.append(None)
+            continue
+        w, coefs = fit_merge(ref, aligned, inputs, alphas, moe.config.activation, steps=opts.merge_steps)
+        merged.append(w)
+        first.append(coefs)
+    if plus:  # Expert Merging++: re-allocate chunks across the layer's merged tensors by importance, retrain
+        coefs_all, taus_all = {}, {}
+        for g, ((ref, aligned, _, _), coefs) in enumerate(zip(problems, first)):
+            if coefs is None:
+                continue
+            for n in ref:
+                coefs_all[(g, n)] = coefs.coef(n).detach()
+                taus_all[(g, n)] = [m[n] - ref[n] for m in aligned]
+        if coefs_all:
+            chunks = allocate_chunks(unit_importance(coefs_all, taus_all), opts.budget * len(coefs_all), opts.kappa)
+            for g, ((ref, aligned, inputs, alphas), coefs) in enumerate(zip(problems, first)):
+                if coefs is None:
+                    continue
+                mine = {n: chunks[(g, n)] for n in ref}
+                fixed = {n: coefs_all[(g, n)] for n in ref}
+                merged[g], _ = fit_merge(ref, aligned, inputs, alphas, moe.config.activation, chunks=mine,
+                                         fixed=fixed, steps=opts.merge_steps)
+    install_bank(moe, _float_bank(merged, slots, moe.config.activation))
+
+
+def _apply_expert_merging_pp(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
+    _apply_expert_merging(moe, record, opts, plan, plus=True)
+
+
 # ---- DERN ---------------------------------------------------------------------------------------------------
 
 def _apply_dern(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
@@ -341,6 +397,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "baseline: merge experts in random groups by plain averaging; router unchanged"),
     Method("m-smoe", "reduce", False, False, _apply_msmoe,
            "M-SMoE: frequency-guided groups, neuron alignment, frequency-weighted merging (spec §1)",
+           plan=_plan_msmoe),
+    Method("expert-merging", "reduce", False, False, _apply_expert_merging,
+           "Expert Merging: M-SMoE groups merged with learned per-tensor coefficients on calibration data (spec §3)",
+           plan=_plan_msmoe),
+    Method("expert-merging++", "reduce", False, False, _apply_expert_merging_pp,
+           "Expert Merging++: importance-guided chunk allocation of the coefficients, retrained (spec §3)",
            plan=_plan_msmoe),
     Method("dern", "reduce", False, False, _apply_dern,
            "DERN: drop the least important experts, move their similar neurons into kept experts, re-cluster (spec §2)"),

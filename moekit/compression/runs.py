@@ -28,6 +28,8 @@ SWEEP_POINTS: list[tuple[str, dict]] = [
     ("merge-random", {"target_memory": 0.5}), ("merge-random", {"target_memory": 0.25}),
     ("m-smoe", {"target_memory": 0.5}), ("m-smoe", {"target_memory": 0.25}),
     ("dern", {"target_memory": 0.5}), ("dern", {"target_memory": 0.25}),
+    ("expert-merging", {"target_memory": 0.5}), ("expert-merging", {"target_memory": 0.25}),
+    ("expert-merging++", {"target_memory": 0.5}), ("expert-merging++", {"target_memory": 0.25}),
     ("rtn", {"bits": 8}), ("rtn", {"bits": 4}), ("rtn", {"bits": 3}),
     ("gptq", {"bits": 4}), ("gptq", {"bits": 3}),
     ("eaquant", {"bits": 4}), ("eaquant", {"bits": 3}),
