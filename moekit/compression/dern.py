@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["segments", "from_segments", "transfer_segments", "spherical_kmeans", "recombine"]
+__all__ = ["from_segments", "recombine", "segments", "spherical_kmeans", "transfer_segments"]
 
 
 def segments(w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,12 +46,12 @@ def _similarity_part(seg_NV: torch.Tensor, dim: int, gated: bool) -> torch.Tenso
 
 
 def transfer_segments(kept: list[torch.Tensor], dropped: list[torch.Tensor], dim: int, gated: bool,
-                      alpha: float) -> tuple[list[list[int]], list[list[float]]]:
+                      alpha: float) -> tuple[list[list[tuple[int, int]]], list[list[float]]]:
     """For each kept expert, the ``(dropped expert, segment)`` pairs it receives, and their cosines."""
     pool = torch.cat(kept)
     owner = torch.repeat_interleave(torch.arange(len(kept)), torch.tensor([k.shape[0] for k in kept]))
     pool_n = F.normalize(_similarity_part(pool, dim, gated), dim=1)
-    received: list[list] = [[] for _ in kept]
+    received: list[list[tuple[int, int]]] = [[] for _ in kept]
     cosines: list[list[float]] = [[] for _ in kept]
     for d, seg in enumerate(dropped):
         sim_NP = F.normalize(_similarity_part(seg, dim, gated), dim=1) @ pool_n.T

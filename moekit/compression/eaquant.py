@@ -31,8 +31,15 @@ from torch import nn
 from ..layers import MoE
 from .calibrate import LayerRecord
 
-__all__ = ["smoothing_scales", "apply_smoothing", "clip_search_grid", "router_topk_kl", "align_router",
-           "balanced_tokens", "CLIP_RATIOS"]
+__all__ = [
+    "CLIP_RATIOS",
+    "align_router",
+    "apply_smoothing",
+    "balanced_tokens",
+    "clip_search_grid",
+    "router_topk_kl",
+    "smoothing_scales",
+]
 
 CLIP_RATIOS = torch.linspace(0.35, 1.0, 101)
 
@@ -60,7 +67,9 @@ def smoothing_scales(weights: list[dict[str, torch.Tensor]], record: LayerRecord
 @torch.no_grad()
 def apply_smoothing(moe: MoE, norm: nn.Module, s_D: torch.Tensor) -> None:
     """Fold ``s`` in exactly: ``norm.weight /= s``; router and expert input columns ``*= s``."""
-    norm.weight.div_(s_D.to(norm.weight))
+    weight = norm.weight
+    assert isinstance(weight, torch.Tensor), "the input norm has no weight to fold the scale into"
+    weight.div_(s_D.to(weight))
     moe.router.weight.mul_(s_D.to(moe.router.weight))
     for m in ("w_gate", "w_up"):
         p = getattr(moe.experts, m, None)
@@ -111,7 +120,7 @@ def align_router(moe: MoE, x_TD: torch.Tensor, bits: int = 8) -> float:
     """Quantise the router (int8 per channel) with the clipping ratio of least top-k KL; return that ratio."""
     w = moe.router.weight.detach().float()
     fp = moe.router.logits(x_TD)
-    bias = moe.router.bias
+    bias = moe.router.bias if isinstance(moe.router.bias, torch.Tensor) else None
     best, best_ratio = float("inf"), 1.0
     for r in CLIP_RATIOS.tolist():
         wq = _fake_quant(w, bits, r)

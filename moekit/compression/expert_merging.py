@@ -24,6 +24,8 @@ matrix of one merged group.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..experts.activations import hidden
 
-__all__ = ["merge_tensor", "MergeCoefficients", "fit_merge", "unit_importance", "allocate_chunks", "INIT"]
+__all__ = ["INIT", "MergeCoefficients", "allocate_chunks", "fit_merge", "merge_tensor", "unit_importance"]
 
 INIT = 0.1
 
@@ -92,8 +94,8 @@ def fit_merge(base: dict[str, torch.Tensor], members: list[dict[str, torch.Tenso
         per_expert = max(coefs.count_per_expert(), 1)
         for _ in range(steps):
             merged = {n: merge_tensor(base[n], taus[n], coefs.coef(n)) for n in names}
-            loss = sum(a * F.mse_loss(_run(merged, x, activation), t) / s
-                       for a, x, t, s in zip(alphas, inputs, targets, scales) if x.shape[0])
+            loss: torch.Tensor = sum(a * F.mse_loss(_run(merged, x, activation), t) / s
+                       for a, x, t, s in zip(alphas, inputs, targets, scales) if x.shape[0])  # type: ignore[assignment]
             reg = sum((torch.sigmoid(p) - INIT).abs().sum() for p in params) / per_expert
             total = loss + gamma * reg
             opt.zero_grad()
@@ -104,7 +106,7 @@ def fit_merge(base: dict[str, torch.Tensor], members: list[dict[str, torch.Tenso
     return merged, coefs
 
 
-def unit_importance(coefs: dict[str, torch.Tensor], taus: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+def unit_importance(coefs: Mapping[Any, torch.Tensor], taus: Mapping[Any, list[torch.Tensor]]) -> dict[Any, float]:
     """``I_ℓ = Norm(Σ_k |a_{ℓ,k}| · mean|τ_{ℓ,k}| · n_ℓ)`` over units ℓ (chunk coefficients averaged per expert)."""
     raw = {}
     for n, a_KC in coefs.items():
@@ -113,8 +115,8 @@ def unit_importance(coefs: dict[str, torch.Tensor], taus: dict[str, list[torch.T
     return {n: (v / total if total > 0 else 1 / len(raw)) for n, v in raw.items()}
 
 
-def allocate_chunks(importance: dict[str, float], budget: float, kappa: float = 1.0) -> dict[str, int]:
+def allocate_chunks(importance: Mapping[Any, float], budget: float, kappa: float = 1.0) -> dict[Any, int]:
     """``m_ℓ = floor(B · I_ℓ^κ / Σ_j I_j^κ)``."""
     powered = {n: (v ** kappa if v > 0 else (1.0 if kappa == 0 else 0.0)) for n, v in importance.items()}
     total = sum(powered.values())
-    return {n: int(math.floor(budget * p / total)) if total > 0 else 0 for n, p in powered.items()}
+    return {n: math.floor(budget * p / total) if total > 0 else 0 for n, p in powered.items()}

@@ -275,7 +275,8 @@ def _apply_expert_merging(moe: MoE, record: LayerRecord, opts: CompressOptions, 
         alphas = [x / sum(f) for x in f] if sum(f) > 0 else [1 / len(f)] * len(f)
         inputs = [record.tokens_of(i, opts.max_tokens_per_expert) for i in members]
         problems.append((ref, aligned, inputs, alphas))
-    merged, first = [], []
+    merged: list[dict[str, torch.Tensor]] = []
+    first: list = []
     for ref, aligned, inputs, alphas in problems:
         if len(aligned) == 1:
             merged.append(ref)
@@ -369,7 +370,12 @@ def _plan_eaquant(records, opts, layers: dict[str, MoE], model) -> dict:
 
 
 def _apply_eaquant(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
-    from .eaquant import align_router, apply_smoothing, clip_search_grid, smoothing_scales
+    from .eaquant import (
+        align_router,
+        apply_smoothing,
+        clip_search_grid,
+        smoothing_scales,
+    )
     bits = int(_bits(opts, (3, 4, 8), 4))
     norm = (plan or {}).get(record.name)
     x_TD = record.x_TD

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MWQ", "mwq_quantize", "residual_scales", "output_error"]
+__all__ = ["MWQ", "mwq_quantize", "output_error", "residual_scales"]
 
 CLIPS = torch.linspace(0.5, 1.0, 11)
 
@@ -116,7 +116,7 @@ def mwq_quantize(w_RC: torch.Tensor, h_CC: torch.Tensor, *, bits: int = 2, level
     if blocksize % group_size and group_size % blocksize:
         raise ValueError(f"blocksize={blocksize} and group_size={group_size} must nest")
     W = w_RC.detach().double().clone()
-    R, C = W.shape
+    C = W.shape[1]
     H = h_CC.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -132,5 +132,6 @@ def mwq_quantize(w_RC: torch.Tensor, h_CC: torch.Tensor, *, bits: int = 2, level
         # block-level compensation: err_blk · U_blk⁻¹ · U[blk, rest] (GPTQ's lazy update without inner columns)
         E = torch.linalg.solve_triangular(Hinv[i1:i2, i1:i2], err, upper=True, left=False)
         W[:, i2:] -= E @ Hinv[i1:i2, i2:]
-    cat = lambda i, d: torch.cat([p[i] for p in parts], dim=d)  # noqa: E731
+    def cat(i: int, d: int) -> torch.Tensor:
+        return torch.cat([p[i] for p in parts], dim=d)
     return MWQ(cat(0, 1), cat(1, 2), cat(2, 1), cat(3, 1), cat(4, 2), bits, group_size)
