@@ -1,6 +1,9 @@
 """``moekit compress`` on a tiny trained run: the output is a run folder eval/sample/analyze read, written only on
 success; every user error is one line with exit status 2. Also patched transformers models (moekit.hf)."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -109,3 +112,17 @@ def test_tiny_transformers_models_compress_save_reload(arch, tmp_path):
     assert torch.isfinite(got).all() and torch.equal(got, direct)
     # stated error: int8 per-channel RTN moves the logits by under 5% of their scale on these models
     assert (got - want).abs().mean() < 0.05 * want.abs().mean()
+
+
+def test_sweep_writes_table_json_and_plot(run_dir, tmp_path):
+    from moekit.compression.runs import sweep_run
+    rows = sweep_run(run_dir, tmp_path / "sweep", points=[("rtn", {"bits": 8}), ("prune-frequency",
+                                                                                 {"target_memory": 0.5})],
+                     num_tokens=256, eval_batches=1)
+    assert [r["method"] for r in rows] == ["float", "rtn", "prune-frequency"]
+    assert rows[0]["delta_bpb"] == 0 and rows[2]["memory_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert all(math.isfinite(r["val_bpb"]) for r in rows)
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| rtn | bits=8 | yes |" in table
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == rows
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000

@@ -81,11 +81,12 @@ def find_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
 
 
 def run_model(model: nn.Module, tokens_BS: torch.Tensor):
-    """One forward pass: ``model(tokens)`` for moekit models, ``model(input_ids=tokens)`` for transformers."""
+    """One forward pass: ``model(tokens)`` for moekit models, ``model(input_ids=tokens)`` for transformers
+    (its output object is returned as is: calibration only needs the hooks to fire)."""
     from ..models import LanguageModel
     if isinstance(model, LanguageModel):
         return model(tokens_BS)[0]
-    return model(input_ids=tokens_BS).logits
+    return model(input_ids=tokens_BS)
 
 
 def check_calibration(tokens_NS: torch.Tensor, min_tokens: int = 64) -> torch.Tensor:
