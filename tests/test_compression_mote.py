@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from moekit.cli.main import main
-from moekit.compression.mote import MoTE, act_quant_int8, mote_qat, ternary_ste, upcycle_to_mote
+from moekit.compression.mote import (
+    MoTE,
+    act_quant_int8,
+    mote_qat,
+    ternary_ste,
+    upcycle_to_mote,
+)
 from moekit.experts import FeedForward
 from moekit.models import LanguageModel, ModelConfig
 from moekit.types import RoutingContext

@@ -28,7 +28,7 @@ from ..layers.moe import routing_stats
 from ..routing import Router, RouterConfig
 from ..types import RoutingContext
 
-__all__ = ["ternary_ste", "act_quant_int8", "MoTE", "upcycle_to_mote", "mote_qat"]
+__all__ = ["MoTE", "act_quant_int8", "mote_qat", "ternary_ste", "upcycle_to_mote"]
 
 EPS = 1e-5
 
