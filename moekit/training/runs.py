@@ -34,7 +34,11 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Lang
     """``(config, model with the checkpoint's weights, in eval mode, training state)`` of a run folder."""
     cfg = read_run_config(run_dir)
     model = LanguageModel(cfg.model)
-    state = load_checkpoint(Path(run_dir), model)
+    from ..compression.artifact import is_compressed_run, load_compressed_into
+    if is_compressed_run(run_dir):  # written by moekit compress: experts stored merged / pruned / quantised
+        state = load_compressed_into(Path(run_dir), model)
+    else:
+        state = load_checkpoint(Path(run_dir), model)
     return cfg, model.to(resolve_device(device)).eval(), state
 
 

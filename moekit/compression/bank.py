@@ -1,0 +1,288 @@
+"""CompressedBank: an expert bank stored merged, pruned or quantised, dequantised one expert at a time as it runs.
+
+Dim legend: E routing slots (the router's experts), G stored experts, F expert hidden dim, D model dim,
+R rows, C columns, P bit planes.
+
+The bank stands where an :class:`~moekit.experts.ExpertBank` stood inside a :class:`~moekit.MoE` and offers what
+the ``reference`` engine uses (``num_experts`` and ``expert(x, e)``), so routing, shared experts, statistics and
+every caller stay as they are. ``slot_to_stored_E`` maps the router's E slots onto the G stored experts: the
+identity for quantisation and pruning, many-to-one for merging (M-SMoE keeps the router and points every slot
+of a group at the one merged expert).
+
+Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only), ``w_up``, ``w_down``:
+
+- ``float``: ``m`` ``[G, R, C]`` float32.
+- ``int``: ``m_planes`` ``[G, P=bits, R, ceil(C/8)]`` uint8 (bit planes, :func:`~.quant.pack_bits`), per-row
+  ``m_scale``, ``m_zero`` ``[G, R]`` float16: ``w = (q - zero) * scale`` (RTN, GPTQ).
+- ``ternary``: ``m_planes`` ``[G, 2, R, ceil(C/8)]`` and per-row ``m_lo``, ``m_hi`` float16: codes 0/1/2 are
+  ``lo / 0 / hi`` (QMoE).
+- ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_counts``
+  ``[G*R]`` int16 (codes in each row; their prefix sums locate a row's stream) and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
+- ``nested`` (D²MoE's MWQ, :mod:`.mwq`): ``m_planes`` ``[G, bits + levels, R, ceil(C/8)]`` (the base code's
+  planes, then one sign plane per residual level), per-group ``m_scale``, ``m_zero`` ``[G, R, N]`` and
+  ``m_rscale`` ``[G, levels, R, N]`` float16 (``N = ceil(C / group_size)``). ``active_levels`` picks how many
+  residual planes the bank runs with: any prefix is a valid lower-bit expert.
+
+Biases (GPT-OSS, split BERT FFNs) stay float32, ``[G, F]`` / ``[G, D]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts.activations import hidden, is_gated
+from .quant import RowGrid, pack_bits, unpack_bits
+
+__all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
+
+FORMATS = ("float", "int", "ternary", "tunstall", "nested")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BankSpec:
+    """Everything needed to rebuild a :class:`CompressedBank` with empty buffers of the right shapes.
+
+    Attributes:
+        num_experts: routing slots E (the router's experts).
+        num_stored: stored experts G.
+        dim / hidden_dim: D and F.
+        activation: the experts' activation.
+        use_bias: whether the projections carry biases.
+        format: one of :data:`FORMATS`.
+        bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall``, 32 for ``float``.
+        num_codes: for ``tunstall``, the length of each matrix's code stream.
+        levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
+    """
+
+    num_experts: int
+    num_stored: int
+    dim: int
+    hidden_dim: int
+    activation: str
+    use_bias: bool = False
+    format: str = "float"
+    bits: int = 32
+    num_codes: Mapping[str, int] | None = None
+    levels: int = 0
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"bank format {self.format!r} is unknown; choose one of {FORMATS}")
+        if not 1 <= self.num_stored <= self.num_experts:
+            raise ValueError(f"num_stored={self.num_stored} must be between 1 and num_experts={self.num_experts}")
+
+    def matrices(self) -> dict[str, tuple[int, int]]:
+        """``{name: (rows, cols)}`` of the expert weight matrices."""
+        F_, D = self.hidden_dim, self.dim
+        out = {"w_gate": (F_, D)} if is_gated(self.activation) else {}
+        return {**out, "w_up": (F_, D), "w_down": (D, F_)}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_codes"] = dict(self.num_codes) if self.num_codes else None
+        return d
+
+    def buffer_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{buffer name: (shape, dtype)}``: what a file must hold for this bank."""
+        G, E = self.num_stored, self.num_experts
+        out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"slot_to_stored_E": ((E,), torch.int64)}
+        for m, (R, C) in self.matrices().items():
+            if self.format == "float":
+                out[m] = ((G, R, C), torch.float32)
+                continue
+            if self.format == "nested":
+                N = -(-C // self.group_size)
+                out[f"{m}_planes"] = ((G, self.bits + self.levels, R, (C + 7) // 8), torch.uint8)
+                out[f"{m}_scale"] = ((G, R, N), torch.float16)
+                out[f"{m}_zero"] = ((G, R, N), torch.float16)
+                out[f"{m}_rscale"] = ((G, self.levels, R, N), torch.float16)
+                continue
+            if self.format == "tunstall":
+                out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
+                out[f"{m}_counts"] = ((G * R,), torch.int16)
+            else:
+                out[f"{m}_planes"] = ((G, self.bits, R, (C + 7) // 8), torch.uint8)
+            names = ("scale", "zero") if self.format == "int" else ("lo", "hi")
+            for p in names:
+                out[f"{m}_{p}"] = ((G, R), torch.float16)
+        if self.use_bias:
+            if is_gated(self.activation):
+                out["b_gate"] = ((G, self.hidden_dim), torch.float32)
+            out["b_up"] = ((G, self.hidden_dim), torch.float32)
+            out["b_down"] = ((G, self.dim), torch.float32)
+        return out
+
+
+def expert_weights(bank: nn.Module, e: int) -> dict[str, torch.Tensor]:
+    """The float weights (and biases) of slot ``e`` of an ExpertBank or CompressedBank."""
+    if isinstance(bank, CompressedBank):
+        return bank.weights(e)
+    out = {m: getattr(bank, m)[e].detach() for m in ("w_gate", "w_up", "w_down") if getattr(bank, m) is not None}
+    for b in ("b_gate", "b_up", "b_down"):
+        if getattr(bank, b, None) is not None:
+            out[b] = getattr(bank, b)[e].detach()
+    return out
+
+
+class CompressedBank(nn.Module):
+    """Stored-compressed experts behind the ExpertBank interface the ``reference`` engine reads.
+
+    Build one with :meth:`from_float` or :meth:`from_quantized`; :meth:`empty` makes one to load a file into.
+    """
+
+    codebook: torch.Tensor | None = None  # set by the loader for ``tunstall`` banks (shared by every layer)
+    active_levels: int | None = None  # ``nested`` banks: residual planes used (None: all)
+    slot_to_stored_E: torch.Tensor
+
+    def __init__(self, spec: BankSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.num_experts, self.dim, self.hidden_dim = spec.num_experts, spec.dim, spec.hidden_dim
+        self.activation = spec.activation
+        for name, (shape, dtype) in spec.buffer_shapes().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+    @property
+    def gated(self) -> bool:
+        return is_gated(self.activation)
+
+    @classmethod
+    def empty(cls, spec: BankSpec) -> CompressedBank:
+        return cls(spec)
+
+    @classmethod
+    def from_float(cls, weights: Mapping[str, torch.Tensor], slot_to_stored_E: torch.Tensor, *, activation: str
+                   ) -> CompressedBank:
+        """A ``float`` bank from stacked weights ``{w_gate?, w_up: [G, F, D], w_down: [G, D, F], b_*?}``."""
+        G, F_, D = weights["w_up"].shape
+        spec = BankSpec(num_experts=len(slot_to_stored_E), num_stored=G, dim=D, hidden_dim=F_,
+                        activation=activation, use_bias="b_up" in weights, format="float", bits=32)
+        bank = cls(spec)
+        with torch.no_grad():
+            for name, t in weights.items():
+                getattr(bank, name).copy_(t)
+            bank.slot_to_stored_E.copy_(slot_to_stored_E)
+        return bank
+
+    @classmethod
+    def from_quantized(cls, codes: Mapping[str, list[tuple[torch.Tensor, RowGrid]]], slot_to_stored_E: torch.Tensor,
+                       *, activation: str, biases: Mapping[str, torch.Tensor] | None = None) -> CompressedBank:
+        """An ``int`` or ``ternary`` bank from ``{matrix: [(codes_RC, grid) per stored expert]}``."""
+        first = codes["w_up"][0][1]
+        fmt, bits = ("ternary", 2) if first.kind == "ternary" else ("int", first.bits)
+        G = len(codes["w_up"])
+        F_, D = codes["w_up"][0][0].shape
+        spec = BankSpec(num_experts=len(slot_to_stored_E), num_stored=G, dim=D, hidden_dim=F_,
+                        activation=activation, use_bias=bool(biases), format=fmt, bits=bits)
+        bank = cls(spec)
+        with torch.no_grad():
+            for m, per_expert in codes.items():
+                for g, (q_RC, grid) in enumerate(per_expert):
+                    if (grid.kind == "ternary") != (fmt == "ternary") or grid.bits != bits:
+                        raise ValueError("every matrix of a bank must use the same grid kind and bits")
+                    getattr(bank, f"{m}_planes")[g] = pack_bits(q_RC, bits)
+                    first_R, second_R = grid._pair()
+                    names = ("scale", "zero") if fmt == "int" else ("lo", "hi")
+                    getattr(bank, f"{m}_{names[0]}")[g] = first_R.half()
+                    getattr(bank, f"{m}_{names[1]}")[g] = second_R.half()
+            for name, t in (biases or {}).items():
+                getattr(bank, name).copy_(t)
+            bank.slot_to_stored_E.copy_(slot_to_stored_E)
+        return bank
+
+    def grid(self, m: str, g: int) -> RowGrid:
+        if self.spec.format == "int":
+            return RowGrid("minmax", self.spec.bits, scale_R=getattr(self, f"{m}_scale")[g].float(),
+                           zero_R=getattr(self, f"{m}_zero")[g].float())
+        return RowGrid("ternary", 2, lo_R=getattr(self, f"{m}_lo")[g].float(), hi_R=getattr(self, f"{m}_hi")[g].float())
+
+    def codes(self, m: str, g: int) -> torch.Tensor:
+        """Integer codes ``[R, C]`` of matrix ``m`` of stored expert ``g`` (quantised formats)."""
+        R, C = self.spec.matrices()[m]
+        if self.spec.format == "tunstall":
+            from .codec import decode_rows
+            counts = getattr(self, f"{m}_counts").long()
+            start = int(counts[:g * R].sum())
+            offsets = torch.zeros(R + 1, dtype=torch.long)
+            offsets[1:] = torch.cumsum(counts[g * R:(g + 1) * R], 0)
+            stream = getattr(self, f"{m}_codes")[start:start + int(offsets[-1])]
+            if self.codebook is None:
+                raise RuntimeError("an entropy-coded bank needs its codebook; load it with moekit's loader")
+            return decode_rows(stream, offsets - offsets[0], C, self.codebook)
+        return unpack_bits(getattr(self, f"{m}_planes")[g], C)
+
+    def matrix(self, m: str, g: int) -> torch.Tensor:
+        """The float32 weight ``[R, C]`` of matrix ``m`` of stored expert ``g``, dequantised now."""
+        if self.spec.format == "float":
+            return getattr(self, m)[g]
+        if self.spec.format == "nested":
+            from .mwq import reconstruct
+            s, C = self.spec, self.spec.matrices()[m][1]
+            levels = s.levels if self.active_levels is None else min(self.active_levels, s.levels)
+            planes = getattr(self, f"{m}_planes")[g]
+            signs = torch.stack([unpack_bits(planes[s.bits + k:s.bits + k + 1], C) * 2 - 1 for k in range(levels)]) \
+                if levels else torch.zeros(0, 1, C)
+            return reconstruct(unpack_bits(planes[:s.bits], C), signs, getattr(self, f"{m}_scale")[g],
+                               getattr(self, f"{m}_zero")[g], getattr(self, f"{m}_rscale")[g], s.group_size, levels)
+        return self.grid(m, g).dequantize(self.codes(m, g))
+
+    def weights(self, e: int) -> dict[str, torch.Tensor]:
+        g = int(self.slot_to_stored_E[e])
+        out = {m: self.matrix(m, g) for m in self.spec.matrices()}
+        for b in ("b_gate", "b_up", "b_down"):
+            bias = self._buffers.get(b)
+            if bias is not None:
+                out[b] = bias[g]
+        return out
+
+    def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights."""
+        w = self.weights(e)
+        dtype = x_TD.dtype
+        h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
+        h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
+        return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    @classmethod
+    def from_mwq(cls, mats: Mapping[str, list], slot_to_stored_E: torch.Tensor, *, activation: str,
+                 biases: Mapping[str, torch.Tensor] | None = None) -> CompressedBank:
+        """A ``nested`` bank from ``{matrix: [MWQ per stored expert]}``."""
+        first = mats["w_up"][0]
+        G = len(mats["w_up"])
+        F_, D = first.codes_RC.shape
+        spec = BankSpec(num_experts=len(slot_to_stored_E), num_stored=G, dim=D, hidden_dim=F_, activation=activation,
+                        use_bias=bool(biases), format="nested", bits=first.bits, levels=first.signs_LRC.shape[0],
+                        group_size=first.group_size)
+        bank = cls(spec)
+        with torch.no_grad():
+            for m, per_expert in mats.items():
+                for g, q in enumerate(per_expert):
+                    planes = [pack_bits(q.codes_RC, spec.bits)]
+                    planes += [pack_bits((q.signs_LRC[k] > 0).long(), 1) for k in range(spec.levels)]
+                    getattr(bank, f"{m}_planes")[g] = torch.cat(planes)
+                    getattr(bank, f"{m}_scale")[g] = q.scale_RN.half()
+                    getattr(bank, f"{m}_zero")[g] = q.zero_RN.half()
+                    getattr(bank, f"{m}_rscale")[g] = q.rscale_LRN.half()
+            for name, t in (biases or {}).items():
+                getattr(bank, name).copy_(t)
+            bank.slot_to_stored_E.copy_(slot_to_stored_E)
+        return bank
+
+    def stored_bytes(self) -> int:
+        """Bytes of the bank's tensors (what it adds to the file and to resident memory)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"slots={s.num_experts}, stored={s.num_stored}, dim={s.dim}, hidden_dim={s.hidden_dim}, "
+                f"format={s.format}, bits={s.bits}")
+
+
+def _opt(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
