@@ -49,7 +49,7 @@ def sorted_moe_op(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Te
                   activation: str) -> torch.Tensor:
     """``y_TD = sum_k weights_tk * E_{ids_tk}(x_t)`` by the sorted engine (eager inside the op)."""
     bank = _Bank(w_gate_EFD, w_up_EFD, w_down_EDF, b_gate_EF, b_up_EF, b_down_ED, activation)
-    return sorted_engine(x_TD, _routing(ids_TK, weights_TK), bank)  # type: ignore[arg-type]
+    return sorted_engine(x_TD, _routing(ids_TK, weights_TK), bank)
 
 
 @sorted_moe_op.register_fake
