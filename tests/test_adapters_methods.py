@@ -79,7 +79,7 @@ def test_mixlora_only_lora_and_router_get_gradients_and_zero_b_is_the_base():
 
 
 def test_mixlora_topk_weights_and_aux_loss_under_uniform_routing():
-    ffn, mix = mixlora_ffn(num_experts=4, top_k=2, rank=3, aux_loss_coef=0.5)
+    _ffn, mix = mixlora_ffn(num_experts=4, top_k=2, rank=3, aux_loss_coef=0.5)
     routing = mix.route(torch.randn(10, 12), None, "l")
     nonzero = (routing.weights_TK > 0).sum(-1)
     assert torch.equal(nonzero, torch.full((10,), 2))
@@ -127,7 +127,7 @@ def test_lora_mixer_hard_soft_routing_and_router_only_regime():
     logits = mixer.router.logits(x).detach().requires_grad_(True)
     probs = logits.softmax(-1)
     from moekit.routing.selectors import select_topk
-    ids, hard = select_topk(probs, 2)
+    _ids, hard = select_topk(probs, 2)
     assert (hard > 0).sum() == 2 and torch.isclose(hard.sum(), torch.tensor(1.0))
     # the module's straight-through weights: gradient reaches the logits of non-selected experts
     mixer.router.weight.grad = None
