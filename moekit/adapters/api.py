@@ -25,11 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..configs import ConfigError, from_dict, to_dict
+from ..configs import from_dict, to_dict
 from ..types import RoutingContext
 from .core import (
     AdaptedFFN,
     AdaptedLinear,
+    AdapterError,
     LinearAdapter,
     Session,
     check_rank,
@@ -59,10 +60,6 @@ __all__ = [
 
 FORMAT = "moekit-adapters/1"
 ATTR = "_moekit_adapters"
-
-
-class AdapterError(ConfigError):
-    """Adapters that cannot be applied, loaded or merged as asked; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..configs import ConfigError
 from ..types import RoutingContext
 
-__all__ = ["AdaptedFFN", "AdaptedLinear", "FFNWeights", "LinearAdapter", "Session", "check_rank", "ffn_weights"]
+__all__ = ["AdaptedFFN", "AdaptedLinear", "AdapterError", "FFNWeights", "LinearAdapter", "Session", "check_rank", "ffn_weights"]
+
+
+class AdapterError(ConfigError):
+    """Adapters that cannot be applied, loaded or merged as asked; the message says how to fix it."""
 
 
 class Session:
@@ -154,5 +159,5 @@ def check_rank(method: str, name: str, rank: int, *dims: int) -> None:
     """A rank larger than a dimension of the adapted map is an error naming the module and the limit."""
     limit = min(dims)
     if rank > limit:
-        raise ValueError(f"{method}.rank={rank} exceeds the smallest dimension ({limit}) of {name!r} "
+        raise AdapterError(f"{method}.rank={rank} exceeds the smallest dimension ({limit}) of {name!r} "
                          f"(shape {'x'.join(map(str, dims))}); use rank <= {limit}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configs import check
+from ..configs import ConfigError, check
 from ..types import RoutingContext
 from .core import LinearAdapter
 from .lora import LoRA, LoRAConfig, kaiming_rows
@@ -58,7 +58,7 @@ class MHR(LinearAdapter):
         c = self.config = config
         H = c.num_heads
         if in_features % H or out_features % H:
-            raise ValueError(f"mhr.num_heads={H} must divide the adapted layer's input ({in_features}) and output "
+            raise ConfigError(f"mhr.num_heads={H} must divide the adapted layer's input ({in_features}) and output "
                              f"({out_features}) features; choose a common divisor")
         self.in_features, self.out_features, self.scale = in_features, out_features, c.alpha / c.rank
         self.skills_A = nn.Parameter(kaiming_rows(c.rank, in_features, c.num_skills).transpose(1, 2).contiguous())
@@ -71,7 +71,7 @@ class MHR(LinearAdapter):
     def skill_weights(self, task: int) -> torch.Tensor:
         """``w_HM = sigmoid(Z[t]) / sum_j sigmoid(Z[t])``."""
         if not 0 <= task < self.config.num_tasks:
-            raise ValueError(f"task {task} is out of range for mhr.num_tasks={self.config.num_tasks}; "
+            raise ConfigError(f"task {task} is out of range for mhr.num_tasks={self.config.num_tasks}; "
                              f"use 0..{self.config.num_tasks - 1} or raise num_tasks")
         s_HM = torch.sigmoid(self.logits[task])
         return s_HM / s_HM.sum(-1, keepdim=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,13 +164,16 @@ def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, prepare_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (or continue the checkpoint there with ``resume=True``).
 
     Args:
         until_step: stop after this step with a checkpoint, as if interrupted (the schedule still spans
             ``train.max_steps``); the final validation, summary and plots are then left for the resume.
         progress: show a progress bar / progress lines on stderr and the summary table on stdout.
+        prepare_model: called on the freshly built model before the optimizer is made (and before a resumed
+            checkpoint is loaded), e.g. to load pre-trained weights and inject adapters; only parameters that
+            still require gradients are trained.
 
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
@@ -187,7 +191,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         try:
-            result = _Run(cfg, out_dir, resume, progress, par).loop(until_step)
+            result = _Run(cfg, out_dir, resume, progress, par, prepare_model).loop(until_step)
         finally:
             torch.set_num_threads(threads)
         ok = True
@@ -199,13 +203,19 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
 class _Run:
     """The state of one training invocation: model, optimizer, data, bookkeeping."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed,
+                 prepare_model: Callable[[nn.Module], None] | None = None) -> None:
         tc = cfg.train
         self.cfg, self.out_dir, self.par = cfg, out_dir, par
         self.show = progress and par.is_main
         self.device = par.device(resolve_device(tc.device))
         torch.manual_seed(tc.seed)  # the same on every rank: identical full weights before sharding
         self.model = LanguageModel(cfg.model).to(self.device)
+        if prepare_model is not None:
+            prepare_model(self.model)
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise ConfigError("nothing to train: every parameter of the prepared model is frozen; give the "
+                                  "fine-tuning method some targets (or unfreeze parameters)")
         self.counts = count(self.model)  # of the whole model, before sharding
         par.shard(self.model)
         self.optimizer = build_optimizer(self.model, tc)
