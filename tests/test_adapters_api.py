@@ -25,6 +25,7 @@ METHODS = {
     "poly": (None, {"num_skills": 3, "rank": 4}),
     "mhr": (None, {"num_skills": 3, "rank": 4, "num_heads": 2}),
     "rank1": (None, {"rank": 4, "top_k": 2}),
+    "mos": (None, {"rank": 4, "num_shards": 2}),
 }
 
 
@@ -261,3 +262,22 @@ def test_applying_twice_is_refused():
     adapters.apply(model, "lora", rank=2)
     with pytest.raises(ValueError, match="already has lora adapters"):
         adapters.apply(model, "lora", rank=2)
+
+
+def test_mos_shares_pools_across_layers_and_merges(tmp_path):
+    model = tiny_lm()
+    handle = adapters.apply(model, "mos", targets=["w_qkv"], rank=4)
+    pools = {id(w.adapter.pool) for w in handle.wrappers.values()}
+    assert len(pools) == 1  # both layers' w_qkv draw from one public pool
+    randomize(handle)
+    x = tokens()
+    adapted, _ = model(x)
+    state = handle.state_dict()
+    assert sum(k.endswith("pool.pool_A") for k in state) == 1  # shared once in the adapter file
+    assert handle.num_trainable() == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    path = handle.save(tmp_path / "mos.safetensors")
+    fresh = tiny_lm()
+    adapters.load(fresh, path)
+    torch.testing.assert_close(fresh(x)[0], adapted)
+    merged = adapters.merge(model)
+    torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-5, atol=1e-5)

@@ -305,3 +305,41 @@ def test_ffn_weights_reads_moekit_and_llama_style_mlps():
     x = torch.randn(5, 4)
     torch.testing.assert_close(mix(x, ffn_weights(mlp)), mlp(x))  # biases included
     assert ffn_weights(nn.Linear(3, 3)) is None
+
+
+# ---- MoS (§19) -------------------------------------------------------------------------------------------------
+
+
+def test_mos_gradients_reach_only_indexed_shards_and_no_sharing_is_lora():
+    from moekit.adapters.core import Session
+    from moekit.adapters.lora import LoRA, LoRAConfig
+    from moekit.adapters.mos import MoS, MoSConfig, pool_for
+    torch.manual_seed(0)
+    cfg = MoSConfig(rank=4, num_shards=2, public_size=16, private_size=1)
+    session = Session()
+    layers = [MoS(8, 6, cfg, pool_for(session, 8, 6, cfg)) for _ in range(2)]
+    assert layers[0].pool is layers[1].pool
+    for layer in layers:
+        randomize(layer)
+    layers[0](torch.randn(3, 8)).square().sum().backward()
+    for s in range(2):
+        touched = set((layers[0].pool.pool_A.grad[s].abs().sum(-1) > 0).nonzero().flatten().tolist())
+        assert touched == {i for i in layers[0].index_A[s].tolist() if i < 16}
+    assert layers[1].private_A.grad is None  # another layer's private shards get nothing
+    # each private shard is indexed by exactly one matrix: private indices (>= 16) are the layer's own segment
+    assert ((layers[0].index_A >= 16).sum(-1) == 1).all()
+    # no sharing (private pool only, identity indices, one shard): LoRA with the same parameters
+    solo = MoS(8, 6, MoSConfig(rank=3, num_shards=1, public_size=0, private_size=3),
+               pool_for(Session(), 8, 6, MoSConfig(rank=3, num_shards=1, public_size=0, private_size=3)))
+    randomize(solo)
+    with torch.no_grad():
+        solo.index_A.copy_(torch.arange(3).view(1, 3))
+        solo.index_B.copy_(torch.arange(3).view(1, 3))
+    lora = LoRA(8, 6, LoRAConfig(rank=3, alpha=16.0))
+    with torch.no_grad():
+        lora.lora_A.copy_(solo.private_A[0])
+        lora.lora_B.copy_(solo.private_B[0].T)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(solo(x), lora(x))
+    torch.testing.assert_close(solo.delta_weight(), lora.delta_weight())
+    assert sum(p.numel() for p in solo.parameters()) == sum(p.numel() for p in lora.parameters())

@@ -40,6 +40,7 @@ from .flylora import FlyLoRA, FlyLoRAConfig
 from .lora import LoRA, LoRAConfig
 from .mhr import MHR, MHRConfig, mhr_mu_from
 from .mixlora import MixLoRA, MixLoRAConfig
+from .mos import MoS, MoSConfig, pool_for
 from .rank1 import Rank1Config, Rank1Experts
 from .routed import DynMoLE, DynMoLEConfig, LoRAMixer, LoRAMixerConfig
 
@@ -84,6 +85,8 @@ METHODS: dict[str, Method] = {
     "flylora": Method(FlyLoRAConfig, "linear", lambda i, o, c, s: FlyLoRA(i, o, c), _LINEAR_TARGETS),
     "poly": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
     "mhr": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
+    "mos": Method(MoSConfig, "linear", lambda i, o, c, s: MoS(i, o, c, pool_for(s, i, o, c)), _LINEAR_TARGETS,
+                  mergeable=True),
     "rank1": Method(Rank1Config, "linear", lambda i, o, c, s: Rank1Experts(i, o, c), _LINEAR_TARGETS),
 }
 # Reached through convert() from an applied MHR; loadable from files.
@@ -189,16 +192,28 @@ class Adapters:
         self.session.task = int(task)
 
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable adapter parameters."""
-        return [p for w in self.wrappers.values() for p in w.adapter.parameters() if p.requires_grad]
+        """The trainable adapter parameters (a tensor shared by several layers once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for w in self.wrappers.values():
+            for p in w.adapter.parameters():
+                if p.requires_grad:
+                    seen.setdefault(id(p), p)
+        return list(seen.values())
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Only adapter and router tensors (persistent buffers included), named ``<module>.<tensor>``."""
-        return {f"{name}.{key}": value for name, w in self.wrappers.items()
-                for key, value in w.adapter.state_dict().items()}
+        """Only adapter and router tensors (persistent buffers included), named ``<module>.<tensor>``; a tensor
+        shared by several layers (MoS pools) appears once, under the first layer's name."""
+        out, seen = {}, set()
+        for name, w in self.wrappers.items():
+            for key, value in w.adapter.state_dict(keep_vars=True).items():
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                out[f"{name}.{key}"] = value.detach()
+        return out
 
     def header(self) -> dict[str, str]:
         return {"format": FORMAT, "method": self.method, "config": json.dumps(to_dict(self.config)),
@@ -234,7 +249,7 @@ class Adapters:
             for name, w in self.wrappers.items():
                 prefix = name + "."
                 sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                w.adapter.load_state_dict(sub, strict=True)
+                w.adapter.load_state_dict(sub, strict=False)  # shared tensors: loaded under their first name
 
     def merge(self) -> nn.Module:
         """Fold each ``ΔW`` into its base weight and remove the wrappers (single-adapter methods only)."""

@@ -39,6 +39,7 @@ class Session:
         self.collect_stats = collect_stats
         self.ctx: RoutingContext | None = None
         self.task: int | torch.Tensor = 0
+        self.shared: dict[str, Any] = {}  # modules shared by several layers (MoS pools)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Forward pre-hook (``with_kwargs=True``) on the adapted model: pick up or provide the context."""
