@@ -29,7 +29,8 @@ from ..configs import ConfigError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parse_overrides"]
 
-COMMANDS = ("train", "eval", "sample", "info", "presets", "config", "bench", "analyze", "compare", "report", "compress")
+COMMANDS = ("train", "eval", "sample", "info", "presets", "config", "bench", "analyze", "compare", "report", "compress",
+            "finetune")
 
 
 class UsageError(ConfigError):

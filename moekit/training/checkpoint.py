@@ -51,13 +51,24 @@ from ..configs import ConfigError
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_checkpoint", "read_checkpoint",
            "optimizer_state_by_name", "set_rng_states", "read_state", "write_json", "read_json", "write_atomic",
            "weights_path", "checkpoint_dir", "has_checkpoint", "clean_checkpoints", "MODEL_FILE", "OPTIM_FILE",
-           "STATE_FILE", "CONFIG_FILE", "CKPT_DIR"]
+           "STATE_FILE", "CONFIG_FILE", "CKPT_DIR",
+           "adapters_path"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = ("model.safetensors", "optimizer.safetensors", "state.json",
                                                    "config.json")
 CKPT_DIR = "ckpt"
 _SET_RE = re.compile(r"^step_(\d+)(?:_r(\d+))?$")
 T = TypeVar("T")
+
+
+def weights_path(run_dir: str | os.PathLike) -> Path:
+    """The model weights file of a run folder."""
+    return Path(run_dir) / MODEL_FILE
+
+
+def adapters_path(run_dir: str | os.PathLike) -> Path:
+    """The adapter file of a fine-tuning run (``moekit finetune``): its header says which adapters the model has."""
+    return Path(run_dir) / "adapters.safetensors"
 
 
 class CheckpointError(ConfigError):

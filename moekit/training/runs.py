@@ -9,7 +9,7 @@ import torch
 from ..configs import ConfigError
 from ..data import load_data
 from ..models import LanguageModel
-from .checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_json
+from .checkpoint import CONFIG_FILE, CheckpointError, adapters_path, load_checkpoint, read_json
 from .config import RunConfig, run_config_from_dict
 from .evaluate import evaluate, resolve_device
 
@@ -38,6 +38,9 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Lang
     if is_compressed_run(run_dir):  # written by moekit compress: experts stored merged / pruned / quantised
         state = load_compressed_into(Path(run_dir), model)
     else:
+        if adapters_path(run_dir).is_file():  # a fine-tuning run: the checkpoint holds the adapted model
+            from ..adapters import load as load_adapters
+            load_adapters(model, adapters_path(run_dir), load_tensors=False)
         state = load_checkpoint(Path(run_dir), model)
     return cfg, model.to(resolve_device(device)).eval(), state
 

@@ -29,6 +29,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,7 +244,8 @@ def spent_budget(cfg: RunConfig, state: dict) -> str | None:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
-          progress: bool = True, tensorboard: bool = False) -> TrainResult:
+          progress: bool = True, tensorboard: bool = False,
+          prepare_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (or continue the checkpoint there with ``resume=True``).
 
     Args:
@@ -252,6 +254,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         progress: show a progress bar / progress lines on stderr and the summary table on stdout.
         tensorboard: also write every metrics record and the per-layer routing statistics of each
             validation as TensorBoard scalars into ``out_dir/tensorboard`` (needs the ``tensorboard`` package).
+        prepare_model: called on the freshly built model before the optimizer is made (and before a resumed
+            checkpoint is loaded), e.g. to load pre-trained weights and inject adapters; only parameters that
+            still require gradients are trained.
 
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
@@ -291,7 +296,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         try:
-            run = _Run(cfg, out_dir, resume, progress, par, tensorboard)  # data, model, checkpoint: may still refuse
+            run = _Run(cfg, out_dir, resume, progress, par, tensorboard,  # data, model, checkpoint:
+                       prepare_model)  # may still refuse
             wrote = True
 
             def start_writing() -> None:
@@ -322,13 +328,18 @@ class _Run:
     """The state of one training invocation: model, optimizer, data, bookkeeping."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, prepare_model: Callable[[nn.Module], None] | None = None) -> None:
         tc = cfg.train
         self.cfg, self.out_dir, self.par = cfg, out_dir, par
         self.show = progress and par.is_main
         self.device = par.device(resolve_device(tc.device))
         torch.manual_seed(tc.seed)  # the same on every rank: identical full weights before sharding
         self.model = LanguageModel(cfg.model).to(self.device)
+        if prepare_model is not None:
+            prepare_model(self.model)
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise ConfigError("nothing to train: every parameter of the prepared model is frozen; give the "
+                                  "fine-tuning method some targets (or unfreeze parameters)")
         self.counts = count(self.model)  # of the whole model, before sharding
         par.shard(self.model)
         self.optimizer = build_optimizer(self.model, tc)
