@@ -32,7 +32,7 @@ from ..configs import ConfigError
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_checkpoint", "read_checkpoint",
            "optimizer_state_by_name", "set_rng_states", "read_state", "write_json", "read_json", "MODEL_FILE",
-           "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE"]
+           "OPTIM_FILE", "STATE_FILE", "CONFIG_FILE", "weights_path"]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = ("model.safetensors", "optimizer.safetensors", "state.json",
                                                    "config.json")
@@ -50,6 +50,11 @@ def _atomic(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def weights_path(run_dir: str | Path) -> Path:
+    """The safetensors file holding a run's model weights (for readers that memory-map it)."""
+    return Path(run_dir) / MODEL_FILE
 
 
 def write_json(path: Path, data: Any) -> None:
