@@ -44,7 +44,7 @@ def test_offloaded_logits_equal_the_resident_model_exactly(run, budget, policy, 
     assert torch.equal(got, want)
     assert off.cache.used_bytes <= off.cache.capacity_bytes
     if budget != "100%":
-        assert off.cache.stats.misses > 18  # more loads than experts: the budget forced evictions
+        assert off.cache.stats.misses > 0 and len(off.cache.resident) < 18  # the budget forced evictions
 
 
 def test_offloaded_generation_equals_resident_and_keeps_experts_off_the_model(run):
