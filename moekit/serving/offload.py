@@ -216,11 +216,12 @@ class Offload:
         else:
             targets = []
         if layer + 1 < self.num_layers:
+            self.cache.pinned |= {(layer + 1, e) for e in targets}
             for e in targets:
                 self.cache.prefetch((layer + 1, e))
 
     def after_layer(self, layer: int) -> None:
-        self.cache.pinned = set()
+        self.cache.pinned = set()  # pins guard prefetches only; demand loads may evict anything but themselves
         if layer == self.num_layers - 1:
             self._flush()
 
