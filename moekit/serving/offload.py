@@ -39,7 +39,7 @@ from ..training.runs import read_run_config
 from ..types import Routing
 from .cache import ExpertCache, Key, Policy, make_policy
 
-__all__ = ["ExpertStore", "OffloadedExpertBank", "Offload", "load_offloaded", "parse_budget", "PREFETCHERS"]
+__all__ = ["ExpertStore", "OffloadedExpertBank", "Offload", "load_offloaded", "open_store", "parse_budget", "PREFETCHERS"]
 
 PREFETCHERS = ("none", "router", "affinity")
 _PROJ = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
@@ -259,6 +259,14 @@ def _experts_on_meta() -> Iterator[None]:
         yield
     finally:
         ExpertBank.__init__ = original  # type: ignore[method-assign]
+
+
+def open_store(run_dir: str | Path) -> ExpertStore:
+    """The :class:`ExpertStore` of a run's offloadable experts (nothing but the file's header is read)."""
+    cfg = read_run_config(run_dir)
+    with torch.device("meta"):
+        model = LanguageModel(cfg.model)  # type: ignore[attr-defined]
+    return ExpertStore(weights_path(run_dir), [name for name, _ in _offloadable(model)])
 
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
