@@ -271,7 +271,7 @@ def open_store(run_dir: str | Path) -> ExpertStore:
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
                    prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
-                   device: str = "cpu") -> tuple[object, LanguageModel, Offload]:
+                   device: str = "cpu", record: bool = True) -> tuple[object, LanguageModel, Offload]:
     """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
 
     Args:
@@ -280,6 +280,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
         policy: ``lru``, ``lfu``, ``activation`` or a :class:`Policy` (``belady`` needs its future).
         prefetch: ``none``, ``router`` (next layer's router) or ``affinity`` (needs ``affinity``).
         device: where the non-expert weights and the computation live.
+        record: keep the trace of expert accesses (``Offload.trace``; off for long-running servers).
     """
     cfg = read_run_config(run_dir)
     state = read_state(Path(run_dir))
@@ -302,7 +303,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     if isinstance(policy, str):
         policy = make_policy(policy, num_layers=len(layers))
     cache = ExpertCache(budget, policy, store.load, store.nbytes)
-    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity)
+    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
         moe.config = dataclasses.replace(moe.config, engine="offload")  # type: ignore[arg-type]
