@@ -19,12 +19,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from moekit.data import get_tokenizer  # noqa: E402
-from moekit.serving import generate  # noqa: E402
-from moekit.serving.server import build_app  # noqa: E402
-from moekit.training import load_run  # noqa: E402
+from moekit.data import get_tokenizer
+from moekit.serving import generate
+from moekit.serving.server import build_app
+from moekit.training import load_run
 
-from .serving_util import make_run  # noqa: E402
+from .serving_util import make_run
 
 
 def free_port() -> int:

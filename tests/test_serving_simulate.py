@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.serving.simulate import simulate, sweep
-from moekit.serving.trace import Trace, affinity_table, load_trace, record_trace, save_trace
+from moekit.serving.trace import (
+    Trace,
+    affinity_table,
+    load_trace,
+    record_trace,
+    save_trace,
+)
 
 from .serving_util import make_run
 

@@ -5,5 +5,15 @@ from .cache import POLICIES, ExpertCache, make_policy
 from .offload import PREFETCHERS, ExpertStore, Offload, load_offloaded, parse_budget
 from .sampling import generate, sample_next
 
-__all__ = ["generate", "sample_next", "load_offloaded", "Offload", "ExpertStore", "ExpertCache", "make_policy",
-           "parse_budget", "POLICIES", "PREFETCHERS"]
+__all__ = [
+           "POLICIES",
+           "PREFETCHERS",
+           "ExpertCache",
+           "ExpertStore",
+           "Offload",
+           "generate",
+           "load_offloaded",
+           "make_policy",
+           "parse_budget",
+           "sample_next",
+]

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
+from ..models import LanguageModel
 from .sampling import sample_next
 
 __all__ = ["BatchDecoder", "generate_batch"]
@@ -41,7 +41,7 @@ class BatchDecoder:
         max_new_tokens, temperature, top_p, seed: one value, or one per prompt (``seed=None``: unseeded).
     """
 
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+    def __init__(self, model: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  *, temperature: float | Sequence[float] = 0.0, top_p: float | Sequence[float] = 1.0,
                  seed: int | None | Sequence[int | None] = None) -> None:
         n = len(prompts)
@@ -103,7 +103,7 @@ class BatchDecoder:
         return out
 
 
-def generate_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+def generate_batch(model: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                    temperature: float | Sequence[float] = 0.0, top_p: float | Sequence[float] = 1.0,
                    seed: int | None | Sequence[int | None] = None) -> list[list[int]]:
     """The generated tokens of every prompt (without the prompt), decoded as one batch."""

@@ -15,11 +15,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
-
+from ..models import LanguageModel
 from .batch import BatchDecoder
 
-__all__ = ["Request", "Batcher"]
+__all__ = ["Batcher", "Request"]
 
 
 @dataclass
@@ -75,7 +74,7 @@ class Batcher:
         max_batch: requests decoded together.
     """
 
-    def __init__(self, model: nn.Module, decode: Callable[[list[int]], str], max_batch: int = 8) -> None:
+    def __init__(self, model: LanguageModel, decode: Callable[[list[int]], str], max_batch: int = 8) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be at least 1")
         self.model, self.decode, self.max_batch = model, decode, max_batch
@@ -109,7 +108,7 @@ class Batcher:
                 batch.append(nxt)
             try:
                 self._run(batch)
-            except Exception as e:  # a failed batch fails its requests, never the server
+            except Exception as e:  # noqa: BLE001 -- a failed batch fails its requests, never the server
                 traceback.print_exc()
                 for r in batch:
                     r.on_error(f"generation failed: {type(e).__name__}: {e}")

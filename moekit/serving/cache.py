@@ -28,8 +28,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["Key", "Policy", "LRUPolicy", "LFUPolicy", "ActivationAwarePolicy", "BeladyPolicy", "POLICIES",
-           "make_policy", "ExpertCache", "CacheStats"]
+__all__ = [
+    "POLICIES",
+    "ActivationAwarePolicy",
+    "BeladyPolicy",
+    "CacheStats",
+    "ExpertCache",
+    "Key",
+    "LFUPolicy",
+    "LRUPolicy",
+    "Policy",
+    "make_policy",
+]
 
 Key = tuple[int, int]  # (offloaded layer index, expert index)
 
@@ -124,13 +134,13 @@ class BeladyPolicy(Policy):
 
     def __init__(self, future: Sequence[Key]) -> None:
         super().__init__()
-        self.future = [tuple(k) for k in future]
+        self.future: list[Key] = [(int(k[0]), int(k[1])) for k in future]
         self._uses: dict[Key, list[int]] = defaultdict(list)
         for i in range(len(self.future) - 1, -1, -1):
             self._uses[self.future[i]].append(i)  # reversed positions: the next use is the last element
 
     def access(self, key: Key) -> None:
-        if self.clock >= len(self.future) or self.future[self.clock] != tuple(key):
+        if self.clock >= len(self.future) or self.future[self.clock] != key:
             raise ValueError(f"access {self.clock} is {key}, but the known future says "
                              f"{self.future[self.clock] if self.clock < len(self.future) else 'nothing'}; "
                              f"Belady needs the exact access sequence (replay the trace it was built from)")

@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MoE
+from ..models import LanguageModel
 from ..types import Routing
 from .sampling import generate
 
-__all__ = ["rank_routing", "contrast_next", "scmoe_generate", "router_offsets", "rewire", "rewiring_generate"]
+__all__ = ["contrast_next", "rank_routing", "rewire", "rewiring_generate", "router_offsets", "scmoe_generate"]
 
 
 def _moes(model: nn.Module) -> list[MoE]:
@@ -87,7 +88,7 @@ def contrast_next(strong_BV: torch.Tensor, weak_BV: torch.Tensor, alpha: float =
 
 
 @torch.no_grad()
-def scmoe_generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int, *,
+def scmoe_generate(model: LanguageModel, prompt_BS: torch.Tensor, max_new_tokens: int, *,
                    weak_ranks: Sequence[int] = (2,), alpha: float = 0.1, beta: float = 0.5) -> torch.Tensor:
     """Prompt plus ``max_new_tokens`` SCMoE tokens, ``[B, S + max_new_tokens]`` (two KV caches)."""
     if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
@@ -140,14 +141,14 @@ def router_offsets(model: nn.Module) -> Iterator[list[nn.Parameter]]:
             del moe.route
 
 
-def context_nll(model: nn.Module, tokens_BS: torch.Tensor) -> torch.Tensor:
+def context_nll(model: LanguageModel, tokens_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of ``tokens_BS`` (its last ``context`` positions)."""
     window = tokens_BS[:, -model.config.context:]
     logits_BSV, _ = model(window)
     return F.cross_entropy(logits_BSV[:, :-1].flatten(0, 1).float(), window[:, 1:].flatten())
 
 
-def rewire(model: nn.Module, tokens_BS: torch.Tensor, deltas: Sequence[nn.Parameter], *, steps: int = 5,
+def rewire(model: LanguageModel, tokens_BS: torch.Tensor, deltas: Sequence[nn.Parameter], *, steps: int = 5,
            lr: float = 0.05) -> tuple[float, float]:
     """Fit ``deltas`` (only they change) to the NLL of ``tokens_BS``; ``(NLL before, NLL after)``."""
     if tokens_BS.shape[1] < 2:
@@ -178,7 +179,7 @@ def rewire(model: nn.Module, tokens_BS: torch.Tensor, deltas: Sequence[nn.Parame
     return before_after
 
 
-def rewiring_generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int, *, steps: int = 5,
+def rewiring_generate(model: LanguageModel, prompt_BS: torch.Tensor, max_new_tokens: int, *, steps: int = 5,
                       lr: float = 0.05, every: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int | None = None) -> torch.Tensor:
     """Generate with router offsets re-fitted on the prompt and then every ``every`` generated tokens."""

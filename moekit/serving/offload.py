@@ -35,11 +35,12 @@ from ..experts.activations import hidden
 from ..layers import MoE
 from ..models import LanguageModel
 from ..training.checkpoint import CheckpointError, read_state, weights_path
+from ..training.config import RunConfig
 from ..training.runs import read_run_config
 from ..types import Routing
 from .cache import ExpertCache, Key, Policy, make_policy
 
-__all__ = ["ExpertStore", "OffloadedExpertBank", "Offload", "load_offloaded", "open_store", "parse_budget", "PREFETCHERS"]
+__all__ = ["PREFETCHERS", "ExpertStore", "Offload", "OffloadedExpertBank", "load_offloaded", "open_store", "parse_budget"]
 
 PREFETCHERS = ("none", "router", "affinity")
 _PROJ = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
@@ -111,7 +112,7 @@ _UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb
           "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
 
 
-def parse_budget(budget: str | int | float, total_bytes: int, min_bytes: int) -> int:
+def parse_budget(budget: str | float, total_bytes: int, min_bytes: int) -> int:
     """Bytes of an expert budget: ``"25%"`` of all experts, or bytes (``123456``, ``"64MiB"``, ``"1.5G"``)."""
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         value = int(budget)
@@ -265,13 +266,13 @@ def open_store(run_dir: str | Path) -> ExpertStore:
     """The :class:`ExpertStore` of a run's offloadable experts (nothing but the file's header is read)."""
     cfg = read_run_config(run_dir)
     with torch.device("meta"):
-        model = LanguageModel(cfg.model)  # type: ignore[attr-defined]
+        model = LanguageModel(cfg.model)
     return ExpertStore(weights_path(run_dir), [name for name, _ in _offloadable(model)])
 
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
                    prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
-                   device: str = "cpu", record: bool = True) -> tuple[object, LanguageModel, Offload]:
+                   device: str = "cpu", record: bool = True) -> tuple[RunConfig, LanguageModel, Offload]:
     """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
 
     Args:
@@ -285,7 +286,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     cfg = read_run_config(run_dir)
     state = read_state(Path(run_dir))
     with _experts_on_meta():
-        model = LanguageModel(cfg.model)  # type: ignore[attr-defined]
+        model = LanguageModel(cfg.model)
     layers = _offloadable(model)
     meta_left = [n for n, p in model.named_parameters() if p.is_meta
                  and not any(n.startswith(f"{name}.experts.") for name, _ in layers)]

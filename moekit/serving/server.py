@@ -25,11 +25,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-from torch import nn
 
+from ..models import LanguageModel
 from .batcher import Batcher, Request
 
-__all__ = ["build_app", "CompletionError"]
+__all__ = ["CompletionError", "build_app"]
 
 
 class CompletionError(Exception):
@@ -88,7 +88,7 @@ def _parse(body: Any, encode: Callable[[str], list[int]], context: int) -> tuple
     return ids, settings
 
 
-def build_app(model: nn.Module, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], *,
+def build_app(model: LanguageModel, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], *,
               model_name: str = "moekit", max_batch: int = 8) -> Starlette:
     """The ASGI app serving ``model``; the batcher thread starts with the app and stops with it."""
     context = model.config.context
@@ -116,12 +116,8 @@ def build_app(model: nn.Module, encode: Callable[[str], list[int]], decode: Call
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for index, ids in enumerate(prompts):
-            def put(kind, *args, index=index):
-                loop.call_soon_threadsafe(events.put_nowait, (kind, index, *args))
             batcher.submit(Request(ids, s["max_tokens"], s["temperature"], s["top_p"], s["stop"], s["seed"],
-                                   on_text=lambda text, put=put: put("text", text),
-                                   on_done=lambda reason, n, put=put: put("done", reason, n),
-                                   on_error=lambda message, put=put: put("error", message)))
+                                   **_callbacks(loop, events, index)))
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": s["model"]}
         prompt_tokens = sum(len(p) for p in prompts)
@@ -156,6 +152,23 @@ def build_app(model: nn.Module, encode: Callable[[str], list[int]], decode: Call
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
     app.state.batcher = batcher
     return app
+
+
+def _callbacks(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int) -> dict[str, Callable]:
+    """The batcher thread's callbacks for request ``index``: each puts an event on the asyncio queue."""
+    def put(*event: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (event[0], index, *event[1:]))
+
+    def on_text(text: str) -> None:
+        put("text", text)
+
+    def on_done(reason: str, tokens: int) -> None:
+        put("done", reason, tokens)
+
+    def on_error(message: str) -> None:
+        put("error", message)
+
+    return {"on_text": on_text, "on_done": on_done, "on_error": on_error}
 
 
 async def _stream(events: asyncio.Queue, count: int, head: dict):

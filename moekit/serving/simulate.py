@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from .cache import POLICIES, ExpertCache, Key, make_policy
 from .trace import Trace, affinity_table
 
-__all__ = ["SimResult", "simulate", "sweep", "SIM_PREFETCHERS"]
+__all__ = ["SIM_PREFETCHERS", "SimResult", "simulate", "sweep"]
 
 SIM_PREFETCHERS = ("none", "router", "affinity", "oracle")
 

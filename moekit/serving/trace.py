@@ -26,7 +26,7 @@ from .cache import Key
 from .offload import Offload, load_offloaded
 from .sampling import generate
 
-__all__ = ["Trace", "record_trace", "save_trace", "load_trace", "affinity_table", "trace_of"]
+__all__ = ["Trace", "affinity_table", "load_trace", "record_trace", "save_trace", "trace_of"]
 
 _FORMAT = "moekit-expert-trace"
 
