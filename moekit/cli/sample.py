@@ -10,6 +10,7 @@ import torch
 
 from ..data import get_tokenizer
 from ..serving import generate
+from ..serving.decoding import rewiring_generate, scmoe_generate
 from ..training import load_run
 from .common import add_threads_argument, apply_threads
 
@@ -40,6 +41,15 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
     add_threads_argument(p, f"1 for models under {SMALL_MODEL_PARAMS // 10**6}M parameters, whose one-token "
                          "matmuls lose more to thread synchronisation than they gain; torch's otherwise")
+    p.add_argument("--decoding", default="sample", choices=("sample", "scmoe", "rewire"),
+                   help="scmoe: self-contrast of strong vs weak (rank) routing, greedy; rewire: router offsets "
+                        "fitted to the text so far (moekit.serving.decoding)")
+    p.add_argument("--scmoe-alpha", type=float, default=0.1, help="SCMoE plausibility cutoff")
+    p.add_argument("--scmoe-beta", type=float, default=0.5, help="SCMoE contrast strength (0 is greedy)")
+    p.add_argument("--scmoe-weak-rank", type=int, nargs="+", default=[2], help="SCMoE weak routing's expert ranks")
+    p.add_argument("--rewire-steps", type=int, default=5, help="Adam steps per re-adaptation of the offsets")
+    p.add_argument("--rewire-lr", type=float, default=0.05, help="learning rate of the router offsets")
+    p.add_argument("--rewire-every", type=int, default=16, help="generated tokens between re-adaptations")
     p.set_defaults(func=run)
 
 
@@ -60,7 +70,19 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
     device = next(model.parameters()).device
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, use_cache=not args.no_cache, seed=args.seed)
+    prompt = torch.tensor([ids], device=device)
+    try:
+        if args.decoding == "scmoe":
+            out = scmoe_generate(model, prompt, args.max_new_tokens, weak_ranks=args.scmoe_weak_rank,
+                                 alpha=args.scmoe_alpha, beta=args.scmoe_beta)
+        elif args.decoding == "rewire":
+            out = rewiring_generate(model, prompt, args.max_new_tokens, steps=args.rewire_steps, lr=args.rewire_lr,
+                                    every=args.rewire_every, temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed)
+        else:
+            out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           use_cache=not args.no_cache, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     sys.stdout.write(tokenizer.decode(out[0].tolist()) + "\n")
     return 0

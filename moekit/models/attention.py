@@ -50,6 +50,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled; advanced by the model after all layers have written
+        # Left padding of each row (batched generation of prompts of different lengths): row b's first
+        # pad_B[b] positions are padding, hidden from every other position, and its positions start after them.
+        self.pad_B: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -80,7 +83,7 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.w_qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        if cache is None or cache.length == 0:
+        if cache is None or (cache.length == 0 and cache.pad_B is None):
             if cache is not None:
                 cache.write(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -88,7 +91,12 @@ class Attention(nn.Module):
             past = cache.length
             k, v = cache.write(layer, k, v)
             # New position i (absolute past + i) sees every cached key j <= past + i.
-            mask_SP = torch.arange(past + S, device=x_BSD.device)[None, :] <= (
-                past + torch.arange(S, device=x_BSD.device))[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SP)
+            key_P = torch.arange(past + S, device=x_BSD.device)
+            query_S = past + torch.arange(S, device=x_BSD.device)
+            mask = key_P[None, :] <= query_S[:, None]
+            if cache.pad_B is not None:  # padding keys are hidden; a padding query sees only itself (no NaN)
+                real_BP = key_P[None, :] >= cache.pad_B[:, None]
+                mask = mask & (real_BP[:, None, :] | (key_P[None, :] == query_S[:, None])[None])
+                mask = mask[:, None]  # [B, 1, S, P]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.w_out(y.transpose(1, 2).reshape(B, S, D))

@@ -134,6 +134,9 @@ class LanguageModel(nn.Module):
                              "so it cannot use a KV cache; generate without one (moekit sample --no-cache)")
         ctx = RoutingContext() if ctx is None else ctx
         cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        if cache is not None and cache.pad_B is not None:  # left-padded rows: positions count from their text
+            pos_BS = (start + torch.arange(S, device=tokens_BS.device) - cache.pad_B[:, None]).clamp_min(0)
+            cos_SR, sin_SR = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
         x_BSD = self.embed(tokens_BS)
         if self.planner is not None:
             self.planner(x_BSD, ctx)

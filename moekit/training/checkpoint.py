@@ -61,11 +61,6 @@ _SET_RE = re.compile(r"^step_(\d+)(?:_r(\d+))?$")
 T = TypeVar("T")
 
 
-def weights_path(run_dir: str | os.PathLike) -> Path:
-    """The model weights file of a run folder."""
-    return Path(run_dir) / MODEL_FILE
-
-
 def adapters_path(run_dir: str | os.PathLike) -> Path:
     """The adapter file of a fine-tuning run (``moekit finetune``): its header says which adapters the model has."""
     return Path(run_dir) / "adapters.safetensors"

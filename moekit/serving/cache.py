@@ -1,0 +1,269 @@
+"""Expert cache policies and a byte-budgeted cache of experts, shared by live offloading and the simulator.
+
+An expert is named by a key ``(layer, expert)``: ``layer`` counts the offloaded MoE layers in depth order,
+``expert`` is the routed expert's index. The cache holds whole experts (all their projection matrices).
+
+Policies (the expert-offloading part of the MoE-inference survey, spec ``compression-adaptation-serving.md`` §11):
+
+- ``lru``: evict the least recently used expert (Mixtral-offloading's cache).
+- ``lfu``: evict the expert used least often since the cache was built (ties: least recently used).
+- ``activation``: MoE-Infinity style, activation-aware. Each expert's score is its activation count in the
+  current request (reset by :meth:`Policy.new_request`) plus a prior activation frequency profiled from earlier
+  traffic (optional). *Choice made* (the spec gives no formula): ties break towards evicting the expert whose
+  layer comes furthest ahead in the layer cycle (so experts of the next layers stay), then least recent.
+- ``belady``: Belady's optimum (MIN): evict the resident expert whose next use lies furthest in the future.
+  It needs the future: an offline trace, or the plan of a pre-gating router (Read-ME lookahead caching, §12).
+
+Every policy sees the same events (``access``, ``insert``, ``evict``) and picks a victim among the resident
+experts that are not protected (those the running layer still needs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "POLICIES",
+    "ActivationAwarePolicy",
+    "BeladyPolicy",
+    "CacheStats",
+    "ExpertCache",
+    "Key",
+    "LFUPolicy",
+    "LRUPolicy",
+    "Policy",
+    "make_policy",
+]
+
+Key = tuple[int, int]  # (offloaded layer index, expert index)
+
+
+class Policy:
+    """Eviction policy: told about accesses, insertions and evictions; picks victims."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.clock = 0  # demand accesses seen so far
+        self.last_use: dict[Key, int] = {}
+
+    def access(self, key: Key) -> None:
+        self.last_use[key] = self.clock
+        self.clock += 1
+
+    def insert(self, key: Key) -> None:
+        self.last_use.setdefault(key, self.clock - 1)
+
+    def evict(self, key: Key) -> None:
+        pass
+
+    def new_request(self) -> None:
+        pass
+
+    def score(self, key: Key) -> tuple:
+        """Lower is evicted first."""
+        return (self.last_use.get(key, -1),)
+
+    def victim(self, resident: Iterable[Key]) -> Key:
+        return min(resident, key=self.score)
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+
+class LFUPolicy(Policy):
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count: dict[Key, int] = defaultdict(int)
+
+    def access(self, key: Key) -> None:
+        super().access(key)
+        self.count[key] += 1
+
+    def score(self, key: Key) -> tuple:
+        return (self.count.get(key, 0), self.last_use.get(key, -1))
+
+
+class ActivationAwarePolicy(Policy):
+    """MoE-Infinity style: per-request activation counts plus a profiled prior (see the module docstring).
+
+    Args:
+        num_layers: offloaded layers (for the layer-distance tie break).
+        prior: ``{key: activation frequency}`` profiled from earlier traffic (e.g. a trace); optional.
+    """
+
+    name = "activation"
+
+    def __init__(self, num_layers: int = 1, prior: dict[Key, float] | None = None) -> None:
+        super().__init__()
+        self.num_layers = max(1, num_layers)
+        self.prior = dict(prior or {})
+        self.request_count: dict[Key, int] = defaultdict(int)
+        self.current_layer = 0
+
+    def access(self, key: Key) -> None:
+        super().access(key)
+        self.request_count[key] += 1
+        self.current_layer = key[0]
+
+    def new_request(self) -> None:
+        self.request_count.clear()
+
+    def score(self, key: Key) -> tuple:
+        ahead = (key[0] - self.current_layer) % self.num_layers  # 0: this layer, L-1: just run
+        return (self.request_count.get(key, 0) + self.prior.get(key, 0.0), -ahead, self.last_use.get(key, -1))
+
+
+class BeladyPolicy(Policy):
+    """Belady's MIN over a known future of demand accesses ``future[i]`` (the i-th access, 0-based).
+
+    The cache's demand accesses must follow ``future`` in order; a mismatch raises, since the optimum then no
+    longer holds.
+    """
+
+    name = "belady"
+
+    def __init__(self, future: Sequence[Key]) -> None:
+        super().__init__()
+        self.future: list[Key] = [(int(k[0]), int(k[1])) for k in future]
+        self._uses: dict[Key, list[int]] = defaultdict(list)
+        for i in range(len(self.future) - 1, -1, -1):
+            self._uses[self.future[i]].append(i)  # reversed positions: the next use is the last element
+
+    def access(self, key: Key) -> None:
+        if self.clock >= len(self.future) or self.future[self.clock] != key:
+            raise ValueError(f"access {self.clock} is {key}, but the known future says "
+                             f"{self.future[self.clock] if self.clock < len(self.future) else 'nothing'}; "
+                             f"Belady needs the exact access sequence (replay the trace it was built from)")
+        self._uses[key].pop()
+        super().access(key)
+
+    def next_use(self, key: Key) -> float:
+        uses = self._uses.get(key)
+        return uses[-1] if uses else math.inf
+
+    def score(self, key: Key) -> tuple:
+        return (-self.next_use(key), self.last_use.get(key, -1))
+
+
+POLICIES = ("lru", "lfu", "activation", "belady")
+
+
+def make_policy(name: str, *, num_layers: int = 1, future: Sequence[Key] | None = None,
+                prior: dict[Key, float] | None = None) -> Policy:
+    """A fresh policy by name; ``belady`` needs ``future``."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "activation":
+        return ActivationAwarePolicy(num_layers, prior)
+    if name == "belady":
+        if future is None:
+            raise ValueError("policy 'belady' needs the future accesses (a trace or a pre-gating plan); use "
+                             "lru, lfu or activation for live serving")
+        return BeladyPolicy(future)
+    raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+
+
+class CacheStats:
+    """Counters of a cache: demand hits and misses, bytes moved, seconds spent loading."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.prefetches = self.prefetch_hits = 0
+        self.bytes_moved = 0
+        self.load_seconds = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
+                "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
+                "bytes_moved": self.bytes_moved, "load_seconds": self.load_seconds}
+
+
+Weights = dict[str, torch.Tensor]
+
+
+class ExpertCache:
+    """Experts resident under a byte budget; misses load through ``loader(key) -> {name: tensor}``.
+
+    Args:
+        capacity_bytes: the budget for resident experts.
+        policy: a :class:`Policy` (which expert to evict).
+        loader: reads one expert's weights (e.g. from a memory-mapped safetensors file).
+        nbytes: bytes of one expert, ``nbytes(key)``.
+    """
+
+    def __init__(self, capacity_bytes: int, policy: Policy, loader: Callable[[Key], Weights],
+                 nbytes: Callable[[Key], int]) -> None:
+        self.capacity_bytes, self.policy, self.loader, self.nbytes = capacity_bytes, policy, loader, nbytes
+        self.resident: dict[Key, Weights] = {}
+        self.used_bytes = 0
+        self.prefetched: set[Key] = set()  # loaded ahead and not yet used
+        self.pinned: set[Key] = set()  # experts the running layer still needs: never evicted by a prefetch
+        self.stats = CacheStats()
+
+    def _make_room(self, size: int, protect: Key, prefetching: bool = False) -> bool:
+        while self.used_bytes + size > self.capacity_bytes:
+            candidates = [k for k in self.resident if k != protect and not (prefetching and k in self.pinned)]
+            if not candidates:
+                return False
+            victim = self.policy.victim(candidates)
+            del self.resident[victim]
+            self.prefetched.discard(victim)
+            self.used_bytes -= self.nbytes(victim)
+            self.policy.evict(victim)
+        return True
+
+    def _load(self, key: Key, prefetching: bool = False) -> Weights | None:
+        size = self.nbytes(key)
+        if size > self.capacity_bytes:
+            raise ValueError(f"expert {key} needs {size} bytes but the expert budget is {self.capacity_bytes}; "
+                             f"raise --expert-memory to at least one expert")
+        if not self._make_room(size, key, prefetching):
+            return None  # a prefetch that would evict what the running layer needs is dropped
+        start = time.perf_counter()
+        weights = self.loader(key)
+        self.stats.load_seconds += time.perf_counter() - start
+        self.stats.bytes_moved += size
+        self.resident[key] = weights
+        self.used_bytes += size
+        self.policy.insert(key)
+        return weights
+
+    def get(self, key: Key) -> Weights:
+        """The expert's weights (a demand access: counted as a hit or a miss)."""
+        weights = self.resident.get(key)
+        if weights is None:
+            self.stats.misses += 1
+            weights = self._load(key)
+            assert weights is not None  # a demand load may evict anything but itself
+        else:
+            self.stats.hits += 1
+            if key in self.prefetched:
+                self.stats.prefetch_hits += 1
+        self.prefetched.discard(key)
+        self.policy.access(key)
+        return weights
+
+    def prefetch(self, key: Key) -> None:
+        """Load the expert ahead of its use (not an access; nothing happens when it is resident)."""
+        if key not in self.resident and self._load(key, prefetching=True) is not None:
+            self.stats.prefetches += 1
+            self.prefetched.add(key)
+
+    def new_request(self) -> None:
+        self.policy.new_request()

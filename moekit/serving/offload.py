@@ -1,0 +1,330 @@
+"""Expert offloading: the routed experts of a run stay in its safetensors file (memory-mapped) and are loaded
+per ``(layer, expert)`` on demand into an :class:`~moekit.serving.cache.ExpertCache` with a byte budget.
+
+Dim legend: T tokens, D model dim, F expert hidden dim, K slots per token.
+
+Only the experts leave resident memory: the model is built with its expert banks on the ``meta`` device, every
+other tensor is read from the file, and each plain :class:`~moekit.MoE` layer gets an
+:class:`OffloadedExpertBank` and the ``offload`` engine. That engine is the ``reference`` engine's loop over the
+experts present in the routing (ascending ids, the same ``index_add``), so an offloaded model's outputs are
+bit-identical to the resident model run with ``engine="reference"`` (and equal to any other engine up to float
+rounding).
+
+Prefetch (Mixtral-offloading / Pre-gated MoE, spec §11): before layer ``l`` runs its experts, the next layer's
+router scores layer ``l``'s FFN input and its top-k experts are loaded ahead (``prefetch="router"``), or the
+experts that most often followed this layer's experts in a profiled trace (``prefetch="affinity"``). On the CPU
+the load is synchronous (a copy out of the page cache); a GPU side stream is not built yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..dispatch import register_engine
+from ..experts import ExpertBank
+from ..experts.activations import hidden
+from ..layers import MoE
+from ..models import LanguageModel
+from ..training.checkpoint import CheckpointError, read_state, weights_path
+from ..training.config import RunConfig
+from ..training.runs import read_run_config
+from ..types import Routing
+from .cache import ExpertCache, Key, Policy, make_policy
+
+__all__ = ["PREFETCHERS", "ExpertStore", "Offload", "OffloadedExpertBank", "load_offloaded", "open_store", "parse_budget"]
+
+PREFETCHERS = ("none", "router", "affinity")
+_PROJ = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+class ExpertStore:
+    """Reads single experts out of a safetensors file without reading the rest (``safe_open`` memory-maps it).
+
+    Args:
+        path: the weights file.
+        layer_names: module names of the offloaded MoE layers (``layers.3.ffn``), in depth order.
+    """
+
+    def __init__(self, path: Path, layer_names: list[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path} cannot be opened ({e}); re-run training or restore the file") from None
+        keys = set(self._file.keys())
+        self.layer_names = layer_names
+        self.names: list[list[str]] = []  # per layer: the projection names present ("w_up", ...)
+        self.expert_bytes: list[int] = []
+        for layer in layer_names:
+            present = [p for p in _PROJ if f"{layer}.experts.{p}" in keys]
+            if "w_up" not in present or "w_down" not in present:
+                raise CheckpointError(f"{self.path} holds no experts for {layer}; it does not belong to this model")
+            self.names.append(present)
+            size = 0
+            for p in present:
+                sl = self._file.get_slice(f"{layer}.experts.{p}")
+                shape, itemsize = sl.get_shape(), _itemsize(sl.get_dtype())
+                size += itemsize * int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else itemsize
+            self.expert_bytes.append(size)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b * self.num_experts(i) for i, b in enumerate(self.expert_bytes))
+
+    def num_experts(self, layer: int) -> int:
+        return self._file.get_slice(f"{self.layer_names[layer]}.experts.w_up").get_shape()[0]
+
+    def nbytes(self, key: Key) -> int:
+        return self.expert_bytes[key[0]]
+
+    def load(self, key: Key) -> dict[str, torch.Tensor]:
+        """``{projection: tensor}`` of expert ``key[1]`` of layer ``key[0]``, read from the file."""
+        layer, e = key
+        name = self.layer_names[layer]
+        return {p: self._file.get_slice(f"{name}.experts.{p}")[e:e + 1][0].contiguous() for p in self.names[layer]}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def keys(self) -> set[str]:
+        return set(self._file.keys())
+
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata() or {}
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}[dtype]
+
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_budget(budget: str | float, total_bytes: int, min_bytes: int) -> int:
+    """Bytes of an expert budget: ``"25%"`` of all experts, or bytes (``123456``, ``"64MiB"``, ``"1.5G"``)."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = int(budget)
+    else:
+        m = _BUDGET.match(str(budget))
+        if not m:
+            raise ValueError(f"expert memory {budget!r} is not a budget; give a share like '25%' or bytes like "
+                             f"'64MiB' or 1000000")
+        number, unit = float(m.group(1)), (m.group(2) or "").lower() or None
+        value = int(total_bytes * number / 100) if unit == "%" else int(number * _UNITS[unit])
+    if value < min_bytes:
+        raise ValueError(f"expert memory {budget!r} ({value} bytes) is smaller than one expert ({min_bytes} "
+                         f"bytes); raise it to at least {min_bytes} bytes "
+                         f"({100 * min_bytes / max(total_bytes, 1):.2f}% of all experts)")
+    return value
+
+
+class OffloadedExpertBank(nn.Module):
+    """An expert bank whose weights live in an :class:`ExpertCache`; ``expert(x, e)`` as in ExpertBank."""
+
+    def __init__(self, bank: ExpertBank, layer: int, offload: Offload) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = bank.num_experts, bank.dim, bank.hidden_dim
+        self.activation, self.use_bias, self.gated = bank.activation, bank.use_bias, bank.gated
+        self.layer = layer
+        self._offload = [offload]  # a list, so that nn.Module does not register it as a child
+
+    @property
+    def offload(self) -> Offload:
+        return self._offload[0]
+
+    def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        w = self.offload.cache.get((self.layer, e))
+        dev = x_TD.device
+        h_up = F.linear(x_TD, w["w_up"].to(dev), _opt(w, "b_up", dev))
+        h_gate = F.linear(x_TD, w["w_gate"].to(dev), _opt(w, "b_gate", dev)) if self.gated else None
+        return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dev), _opt(w, "b_down", dev))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"
+
+
+def _opt(w: dict[str, torch.Tensor], name: str, dev: torch.device) -> torch.Tensor | None:
+    t = w.get(name)
+    return None if t is None else t.to(dev)
+
+
+def _offload_supports(x: torch.Tensor, bank) -> str | None:
+    return None if isinstance(bank, OffloadedExpertBank) else "only offloaded expert banks (moekit.serving)"
+
+
+@register_engine("offload", priority=-1, supports=_offload_supports)
+def offload_engine(x_TD: torch.Tensor, routing: Routing, bank: OffloadedExpertBank) -> torch.Tensor:
+    """The reference loop over the experts present in ``routing``, fetching each through the cache."""
+    ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.to(x_TD.dtype)
+    present = sorted(int(e) for e in torch.unique(ids_TK[ids_TK >= 0]).tolist())
+    bank.offload.before_layer(bank.layer, present, x_TD)
+    y_TD = torch.zeros_like(x_TD)
+    for e in present:
+        token_idx, slot_idx = torch.nonzero(ids_TK == e, as_tuple=True)
+        out = bank.expert(x_TD[token_idx], e)
+        y_TD = y_TD.index_add(0, token_idx, weights_TK[token_idx, slot_idx, None] * out)
+    bank.offload.after_layer(bank.layer)
+    return y_TD
+
+
+class Offload:
+    """The offloading state of one model: store, cache, prefetcher, and the trace of accesses.
+
+    ``trace`` holds one entry per forward pass: per offloaded layer ``{"experts": [...], "predicted": [...]}``,
+    where ``predicted`` is the next layer's router's top-k on this layer's input (recorded whatever the live
+    prefetcher, so that the simulator can replay it).
+    """
+
+    def __init__(self, store: ExpertStore, cache: ExpertCache, moes: list[MoE], prefetch: str = "none",
+                 affinity: dict[Key, list[int]] | None = None, record: bool = True) -> None:
+        if prefetch not in PREFETCHERS:
+            raise ValueError(f"unknown prefetcher {prefetch!r}; choose one of {', '.join(PREFETCHERS)}")
+        if prefetch == "affinity" and affinity is None:
+            raise ValueError("prefetch='affinity' needs an affinity table (moekit.serving.trace.affinity_table)")
+        self.store, self.cache, self.moes, self.prefetch = store, cache, moes, prefetch
+        self.affinity = affinity or {}
+        self.record = record
+        self.trace: list[list[dict]] = []
+        self._step: list[dict] = []
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.moes)
+
+    def before_layer(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> None:
+        if layer == 0 and self._step:
+            self._flush()
+        predicted = self._predict_next(layer, x_TD) if layer + 1 < self.num_layers else []
+        if self.record:
+            self._step.append({"experts": experts, "predicted": predicted})
+        self.cache.pinned = {(layer, e) for e in experts}
+        if self.prefetch == "router":
+            targets = predicted
+        elif self.prefetch == "affinity":
+            targets = sorted({f for e in experts for f in self.affinity.get((layer, e), [])})
+        else:
+            targets = []
+        if layer + 1 < self.num_layers:
+            self.cache.pinned |= {(layer + 1, e) for e in targets}
+            for e in targets:
+                self.cache.prefetch((layer + 1, e))
+
+    def after_layer(self, layer: int) -> None:
+        self.cache.pinned = set()  # pins guard prefetches only; demand loads may evict anything but themselves
+        if layer == self.num_layers - 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._step:
+            self.trace.append(self._step)
+        self._step = []
+
+    @torch.no_grad()
+    def _predict_next(self, layer: int, x_TD: torch.Tensor) -> list[int]:
+        routing = self.moes[layer + 1].route(x_TD)
+        ids = routing.expert_ids_TK
+        return sorted(int(e) for e in torch.unique(ids[ids >= 0]).tolist())
+
+    def new_request(self) -> None:
+        self.cache.new_request()
+
+
+def _offloadable(model: LanguageModel) -> list[tuple[str, MoE]]:
+    return [(name, ffn) for name, ffn in model.sparse_layers()
+            if isinstance(ffn, MoE) and type(ffn.experts) is ExpertBank]
+
+
+@contextlib.contextmanager
+def _experts_on_meta() -> Iterator[None]:
+    """Build every ExpertBank's parameters on the meta device (no memory); the rest of the model as usual."""
+    original = ExpertBank.__init__
+
+    def init(self, *args, **kwargs):
+        with torch.device("meta"):
+            original(self, *args, **kwargs)
+
+    ExpertBank.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ExpertBank.__init__ = original  # type: ignore[method-assign]
+
+
+def open_store(run_dir: str | Path) -> ExpertStore:
+    """The :class:`ExpertStore` of a run's offloadable experts (nothing but the file's header is read)."""
+    cfg = read_run_config(run_dir)
+    with torch.device("meta"):
+        model = LanguageModel(cfg.model)
+    return ExpertStore(weights_path(run_dir), [name for name, _ in _offloadable(model)])
+
+
+def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
+                   prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
+                   device: str = "cpu", record: bool = True) -> tuple[RunConfig, LanguageModel, Offload]:
+    """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
+
+    Args:
+        run_dir: a run folder written by ``moekit train``.
+        expert_memory: the budget for resident experts: ``"25%"`` of all experts, or bytes.
+        policy: ``lru``, ``lfu``, ``activation`` or a :class:`Policy` (``belady`` needs its future).
+        prefetch: ``none``, ``router`` (next layer's router) or ``affinity`` (needs ``affinity``).
+        device: where the non-expert weights and the computation live.
+        record: keep the trace of expert accesses (``Offload.trace``; off for long-running servers).
+    """
+    cfg = read_run_config(run_dir)
+    state = read_state(Path(run_dir))
+    with _experts_on_meta():
+        model = LanguageModel(cfg.model)
+    layers = _offloadable(model)
+    meta_left = [n for n, p in model.named_parameters() if p.is_meta
+                 and not any(n.startswith(f"{name}.experts.") for name, _ in layers)]
+    if meta_left:
+        raise ValueError(f"this model's variant keeps experts outside plain MoE layers ({meta_left[0]}); "
+                         f"offloading supports models whose sparse layers are moekit.MoE; serve it resident")
+    if not layers:
+        raise ValueError("this model has no MoE layers to offload; serve it resident (no --expert-memory)")
+    store = ExpertStore(weights_path(run_dir), [name for name, _ in layers])
+    if store.metadata().get("step") not in (None, str(state["step"])):
+        raise CheckpointError(f"{store.path} is from step {store.metadata().get('step')} but state.json says "
+                              f"step {state['step']}; the checkpoint was interrupted; re-run training")
+    _load_resident(model, store, {f"{name}.experts." for name, _ in layers})
+    budget = parse_budget(expert_memory, store.total_bytes, max(store.expert_bytes))
+    if isinstance(policy, str):
+        policy = make_policy(policy, num_layers=len(layers))
+    cache = ExpertCache(budget, policy, store.load, store.nbytes)
+    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
+    for i, (_, moe) in enumerate(layers):
+        moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
+        moe.config = dataclasses.replace(moe.config, engine="offload")  # type: ignore[arg-type]
+    model = model.to(device).eval()
+    return cfg, model, offload
+
+
+def _load_resident(model: nn.Module, store: ExpertStore, skip: set[str]) -> None:
+    """Copy every non-expert tensor of the state dict from the file (aliases from its metadata)."""
+    keys, aliases = store.keys(), store.metadata()
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if any(name.startswith(prefix) for prefix in skip):
+                continue
+            src = name if name in keys else aliases.get(name)
+            if src not in keys:
+                raise CheckpointError(f"{store.path} has no tensor {name!r}; it does not fit the model in "
+                                      f"config.json")
+            value = store.tensor(src)
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{store.path}: {name} has shape {tuple(value.shape)}, the model in "
+                                      f"config.json expects {tuple(target.shape)}")
+            target.copy_(value)

@@ -1,0 +1,102 @@
+"""Cache simulator: the spec's invariants (Belady >= LRU on any trace, full capacity -> 100% after warm-up,
+perfect predictor -> no stalls, prefetch never hurts with room to spare), traces recorded, saved and checked."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moekit.serving.simulate import simulate, sweep
+from moekit.serving.trace import (
+    Trace,
+    affinity_table,
+    load_trace,
+    record_trace,
+    save_trace,
+)
+
+from .serving_util import make_run
+
+
+@st.composite
+def traces(draw):
+    L = draw(st.integers(1, 3))
+    E = draw(st.integers(1, 6))
+    T = draw(st.integers(1, 12))
+    sets = st.lists(st.integers(0, E - 1), min_size=1, max_size=min(E, 3), unique=True)
+    steps = [[{"experts": sorted(draw(sets)), "predicted": sorted(draw(sets)) if layer + 1 < L else []}
+              for layer in range(L)] for _ in range(T)]
+    return Trace([E] * L, [100] * L, steps)
+
+
+@settings(max_examples=150, deadline=None)
+@given(traces(), st.integers(1, 18))
+def test_belady_hit_rate_is_at_least_lru_on_any_trace(trace, experts):
+    cap = 100 * experts
+    belady = simulate(trace, "belady", "none", cap)
+    for policy in ("lru", "lfu", "activation"):
+        assert belady.hits >= simulate(trace, policy, "none", cap).hits
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces())
+def test_capacity_for_every_expert_hits_everything_after_warm_up(trace):
+    cap = 100 * sum(trace.num_experts)
+    for policy in ("lru", "lfu", "activation", "belady"):
+        r = simulate(trace, policy, "router", cap)
+        assert r.hit_rate_after_warmup == 1.0
+        assert r.bytes_moved <= cap  # every expert moved at most once
+
+
+@settings(max_examples=60, deadline=None)
+@given(traces())
+def test_perfect_predictor_with_enough_bandwidth_never_stalls_after_the_first_layer(trace):
+    # room for two layers' experts; loading a layer's experts takes less than one layer's compute
+    cap = 100 * 2 * max(trace.num_experts)
+    r = simulate(trace, "lru", "oracle", cap, bandwidth=100 * 6 / 1e-4, compute_seconds=1e-4)
+    assert r.stalls <= 1  # only the very first layer, which nothing predicts
+    assert r.prefetch_recall == 1.0 or len(trace.steps) * trace.num_layers == 1
+    none = simulate(trace, "lru", "none", cap, bandwidth=100 * 6 / 1e-4, compute_seconds=1e-4)
+    assert r.stall_seconds <= none.stall_seconds + 1e-12
+
+
+def test_prefetch_reduces_stalls_when_recall_is_positive():
+    # layer 0's router guesses layer 1's expert right every time
+    steps = [[{"experts": [t % 4], "predicted": [(t + 1) % 4]}, {"experts": [(t + 1) % 4], "predicted": []}]
+             for t in range(8)]
+    trace = Trace([4, 4], [100, 100], steps)
+    base = simulate(trace, "lru", "none", 200, bandwidth=1e6, compute_seconds=1e-4)
+    routed = simulate(trace, "lru", "router", 200, bandwidth=1e6, compute_seconds=1e-4)
+    assert routed.prefetch_recall == 1.0 and routed.stall_seconds < base.stall_seconds
+    assert routed.stalls < base.stalls
+
+
+def test_affinity_table_counts_transitions():
+    steps = [[{"experts": [0], "predicted": []}, {"experts": [2], "predicted": []}]] * 3 + \
+            [[{"experts": [0], "predicted": []}, {"experts": [1], "predicted": []}]]
+    table = affinity_table(Trace([2, 3], [1, 1], steps), fanout=1)
+    assert table == {(0, 0): [2]}
+
+
+def test_recorded_trace_replays_and_is_checked_against_its_model(tmp_path):
+    run = make_run(tmp_path / "run")
+    trace = record_trace(run, [[1, 2, 3], [50, 60]], 4)
+    assert len(trace.steps) == 8 and trace.num_layers == 3 and trace.num_experts == [6, 6, 6]
+    assert all(len(entry["experts"]) >= 2 for step in trace.steps for entry in step)  # top-2 per token
+    path = tmp_path / "t.json"
+    save_trace(path, trace)
+    again = load_trace(path)
+    assert again.steps == trace.steps
+    results = sweep(again, [trace.expert_bytes[0] * 18, trace.expert_bytes[0] * 4], bandwidth=1e9)
+    assert len(results) == 2 * 4 * 4
+    with pytest.raises(ValueError, match="another model"):
+        again.check_model([8, 8, 8], trace.expert_bytes)
+    path.write_text(json.dumps({"format": "moekit-expert-trace", "model": {}, "steps": []}))
+    with pytest.raises(ValueError, match="malformed"):
+        load_trace(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_trace(path)
+    with pytest.raises(ValueError, match="smaller than one expert"):
+        simulate(again, "lru", "none", 1)
