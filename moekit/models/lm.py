@@ -4,11 +4,12 @@ Dim legend: B batch, S sequence, D model dim, V vocabulary.
 
 Each block is pre-norm (RMSNorm, Zhang & Sennrich 2019)::
 
-    h = x + Attention(norm(x))            causal, rotary positions
+    h = x + Attention(norm(x), ctx)       causal, rotary positions; dense or a variant via build_attention
     y = h + FFN(norm(h), ctx)             dense SwiGLU (Shazeer 2020) or MoE / variant via build_ffn
 
 Every sparse FFN is built through :func:`moekit.layers.build_ffn` under the name ``layers.{i}.ffn``, and is
-called as ``ffn(h, ctx)`` so that its losses and statistics land in the :class:`~moekit.RoutingContext` the
+called as ``ffn(h, ctx)``, and every attention through :func:`moekit.layers.build_attention` (``model.attention``,
+``dense`` by default) under ``layers.{i}.attn``, called with ``ctx=ctx``, so that its losses and statistics land in the :class:`~moekit.RoutingContext` the
 forward returns. The model is readable in one sitting, in the manner of nanoGPT.
 """
 
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts import FeedForward
-from ..layers import build_ffn
+from ..layers import build_attention, build_ffn
 from ..types import RoutingContext
-from .attention import Attention, KVCache, rope_tables
+from .attention import KVCache, rope_tables
 from .config import ModelConfig
 from .depth import build_depth_router, build_planner, positions_rope
 
@@ -44,7 +45,9 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attn = Attention(config.dim, config.num_heads, config.num_layers)
+        self.attn = build_attention(config.attention, config.attention_options, dim=config.dim,
+                                    num_heads=config.num_heads, num_layers=config.num_layers,
+                                    context=config.context, layer_index=index, name=f"layers.{index}.attn")
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.is_sparse = config.is_sparse(index)
         if self.is_sparse:
@@ -64,7 +67,7 @@ class Block(nn.Module):
         A feed-forward with ``block_residual = False`` (Chain-of-Experts without an outer residual) replaces
         the block's hidden state instead of adding to it.
         """
-        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, cache, self.index)
+        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, cache, self.index, ctx=ctx)
         h_BSD = x_BSD + a_BSD
         f_BSD = _ffn_output(self.ffn(self.ffn_norm(h_BSD), ctx))
         if getattr(self.ffn, "block_residual", True):
@@ -103,8 +106,10 @@ class LanguageModel(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """Depth routing and Read-ME planning look at the whole sequence, so they run without a KV cache."""
-        return self.depth_router is None and self.planner is None
+        """Depth routing and Read-ME planning look at the whole sequence, so they run without a KV cache; so
+        does an attention variant whose module says ``supports_kv_cache = False``."""
+        return (self.depth_router is None and self.planner is None
+                and all(getattr(b.attn, "supports_kv_cache", False) for b in self.layers))
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
@@ -126,7 +131,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{start + S} positions exceed model.context={self.config.context}; "
                              f"feed at most the last {self.config.context} tokens")
         if cache is not None and not self.supports_kv_cache:
-            raise ValueError("this model routes over the whole sequence (depth routing or a Read-ME planner), "
+            raise ValueError("this model routes over the whole sequence (depth routing, a Read-ME planner or an "
+                             "attention variant without a KV cache), "
                              "so it cannot use a KV cache; generate without one (moekit sample --no-cache)")
         ctx = RoutingContext() if ctx is None else ctx
         cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
