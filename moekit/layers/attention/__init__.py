@@ -11,4 +11,4 @@ from .rope import apply_rope, rope_tables
 __all__ = ["ATTENTION_BUILDERS", "build_attention", "check_attention_kind", "parse_attention_options",
            "register_attention", "apply_rope", "rope_tables"]
 
-from . import mom, switchhead  # noqa: E402,F401  (registers the attention variants)
+from . import mom, routing_attention, switchhead  # noqa: E402,F401  (registers the attention variants)
