@@ -32,8 +32,8 @@ class ModelConfig:
         attention_options: the attention variant's own options (e.g. ``{num_experts = 4}``); its FFN
             counterpart is ``variant``.
         depth_routing: block-level routing, empty for none: ``{kind = "mod", every = 2, capacity = 0.125}``
-            (Mixture-of-Depths) or ``{kind = "mor", num_recursions = 3}`` (Mixture-of-Recursions with
-            middle-cycle sharing); see :mod:`moekit.models.depth`.
+            (Mixture-of-Depths), ``{kind = "mor", num_recursions = 3}`` (Mixture-of-Recursions with
+            middle-cycle sharing) or ``{kind = "drllm"}`` (Dr.LLM layer routers); see :mod:`moekit.models.depth`.
         dense_hidden_dim: hidden size of the dense SwiGLU layers; ``None`` uses ``moe.active_hidden`` (equal
             active FLOPs to the sparse layers) when there is an MoE, else ``4 * dim``.
         first_dense_layers: the first layers stay dense (DeepSeek-MoE keeps layer 0 dense).

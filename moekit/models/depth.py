@@ -10,6 +10,8 @@ These variants route whole blocks rather than feed-forwards, so the model, not a
 - ``depth_routing = {kind = "mor", ...}``: "middle-cycle" parameter sharing (MoR, arXiv 2507.10524): the first
   and last blocks are unique and the middle stack is one shared block that
   :class:`~moekit.layers.variants.MixtureOfRecursions` applies up to ``num_recursions`` times per token.
+- ``depth_routing = {kind = "drllm", ...}``: Dr.LLM's per-layer routers
+  (:class:`~moekit.layers.variants.LayerPathRouters`) skip, execute or repeat each block per sequence.
 - ``ffn = "readme"``: one :class:`~moekit.layers.variants.ReadMEPlanner` reads the token embeddings and plans
   every MoE layer's routing before the blocks run.
 
@@ -24,13 +26,14 @@ import torch
 from torch import nn
 
 from ..configs import ConfigError, check, from_dict
-from ..layers.variants import MixtureOfDepths, MixtureOfRecursions, MoDConfig, MoRConfig, ReadMEConfig, ReadMEPlanner
+from ..layers.variants import (DrLLMConfig, LayerPathRouters, MixtureOfDepths, MixtureOfRecursions, MoDConfig,
+                               MoRConfig, ReadMEConfig, ReadMEPlanner)
 from ..layers.variants.mod import POSITIONS_KEY
 from ..types import RoutingContext
 
 __all__ = ["build_depth_router", "build_planner", "mod_layers", "positions_rope"]
 
-DEPTH_KINDS = ("mod", "mor")
+DEPTH_KINDS = ("mod", "mor", "drllm")
 
 
 def validate_depth_routing(options: dict[str, Any], num_layers: int) -> None:
@@ -45,6 +48,9 @@ def validate_depth_routing(options: dict[str, Any], num_layers: int) -> None:
         check(isinstance(every, int) and 1 <= every <= num_layers,
               f"model.depth_routing.every={every!r} must be an integer in [1, num_layers={num_layers}]")
         from_dict(MoDConfig, rest, prefix="model.depth_routing")
+    elif kind == "drllm":
+        check("every" not in options, "model.depth_routing.every is for kind='mod'; remove it for 'drllm'")
+        from_dict(DrLLMConfig, rest, prefix="model.depth_routing")
     else:
         check("every" not in options, "model.depth_routing.every is for kind='mod'; remove it for 'mor'")
         check(num_layers >= 3, f"Mixture-of-Recursions shares the middle blocks between a unique first and last "
@@ -67,6 +73,8 @@ def build_depth_router(options: dict[str, Any], dim: int, num_layers: int) -> nn
         cfg = from_dict(MoDConfig, rest, prefix="model.depth_routing")
         return nn.ModuleDict({str(i): MixtureOfDepths(dim, cfg, name=f"layers.{i}.mod")
                               for i in mod_layers(options, num_layers)})
+    if options["kind"] == "drllm":
+        return LayerPathRouters(dim, num_layers, from_dict(DrLLMConfig, rest, prefix="model.depth_routing"))
     return MixtureOfRecursions(dim, from_dict(MoRConfig, rest, prefix="model.depth_routing"), name="mor")
 
 

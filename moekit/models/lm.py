@@ -21,6 +21,7 @@ from torch import nn
 
 from ..experts import FeedForward
 from ..layers import build_attention, build_ffn
+from ..layers.variants import LayerPathRouters
 from ..types import RoutingContext
 from .attention import KVCache, rope_tables
 from .config import ModelConfig
@@ -154,6 +155,8 @@ class LanguageModel(nn.Module):
             for block in self.layers:
                 x_BSD = block(x_BSD, cos_SR, sin_SR, ctx, cache)
             return x_BSD
+        if isinstance(router, LayerPathRouters):  # Dr.LLM: skip / execute / repeat each block per sequence
+            return router(x_BSD, [lambda h, c, b=block: b(h, cos_SR, sin_SR, c) for block in self.layers], ctx)
         if isinstance(router, nn.ModuleDict):  # Mixture-of-Depths around some blocks
             for block in self.layers:
                 mod = router[str(block.index)] if str(block.index) in router else None
