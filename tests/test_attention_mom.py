@@ -71,7 +71,7 @@ def test_one_memory_without_shared_is_the_base_linear_attention():
     """M = 1, k = 1, no shared memory: every token updates the single memory (gate weight 1) at every step."""
     torch.manual_seed(1)
     layer = MixtureOfMemories(8, 2, 2, MoMConfig(num_memories=1, top_k=1, shared_memory=False))
-    routing, combine = layer.route(torch.randn(2, 6, 8))
+    _, combine = layer.route(torch.randn(2, 6, 8))
     assert torch.equal(combine, torch.ones(2, 6, 1))
     x = torch.randn(1, 6, 8)
     out, _ = layer.memories(x, torch.ones(1, 6, 1, dtype=torch.bool))

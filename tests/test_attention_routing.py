@@ -14,7 +14,10 @@ from moekit.configs import ConfigError
 from moekit.layers import build_attention
 from moekit.layers.attention import rope_tables
 from moekit.layers.attention.rope import apply_rope
-from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
+from moekit.layers.attention.routing_attention import (
+    RoutingAttention,
+    RoutingAttentionConfig,
+)
 from moekit.models import Attention
 
 from .reference import assert_close

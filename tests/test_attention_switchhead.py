@@ -106,7 +106,7 @@ def test_gates_are_non_competitive_and_selection_is_per_token():
     torch.manual_seed(3)
     layer = SwitchHead(16, 2, 2, SwitchHeadConfig(num_experts=4, top_k=2))
     x = torch.randn(1, 6, 16)
-    _, _, (gv, ids_v), (go, ids_o) = layer.select(x)
+    _, _, (gv, ids_v), (go, _) = layer.select(x)
     chosen = gv.gather(-1, ids_v)
     assert ((chosen > 0) & (chosen < 1)).all() and ((gv > 0).sum(-1) == 2).all()
     assert not torch.allclose(chosen.sum(-1), torch.ones(())), "sigmoid gates do not sum to 1"

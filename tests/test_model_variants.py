@@ -126,9 +126,8 @@ def test_coe_without_outer_residual_replaces_the_hidden_state():
 
 def test_thor_training_step_runs_two_passes_with_the_consistency_loss():
     from moekit.data import load_data
-    from moekit.layers.variants.thor import consistency_loss
     from moekit.layers.step_hook import language_model_loss, training_step_hook
-    from moekit.layers.variants.thor import THOR
+    from moekit.layers.variants.thor import THOR, consistency_loss
 
     cfg = small("thor", **{"model.moe.num_experts": "4", "train.batch_size": "2", "data.max_files": "3"})
     model = LanguageModel(cfg.model)

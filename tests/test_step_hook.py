@@ -10,7 +10,12 @@ from moekit.configs import ConfigError
 from moekit.experts import FeedForward
 from moekit.layers import register_ffn
 from moekit.layers.registry import FFN_BUILDERS
-from moekit.layers.step_hook import StepLoss, language_model_loss, next_token_ce, training_step_hook
+from moekit.layers.step_hook import (
+    StepLoss,
+    language_model_loss,
+    next_token_ce,
+    training_step_hook,
+)
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
 from moekit.training import train_step, with_overrides

@@ -9,8 +9,14 @@ import torch
 from moekit import RoutingContext
 from moekit.configs import ConfigError
 from moekit.layers.step_hook import training_step_hook
-from moekit.layers.variants.drllm import (PATH_KEY, DrLLMConfig, LayerPathRouters, focal_loss, search_paths,
-                                          window_pool)
+from moekit.layers.variants.drllm import (
+    PATH_KEY,
+    DrLLMConfig,
+    LayerPathRouters,
+    focal_loss,
+    search_paths,
+    window_pool,
+)
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
 from moekit.training import with_overrides
@@ -42,7 +48,7 @@ def test_all_execute_is_the_base_model_and_repeat_applies_a_block_twice():
     assert_close(routed(x, _forced(torch.ones(2, 2, dtype=torch.long)))[0], base(x)[0], "all decisions = 1")
     h = base.embed(x)
     cos, sin = base.rope_cos[:8], base.rope_sin[:8]
-    b0, b1 = base.layers
+    b0 = base.layers[0]
     c = RoutingContext()
     twice_then_skip = b0(b0(h, cos, sin, c), cos, sin, c)
     expected = torch.nn.functional.linear(base.norm(twice_then_skip), base.embed.weight)  # tied head

@@ -88,11 +88,11 @@ def test_budget_loss_is_global_its_coefficient_applied_and_it_trains_the_routers
     results = {}
     for coef in ("1.0", "3.0"):
         torch.manual_seed(5)
-        cfg, model = _duo_model(routing="router", budget_coef=coef, budget_target="0.1")
+        _, model = _duo_model(routing="router", budget_coef=coef, budget_target="0.1")
         step = training_step_hook(model)
         assert step.func is DuoFFN.training_step
         x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
-        results[coef] = (model, step(lambda ctx: model(x, ctx), y, False))
+        results[coef] = (model, step(lambda ctx, m=model, x=x: m(x, ctx), y, False))
     model, out = results["1.0"]
     p_big = torch.stack(out.ctx.state["duo.p_big"]).mean()
     assert len(out.ctx.state["duo.p_big"]) == 2, "one mean per layer, combined into one budget"

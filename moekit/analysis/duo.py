@@ -26,7 +26,7 @@ from ..configs import ConfigError
 from ..layers.variants.duo import BIG, ROUTES, ROUTES_KEY, DuoFFN
 from ..types import RoutingContext
 
-__all__ = ["OracleResult", "duo_layers", "route_patterns", "pattern_losses", "oracle_routes"]
+__all__ = ["OracleResult", "duo_layers", "oracle_routes", "pattern_losses", "route_patterns"]
 
 
 @dataclass

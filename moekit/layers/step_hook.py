@@ -18,8 +18,8 @@ knows no particular variant. A model may hold at most one kind of hook (two woul
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 from ..configs import ConfigError
 from ..types import RoutingContext
 
-__all__ = ["StepLoss", "Forward", "StepFn", "language_model_loss", "training_step_hook", "next_token_ce"]
+__all__ = ["Forward", "StepFn", "StepLoss", "language_model_loss", "next_token_ce", "training_step_hook"]
 
 Forward = Callable[[RoutingContext], tuple[torch.Tensor, RoutingContext]]
 

@@ -87,11 +87,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
             with autocast(device, tc.dtype):
                 return model(x_BS, ctx)
 
-        out = step_loss(forward, y_BS, collect_stats)
-        (out.loss / tc.grad_accum).backward()
-        ce_sum += out.ce.item()
-        aux_sum += float(out.aux.detach()) if isinstance(out.aux, torch.Tensor) else float(out.aux)
-        stats.update(out.ctx.stats_summary())
+        result = step_loss(forward, y_BS, collect_stats)
+        (result.loss / tc.grad_accum).backward()
+        ce_sum += result.ce.item()
+        aux_sum += float(result.aux.detach()) if isinstance(result.aux, torch.Tensor) else float(result.aux)
+        stats.update(result.ctx.stats_summary())
     grad_norm = reduce_and_clip(model, tc.grad_clip if tc.grad_clip > 0 else float("inf"), groups)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

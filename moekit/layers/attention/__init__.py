@@ -4,11 +4,16 @@ Importing this package registers every attention variant's builder (``moekit.lay
 attention registers itself from :mod:`moekit.models.attention`.
 """
 
-from .registry import (ATTENTION_BUILDERS, build_attention, check_attention_kind, parse_attention_options,
-                       register_attention)
+from .registry import (
+    ATTENTION_BUILDERS,
+    build_attention,
+    check_attention_kind,
+    parse_attention_options,
+    register_attention,
+)
 from .rope import apply_rope, rope_tables
 
-__all__ = ["ATTENTION_BUILDERS", "build_attention", "check_attention_kind", "parse_attention_options",
-           "register_attention", "apply_rope", "rope_tables"]
+__all__ = ["ATTENTION_BUILDERS", "apply_rope", "build_attention", "check_attention_kind",
+           "parse_attention_options", "register_attention", "rope_tables"]
 
-from . import mom, routing_attention, switchhead  # noqa: E402,F401  (registers the attention variants)
+from . import mom, routing_attention, switchhead  # noqa: F401  (registers the attention variants)

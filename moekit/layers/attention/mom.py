@@ -38,7 +38,7 @@ from ...types import Routing, RoutingContext
 from ..variants._common import record_stats
 from .registry import parse_attention_options, register_attention
 
-__all__ = ["MoMConfig", "MixtureOfMemories", "gated_delta_scan"]
+__all__ = ["MixtureOfMemories", "MoMConfig", "gated_delta_scan"]
 
 P = "attention_options"
 
@@ -137,7 +137,7 @@ class MixtureOfMemories(nn.Module):
 
     def memories(self, x_BSD: torch.Tensor, active_BSN: torch.Tensor):
         """Read-outs ``[B, S, N, H, Dh]`` and final states of every memory for the given activity mask."""
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         H, Dh, N = self.num_heads, self.head_dim, self.num_states
         q_BSHd = F.normalize(F.silu(self.w_q(x_BSD)).view(B, S, H, Dh), dim=-1)
         k_BSNHd = F.normalize(F.silu(torch.einsum("bsd,nde->bsne", x_BSD, self.w_k_NDD)).view(B, S, N, H, Dh),

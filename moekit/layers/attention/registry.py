@@ -16,14 +16,19 @@ multi-head attention is registered as ``"dense"`` by :mod:`moekit.models.attenti
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
 from ...configs import ConfigError, from_dict
 
-__all__ = ["register_attention", "build_attention", "ATTENTION_BUILDERS", "parse_attention_options",
-           "check_attention_kind"]
+__all__ = [
+    "ATTENTION_BUILDERS",
+    "build_attention",
+    "check_attention_kind",
+    "parse_attention_options",
+    "register_attention",
+]
 
 AttentionBuilder = Callable[..., nn.Module]
 ATTENTION_BUILDERS: dict[str, AttentionBuilder] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_tables", "apply_rope"]
+__all__ = ["apply_rope", "rope_tables"]
 
 
 def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from ..variants._common import record_stats
 from .registry import parse_attention_options, register_attention
 from .rope import apply_rope
 
-__all__ = ["RoutingAttentionConfig", "RoutingAttention", "cluster_attention", "local_attention"]
+__all__ = ["RoutingAttention", "RoutingAttentionConfig", "cluster_attention", "local_attention"]
 
 P = "attention_options"
 
@@ -108,6 +108,7 @@ class RoutingAttention(nn.Module):
     """Routing (and local) attention heads: ``forward(x_BSD, cos_SR, sin_SR, cache=None, layer=0, ctx=None)``."""
 
     supports_kv_cache = False
+    centroids_HCd: torch.Tensor
 
     def __init__(self, dim: int, num_heads: int, num_layers: int, context: int,
                  config: RoutingAttentionConfig | None = None, name: str = "routing_attention") -> None:

@@ -41,7 +41,7 @@ from ..variants._common import record_stats
 from .registry import parse_attention_options, register_attention
 from .rope import apply_rope
 
-__all__ = ["SwitchHeadConfig", "SwitchHead", "sparse_sigmoid_gates", "selection_entropy_loss"]
+__all__ = ["SwitchHead", "SwitchHeadConfig", "selection_entropy_loss", "sparse_sigmoid_gates"]
 
 P = "attention_options"
 
@@ -162,7 +162,7 @@ class SwitchHead(nn.Module):
                 ctx: RoutingContext | None = None) -> torch.Tensor:
         if cache is not None:
             raise ValueError("SwitchHead attention has no KV cache; generate without one (moekit sample --no-cache)")
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         H, Dh = self.num_heads, self.head_dim
         q_BHSDh = apply_rope(self.w_q(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)
         k_BHSDh = apply_rope(self.w_k(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)

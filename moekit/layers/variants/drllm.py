@@ -28,8 +28,9 @@ evaluation each router's argmax decides. Blocks run on the whole batch and the d
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from ...types import Routing, RoutingContext
 from ..step_hook import Forward, StepLoss, language_model_loss
 from ._common import record_stats
 
-__all__ = ["DrLLMConfig", "LayerPathRouters", "window_pool", "focal_loss", "search_paths", "PATH_KEY", "LOGITS_KEY"]
+__all__ = ["LOGITS_KEY", "PATH_KEY", "DrLLMConfig", "LayerPathRouters", "focal_loss", "search_paths", "window_pool"]
 
 PATH_KEY = "drllm.path"  # ctx.state: [B, L] forced decisions
 LOGITS_KEY = "drllm.logits"  # ctx.state: list of [B, 3] router logits, one per layer
@@ -172,7 +173,7 @@ class LayerPathRouters(nn.Module):
         return x_BSD
 
     @staticmethod
-    def training_step(modules: list["LayerPathRouters"], forward: Forward, targets_BS: torch.Tensor,
+    def training_step(modules: list[LayerPathRouters], forward: Forward, targets_BS: torch.Tensor,
                       collect_stats: bool) -> StepLoss:
         """All-execute CE (back-propagated only in the joint stage) + the focal loss on searched paths."""
         self = modules[0]

@@ -43,7 +43,7 @@ from ..registry import register_ffn
 from ..step_hook import Forward, StepLoss, language_model_loss
 from ._common import flatten, parse_options, record_stats
 
-__all__ = ["DuoConfig", "DuoFFN", "ROUTES", "ROUTES_KEY", "P_BIG_KEY"]
+__all__ = ["P_BIG_KEY", "ROUTES", "ROUTES_KEY", "DuoConfig", "DuoFFN"]
 
 ROUTES = ("skip", "small", "big")
 SKIP, SMALL, BIG = 0, 1, 2
@@ -166,7 +166,7 @@ class DuoFFN(nn.Module):
         return y_TD.view(x.shape)
 
     @staticmethod
-    def training_step(modules: list["DuoFFN"], forward: Forward, targets_BS: torch.Tensor,
+    def training_step(modules: list[DuoFFN], forward: Forward, targets_BS: torch.Tensor,
                       collect_stats: bool) -> StepLoss:
         """The plain step plus, for learned routers, the global budget loss over every Duo layer."""
         out = language_model_loss(forward, targets_BS, collect_stats)
