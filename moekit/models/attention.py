@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import ConfigError
-from ..layers.attention import apply_rope, register_attention, rope_tables
+from ..layers.attention import ATTENTION_PROBS_KEY, apply_rope, register_attention, rope_tables
 
 __all__ = ["Attention", "KVCache", "rope_tables", "apply_rope"]
 
@@ -59,13 +59,24 @@ class Attention(nn.Module):
         nn.init.normal_(self.w_out.weight, std=dim**-0.5 / (2 * num_layers) ** 0.5)
 
     supports_kv_cache = True
+    publish_probs = False  # set by the block when its feed-forward reads the attention pattern
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0, ctx=None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.w_qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        if cache is None or cache.length == 0:
+        if self.publish_probs and ctx is not None:  # explicit softmax: the probabilities are read downstream
+            past = 0 if cache is None else cache.length
+            if cache is not None:
+                k, v = cache.write(layer, k, v)
+            mask_SP = torch.arange(past + S, device=x_BSD.device)[None, :] <= (
+                past + torch.arange(S, device=x_BSD.device))[:, None]
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+            probs_BHSP = scores.float().masked_fill(~mask_SP, float("-inf")).softmax(-1)
+            ctx.state[ATTENTION_PROBS_KEY] = probs_BHSP
+            y = probs_BHSP.to(v.dtype) @ v
+        elif cache is None or cache.length == 0:
             if cache is not None:
                 cache.write(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

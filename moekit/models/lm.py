@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import ConfigError
 from ..experts import FeedForward
 from ..layers import build_attention, build_ffn
 from ..layers.variants import LayerPathRouters
@@ -56,6 +57,12 @@ class Block(nn.Module):
                                  num_layers=config.num_layers, name=f"layers.{index}.ffn")
         else:
             self.ffn = FeedForward(config.dim, config.resolved_dense_hidden_dim, "swiglu")
+        if getattr(self.ffn, "reads_attention", False):  # e.g. GMoE's attention-aware routing
+            if not hasattr(self.attn, "publish_probs"):
+                raise ConfigError(f"model.ffn={config.ffn!r} routes from the attention probabilities, which "
+                                  f"model.attention={config.attention!r} does not publish; use "
+                                  f"model.attention='dense' or variant.similarity='learned'")
+            self.attn.publish_probs = True
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, ctx: RoutingContext,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ attention registers itself from :mod:`moekit.models.attention`.
 
 from .registry import (
     ATTENTION_BUILDERS,
+    ATTENTION_PROBS_KEY,
     build_attention,
     check_attention_kind,
     parse_attention_options,
@@ -13,7 +14,7 @@ from .registry import (
 )
 from .rope import apply_rope, rope_tables
 
-__all__ = ["ATTENTION_BUILDERS", "apply_rope", "build_attention", "check_attention_kind",
+__all__ = ["ATTENTION_BUILDERS", "ATTENTION_PROBS_KEY", "apply_rope", "build_attention", "check_attention_kind",
            "parse_attention_options", "register_attention", "rope_tables"]
 
 from . import mom, routing_attention, switchhead  # noqa: F401  (registers the attention variants)

@@ -11,6 +11,11 @@ that collects the module's losses and statistics). ``options`` are the variant's
 builder into its config dataclass so that errors name ``attention_options.<key>``. The model config names the
 kind with ``attention = "switchhead"`` and sets it with ``--model.attention_options.num_experts=4``; the dense
 multi-head attention is registered as ``"dense"`` by :mod:`moekit.models.attention`.
+
+A feed-forward that routes from the attention pattern (GMoE's attention-aware mode) says
+``reads_attention = True``; the block then sets ``publish_probs = True`` on its attention module, which writes
+its head-wise probabilities ``[B, H, S, P]`` to ``ctx.state[ATTENTION_PROBS_KEY]`` on every forward. An attention
+kind without a ``publish_probs`` attribute cannot feed such a feed-forward (the model says so when built).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from torch import nn
 
 from ...configs import ConfigError, from_dict
 
-__all__ = [
+ATTENTION_PROBS_KEY = "attention.probs"  # ctx.state: [B, H, S, P] probabilities of the block's attention
+
+__all__ = ["ATTENTION_PROBS_KEY", 
     "ATTENTION_BUILDERS",
     "build_attention",
     "check_attention_kind",
