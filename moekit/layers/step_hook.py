@@ -11,8 +11,8 @@ frozen model's search results — gives its module class a static method::
 
 ``modules`` are every module of the model that has that hook (e.g. all THOR layers), ``forward(ctx)`` runs the
 model on the micro-batch (under the trainer's autocast) and returns ``(logits_BSV, ctx)``. The trainer looks the
-hook up with :func:`training_step_hook`, calls it once per micro-batch and back-propagates ``StepLoss.loss``; it
-knows no particular variant. A model may hold at most one kind of hook (two would each want to own the step).
+hook up with :func:`training_step_hook`, calls it once per micro-batch and back-propagates ``StepLoss.loss``
+(keeping only the gradients of ``StepLoss.trainable`` when the hook names them); it knows no particular variant. A model may hold at most one kind of hook (two would each want to own the step).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class StepLoss:
         aux: the auxiliary losses to report (``loss - ce`` for the plain step), a tensor or 0.0.
         ctx: the routing context whose statistics the trainer logs.
         logits_BSV: the logits of the (first) forward pass, for hooks that compare passes.
+        trainable: when set, only these parameters keep their gradient from this micro-batch (the rest of the
+            model is frozen for the step: e.g. routers trained on a frozen LLM).
     """
 
     loss: torch.Tensor
@@ -50,6 +52,7 @@ class StepLoss:
     aux: torch.Tensor | float
     ctx: RoutingContext
     logits_BSV: torch.Tensor | None = None
+    trainable: list[nn.Parameter] | None = None
 
 
 StepFn = Callable[[Forward, torch.Tensor, bool], StepLoss]

@@ -22,7 +22,7 @@ from torch import nn
 from ..configs import ConfigError
 from ..experts import FeedForward
 from ..layers import build_attention, build_ffn
-from ..layers.variants import LayerPathRouters
+from ..layers.variants import LayerPathRouters, TokenPruner
 from ..types import RoutingContext
 from .attention import KVCache, rope_tables
 from .config import ModelConfig
@@ -103,6 +103,13 @@ class LanguageModel(nn.Module):
             self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
             nn.init.normal_(self.head.weight, std=config.dim**-0.5)
         self.depth_router = build_depth_router(config.depth_routing, config.dim, config.num_layers)
+        if getattr(self.depth_router, "reads_attention", False):  # FTP's attention-score feature
+            for block in self.layers:
+                if not hasattr(block.attn, "publish_probs"):
+                    raise ConfigError(f"model.depth_routing.kind={config.depth_routing['kind']!r} reads the "
+                                      f"attention probabilities, which model.attention={config.attention!r} does "
+                                      f"not publish; use model.attention='dense'")
+                block.attn.publish_probs = True
         self.planner = build_planner(config.ffn, config.moe, config.variant, config.num_layers)
         cos, sin = rope_tables(config.context, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -162,6 +169,8 @@ class LanguageModel(nn.Module):
             for block in self.layers:
                 x_BSD = block(x_BSD, cos_SR, sin_SR, ctx, cache)
             return x_BSD
+        if isinstance(router, TokenPruner):  # FTP: a token skips a block or takes its update
+            return router(x_BSD, [lambda h, c, b=block: b.delta(h, cos_SR, sin_SR, c) for block in self.layers], ctx)
         if isinstance(router, LayerPathRouters):  # Dr.LLM: skip / execute / repeat each block per sequence
             return router(x_BSD, [lambda h, c, b=block: b(h, cos_SR, sin_SR, c) for block in self.layers], ctx)
         if isinstance(router, nn.ModuleDict):  # Mixture-of-Depths around some blocks

@@ -89,6 +89,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
 
         result = step_loss(forward, y_BS, collect_stats)
         (result.loss / tc.grad_accum).backward()
+        if result.trainable is not None:  # the hook trains only these (e.g. routers on a frozen model)
+            keep = {id(p) for p in result.trainable}
+            for p in model.parameters():
+                if id(p) not in keep:
+                    p.grad = None
         ce_sum += result.ce.item()
         aux_sum += float(result.aux.detach()) if isinstance(result.aux, torch.Tensor) else float(result.aux)
         stats.update(result.ctx.stats_summary())

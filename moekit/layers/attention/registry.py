@@ -29,8 +29,9 @@ from ...configs import ConfigError, from_dict
 
 ATTENTION_PROBS_KEY = "attention.probs"  # ctx.state: [B, H, S, P] probabilities of the block's attention
 
-__all__ = ["ATTENTION_PROBS_KEY", 
+__all__ = [
     "ATTENTION_BUILDERS",
+    "ATTENTION_PROBS_KEY",
     "build_attention",
     "check_attention_kind",
     "parse_attention_options",

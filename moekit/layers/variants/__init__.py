@@ -3,12 +3,13 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import (blockffn, coe, drllm, duo, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
+from . import (blockffn, coe, drllm, duo, ftp, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
                smoe_dropout, thor, topp)
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
 from .drllm import DrLLMConfig, LayerPathRouters
 from .duo import DuoConfig, DuoFFN
+from .ftp import FTPConfig, TokenPruner
 from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
 from .mofme import MoFME, MoFMEConfig
@@ -23,7 +24,7 @@ from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 from .topp import TopPConfig, TopPMoE
 
-__all__ = ["ChainOfExperts", "CoEConfig", "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
+__all__ = ["ChainOfExperts", "CoEConfig", "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "TokenPruner", "FTPConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
            "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
            "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
            "BlockFFN", "BlockFFNConfig",
