@@ -197,3 +197,24 @@ def test_model_config_rejects_unknown_attention_and_dense_options():
         ModelConfig(dim=16, num_layers=1, num_heads=2, context=8, attention="switchead")
     with pytest.raises(ConfigError, match="attention='dense' takes no options"):
         ModelConfig(dim=16, num_layers=1, num_heads=2, context=8, attention_options={"num_experts": 4})
+
+
+def test_heads_wider_or_narrower_than_the_models_use_its_rotary_tables():
+    from moekit.layers.attention.rope import apply_rope_any_width
+
+    x = torch.randn(1, 2, 5, 12)
+    cos, sin = rope_tables(5, 8, 10000.0)  # the model's head width is 8: 4 frequencies
+    wide = apply_rope_any_width(x, cos, sin)
+    assert_close(wide[..., :8], apply_rope(x[..., :8], cos, sin), "partial rotary on the first 8 dims")
+    assert torch.equal(wide[..., 8:], x[..., 8:])
+    narrow = apply_rope_any_width(x[..., :4], cos, sin)
+    assert_close(narrow, apply_rope(x[..., :4], cos[:, :2], sin[:, :2]), "the highest frequencies")
+    same = apply_rope_any_width(x[..., :8], cos, sin)
+    assert torch.equal(same, apply_rope(x[..., :8], cos, sin))
+    # inside a model whose heads differ from SwitchHead's (4 heads of 4 vs 2 heads of 8), relative positions hold
+    from moekit.models import ModelConfig
+
+    cfg = ModelConfig(dim=16, num_layers=1, num_heads=4, context=8, attention="switchhead",
+                      attention_options={"num_heads": 2})
+    model = LanguageModel(cfg)
+    assert model(torch.randint(0, 256, (2, 8)))[0].shape == (2, 8, 256)

@@ -19,7 +19,8 @@ renormalised to one norm at init. Options: expert dropout (selection logits mask
 training only) and the entropy regulariser on the batch-mean selection distribution, off (0) in the main runs.
 
 Choices (the spec leaves them open): rotary positions instead of the paper's XL-relative encoding (moekit's LM
-uses RoPE everywhere); the entropy regulariser is ``coef * (log E - H(mean_t softmax(logits_t)))`` averaged over
+uses RoPE everywhere), from the model's tables whatever the head width (:func:`.rope.apply_rope_any_width`:
+partial rotary for wider heads); the entropy regulariser is ``coef * (log E - H(mean_t softmax(logits_t)))`` averaged over
 heads and over the V and O selections (0 at a uniform mean selection); the expert projections are computed
 densely for every expert and then gated (the result is the sparse one; the FLOP saving is the paper's claim,
 not this implementation's speed). No KV cache (its own head layout differs from the model's).
@@ -39,7 +40,7 @@ from ...configs import check, check_choice
 from ...types import Routing, RoutingContext
 from ..variants._common import record_stats
 from .registry import parse_attention_options, register_attention
-from .rope import apply_rope
+from .rope import apply_rope_any_width
 
 __all__ = ["SwitchHead", "SwitchHeadConfig", "selection_entropy_loss", "sparse_sigmoid_gates"]
 
@@ -164,8 +165,8 @@ class SwitchHead(nn.Module):
             raise ValueError("SwitchHead attention has no KV cache; generate without one (moekit sample --no-cache)")
         B, S, _ = x_BSD.shape
         H, Dh = self.num_heads, self.head_dim
-        q_BHSDh = apply_rope(self.w_q(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)
-        k_BHSDh = apply_rope(self.w_k(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)
+        q_BHSDh = apply_rope_any_width(self.w_q(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)
+        k_BHSDh = apply_rope_any_width(self.w_k(x_BSD).view(B, S, H, Dh).transpose(1, 2), cos_SR, sin_SR)
         logits_v_BSHE, logits_o_BSHE, (gates_v_BSHE, ids_v), (gates_o_BSHE, ids_o) = self.select(x_BSD)
         v_BHSDh = torch.einsum("bsd,hedk,bshe->bhsk", x_BSD, self.w_v_HEDDh, gates_v_BSHE)
         a_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
