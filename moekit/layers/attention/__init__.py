@@ -17,4 +17,4 @@ from .rope import apply_rope, rope_tables
 __all__ = ["ATTENTION_BUILDERS", "ATTENTION_PROBS_KEY", "apply_rope", "build_attention", "check_attention_kind",
            "parse_attention_options", "register_attention", "rope_tables"]
 
-from . import mom, routing_attention, switchhead  # noqa: F401  (registers the attention variants)
+from . import mom, routing_attention, smha, switchhead  # noqa: F401  (registers the attention variants)

@@ -3,7 +3,7 @@
 Importing this package registers every variant's builder (``moekit.layers`` imports it).
 """
 
-from . import (blockffn, coe, drllm, duo, ftp, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe,  # noqa: F401
+from . import (blockffn, coe, drllm, duo, ftp, gmoe, mofme, moepp, mumoe, pr_moe, promoe, readme, rmoe, uoe,  # noqa: F401
                smoe_dropout, thor, topp)
 from .blockffn import BlockFFN, BlockFFNConfig
 from .coe import ChainOfExperts, CoEConfig
@@ -23,8 +23,9 @@ from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 from .topp import TopPConfig, TopPMoE
+from .uoe import UnionOfMLPExperts, UoMEConfig
 
-__all__ = ["ChainOfExperts", "CoEConfig", "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "TokenPruner", "FTPConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
+__all__ = ["ChainOfExperts", "CoEConfig", "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "TokenPruner", "FTPConfig", "UnionOfMLPExperts", "UoMEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
            "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
            "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
            "BlockFFN", "BlockFFNConfig",
