@@ -61,7 +61,7 @@ class UnionOfMLPExperts(nn.Module):
         self.experts = ExpertBank(moe.num_experts, moe.dim, moe.hidden_dim, moe.activation)
 
     def route(self, x_BSD: torch.Tensor) -> Routing:
-        B, S, D = x_BSD.shape
+        B, S, _ = x_BSD.shape
         E, K = self.moe_config.num_experts, self.moe_config.top_k
         pooled = x_BSD.mean(1, keepdim=True) if self.config.level == "sequence" else x_BSD
         logits = self.selector(pooled).float().expand(B, S, E).reshape(B * S, E)
