@@ -126,13 +126,14 @@ def test_coe_without_outer_residual_replaces_the_hidden_state():
 
 def test_thor_training_step_runs_two_passes_with_the_consistency_loss():
     from moekit.data import load_data
-    from moekit.layers.variants.thor import consistency_loss
-    from moekit.training.trainer import consistency_coef
+    from moekit.layers.step_hook import language_model_loss, training_step_hook
+    from moekit.layers.variants.thor import THOR, consistency_loss
 
     cfg = small("thor", **{"model.moe.num_experts": "4", "train.batch_size": "2", "data.max_files": "3"})
     model = LanguageModel(cfg.model)
-    assert consistency_coef(model) == 5.0
-    assert consistency_coef(LanguageModel(small("default").model)) is None
+    hook = training_step_hook(model)
+    assert hook.func is THOR.training_step and len(hook.args[0]) == 2, "one hook bound to every THOR layer (moe_every = 2)"
+    assert training_step_hook(LanguageModel(small("default").model)) is language_model_loss
     passes = []
     model.register_forward_hook(lambda *a: passes.append(1))
     metrics = train_step(model, build_optimizer(model, cfg.train), load_data(cfg.data), cfg, 0,

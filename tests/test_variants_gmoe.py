@@ -118,9 +118,9 @@ def test_attention_aware_reads_head_mean_and_errors_without_it():
     layer, _ = _pair(similarity="attention")
     assert layer.similarity_weight is None
     x = torch.randn(2, 4, 8)
-    with pytest.raises(ValueError, match="gmoe.attention"):
+    with pytest.raises(ValueError, match="attention.probs"):
         layer(x, RoutingContext())
-    with pytest.raises(ValueError, match="gmoe.attention"):
+    with pytest.raises(ValueError, match="attention.probs"):
         layer(x)
     attn = torch.rand(2, 3, 4, 4).tril()
     attn = attn / attn.sum(-1, keepdim=True)
@@ -142,3 +142,39 @@ def test_builder_options_and_router_checks():
         build_ffn("gmoe", tiny_moe(), {"similarity": "cosine"})
     with pytest.raises(ConfigError, match="capacity_factor"):
         build_ffn("gmoe", tiny_moe(router=dict(capacity_factor=1.25)), {})
+
+
+def test_attention_aware_mode_runs_inside_the_language_model():
+    """The block asks its attention to publish probabilities; the routing reads exactly those."""
+    from moekit import MoEConfig
+    from moekit.layers.attention import apply_rope
+    from moekit.models import LanguageModel, ModelConfig
+
+    moe = MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2)
+    cfg = ModelConfig(dim=16, num_layers=2, num_heads=2, context=8, moe=moe, ffn="gmoe",
+                      variant={"similarity": "attention"})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg)
+    assert all(b.attn.publish_probs for b in model.layers)
+    plain = LanguageModel(cfg.replace(variant={"similarity": "learned"}))
+    assert not any(b.attn.publish_probs for b in plain.layers)
+    x = torch.randint(0, 256, (2, 8))
+    seen = []
+    model.layers[1].ffn.register_forward_pre_hook(lambda m, args: seen.append(args[1].state[ATTENTION_KEY].clone()))
+    ctx = RoutingContext(collect_stats=True)
+    model(x, ctx)
+    block = model.layers[1]
+    h = model.layers[0](model.embed(x), model.rope_cos[:8], model.rope_sin[:8], RoutingContext())
+    q, k, _ = block.attn.w_qkv(block.attn_norm(h)).view(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope(q, model.rope_cos[:8], model.rope_sin[:8]), apply_rope(k, model.rope_cos[:8], model.rope_sin[:8])
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    expected = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(seen[0], expected, rtol=1e-4, atol=1e-5)
+    assert "layers.1.ffn" in ctx.stats
+    # publishing does not change the attention output
+    a = block.attn(block.attn_norm(h), model.rope_cos[:8], model.rope_sin[:8], ctx=RoutingContext())
+    block.attn.publish_probs = False
+    torch.testing.assert_close(a, block.attn(block.attn_norm(h), model.rope_cos[:8], model.rope_sin[:8]),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="does not publish"):
+        LanguageModel(cfg.replace(attention="mom"))

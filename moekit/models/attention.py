@@ -2,9 +2,10 @@
 
 Dim legend: B batch, S new positions, P cached positions (past + new), H heads, Dh head dim, D model dim.
 
-Rotary positions (RoPE, Su et al., arXiv 2104.09864 eq. 34) rotate each pair ``(x_2i, x_2i+1)`` of queries and
-keys by ``pos * theta^(-2i/Dh)``, so that attention scores depend on relative positions only.
-Attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
+Rotary positions (RoPE, Su et al., arXiv 2104.09864 eq. 34) live in :mod:`moekit.layers.attention.rope`, shared
+with the attention variants. Attention itself is ``torch.nn.functional.scaled_dot_product_attention``.
+The dense attention is registered as ``model.attention = "dense"`` in the attention registry
+(:mod:`moekit.layers.attention.registry`), beside the MoE-attention variants.
 """
 
 from __future__ import annotations
@@ -13,28 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import ConfigError
+from ..layers.attention import ATTENTION_PROBS_KEY, apply_rope, register_attention, rope_tables
+
 __all__ = ["Attention", "KVCache", "rope_tables", "apply_rope"]
-
-
-def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` of shape ``[context, head_dim / 2]`` (float32)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(context, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dimension (R = Dh / 2 rotation frequencies).
-
-    The tables are ``[S, R]`` (the same positions for every sequence) or ``[B, S, R]`` (per-sequence positions,
-    e.g. the tokens a Mixture-of-Depths router selected).
-    """
-    if cos_SR.dim() == 3:
-        cos_SR, sin_SR = cos_SR[:, None], sin_SR[:, None]
-    x = x_BHSDh.float().unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    out = torch.stack((x0 * cos_SR - x1 * sin_SR, x0 * sin_SR + x1 * cos_SR), dim=-1)
-    return out.flatten(-2).to(x_BHSDh.dtype)
 
 
 class KVCache:
@@ -78,12 +61,28 @@ class Attention(nn.Module):
         # GPT-2 scaling: residual branches add up over 2 * num_layers sublayers.
         nn.init.normal_(self.w_out.weight, std=dim**-0.5 / (2 * num_layers) ** 0.5)
 
+    supports_kv_cache = True
+    publish_probs = False  # set by the block when its feed-forward reads the attention pattern
+
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, ctx=None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.w_qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        if cache is None or (cache.length == 0 and cache.pad_B is None):
+        if self.publish_probs and ctx is not None:  # explicit softmax: the probabilities are read downstream
+            if cache is not None and cache.pad_B is not None:
+                raise ConfigError("a feed-forward that reads the attention pattern (e.g. GMoE's attention-aware "
+                                  "mode) cannot run on a left-padded batch; generate its prompts one at a time")
+            past = 0 if cache is None else cache.length
+            if cache is not None:
+                k, v = cache.write(layer, k, v)
+            mask_SP = torch.arange(past + S, device=x_BSD.device)[None, :] <= (
+                past + torch.arange(S, device=x_BSD.device))[:, None]
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+            probs_BHSP = scores.float().masked_fill(~mask_SP, float("-inf")).softmax(-1)
+            ctx.state[ATTENTION_PROBS_KEY] = probs_BHSP
+            y = probs_BHSP.to(v.dtype) @ v
+        elif cache is None or (cache.length == 0 and cache.pad_B is None):
             if cache is not None:
                 cache.write(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -100,3 +99,12 @@ class Attention(nn.Module):
                 mask = mask[:, None]  # [B, 1, S, P]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.w_out(y.transpose(1, 2).reshape(B, S, D))
+
+
+@register_attention("dense")
+def build_dense_attention(options: dict, *, dim: int, num_heads: int, num_layers: int, context: int,
+                          layer_index: int, name: str) -> nn.Module:
+    if options:
+        raise ConfigError(f"model.attention='dense' takes no options, got attention_options={options!r}; "
+                          f"remove them or choose an attention variant (model.attention)")
+    return Attention(dim, num_heads, num_layers)

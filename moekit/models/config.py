@@ -27,9 +27,13 @@ class ModelConfig:
         ffn: feed-forward kind built by :func:`moekit.layers.build_ffn` for the sparse layers (``moe``, or a
             variant registered by name).
         variant: free options handed to that builder (e.g. ``{num_iterations = 2}`` for a variant).
+        attention: attention kind of every block, built by :func:`moekit.layers.build_attention`: ``dense``
+            (multi-head causal attention) or an attention variant registered by name (``switchhead``, ``mom``...).
+        attention_options: the attention variant's own options (e.g. ``{num_experts = 4}``); its FFN
+            counterpart is ``variant``.
         depth_routing: block-level routing, empty for none: ``{kind = "mod", every = 2, capacity = 0.125}``
-            (Mixture-of-Depths) or ``{kind = "mor", num_recursions = 3}`` (Mixture-of-Recursions with
-            middle-cycle sharing); see :mod:`moekit.models.depth`.
+            (Mixture-of-Depths), ``{kind = "mor", num_recursions = 3}`` (Mixture-of-Recursions with
+            middle-cycle sharing) or ``{kind = "drllm"}`` (Dr.LLM layer routers); see :mod:`moekit.models.depth`.
         dense_hidden_dim: hidden size of the dense SwiGLU layers; ``None`` uses ``moe.active_hidden`` (equal
             active FLOPs to the sparse layers) when there is an MoE, else ``4 * dim``.
         first_dense_layers: the first layers stay dense (DeepSeek-MoE keeps layer 0 dense).
@@ -47,6 +51,8 @@ class ModelConfig:
     moe: MoEConfig | None = None
     ffn: str = "moe"
     variant: dict[str, Any] = field(default_factory=dict)
+    attention: str = "dense"
+    attention_options: dict[str, Any] = field(default_factory=dict)
     depth_routing: dict[str, Any] = field(default_factory=dict)
     dense_hidden_dim: int | None = None
     first_dense_layers: int = 0
@@ -71,6 +77,13 @@ class ModelConfig:
         check(self.dense_hidden_dim is None or self.dense_hidden_dim >= 1,
               f"model.dense_hidden_dim={self.dense_hidden_dim} must be a positive integer or none")
         check(isinstance(self.variant, dict), f"model.variant must be a table of options, got {self.variant!r}")
+        check(isinstance(self.attention_options, dict),
+              f"model.attention_options must be a table of options, got {self.attention_options!r}")
+        from ..layers.attention import check_attention_kind
+        check_attention_kind(self.attention)
+        check(self.attention != "dense" or not self.attention_options,
+              f"model.attention_options={self.attention_options!r} are set but model.attention='dense' takes no "
+              f"options; remove them or choose an attention variant with model.attention")
         check(isinstance(self.depth_routing, dict),
               f"model.depth_routing must be a table of options, got {self.depth_routing!r}")
         from .depth import validate_depth_routing

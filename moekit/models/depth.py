@@ -10,6 +10,10 @@ These variants route whole blocks rather than feed-forwards, so the model, not a
 - ``depth_routing = {kind = "mor", ...}``: "middle-cycle" parameter sharing (MoR, arXiv 2507.10524): the first
   and last blocks are unique and the middle stack is one shared block that
   :class:`~moekit.layers.variants.MixtureOfRecursions` applies up to ``num_recursions`` times per token.
+- ``depth_routing = {kind = "drllm", ...}``: Dr.LLM's per-layer routers
+  (:class:`~moekit.layers.variants.LayerPathRouters`) skip, execute or repeat each block per sequence.
+- ``depth_routing = {kind = "ftp", sparsity = 0.25}``: FTP's per-block token routers
+  (:class:`~moekit.layers.variants.TokenPruner`) let each token skip a block (its hidden state unchanged).
 - ``ffn = "readme"``: one :class:`~moekit.layers.variants.ReadMEPlanner` reads the token embeddings and plans
   every MoE layer's routing before the blocks run.
 
@@ -24,13 +28,24 @@ import torch
 from torch import nn
 
 from ..configs import ConfigError, check, from_dict
-from ..layers.variants import MixtureOfDepths, MixtureOfRecursions, MoDConfig, MoRConfig, ReadMEConfig, ReadMEPlanner
+from ..layers.variants import (
+    DrLLMConfig,
+    FTPConfig,
+    LayerPathRouters,
+    MixtureOfDepths,
+    MixtureOfRecursions,
+    MoDConfig,
+    MoRConfig,
+    ReadMEConfig,
+    ReadMEPlanner,
+    TokenPruner,
+)
 from ..layers.variants.mod import POSITIONS_KEY
 from ..types import RoutingContext
 
 __all__ = ["build_depth_router", "build_planner", "mod_layers", "positions_rope"]
 
-DEPTH_KINDS = ("mod", "mor")
+DEPTH_KINDS = ("mod", "mor", "drllm", "ftp")
 
 
 def validate_depth_routing(options: dict[str, Any], num_layers: int) -> None:
@@ -45,6 +60,11 @@ def validate_depth_routing(options: dict[str, Any], num_layers: int) -> None:
         check(isinstance(every, int) and 1 <= every <= num_layers,
               f"model.depth_routing.every={every!r} must be an integer in [1, num_layers={num_layers}]")
         from_dict(MoDConfig, rest, prefix="model.depth_routing")
+    elif kind in ("drllm", "ftp"):
+        check("every" not in options, f"model.depth_routing.every is for kind='mod'; remove it for {kind!r}")
+        cfg = from_dict(DrLLMConfig if kind == "drllm" else FTPConfig, rest, prefix="model.depth_routing")
+        if isinstance(cfg, FTPConfig):
+            cfg.schedule(num_layers)
     else:
         check("every" not in options, "model.depth_routing.every is for kind='mod'; remove it for 'mor'")
         check(num_layers >= 3, f"Mixture-of-Recursions shares the middle blocks between a unique first and last "
@@ -67,6 +87,10 @@ def build_depth_router(options: dict[str, Any], dim: int, num_layers: int) -> nn
         cfg = from_dict(MoDConfig, rest, prefix="model.depth_routing")
         return nn.ModuleDict({str(i): MixtureOfDepths(dim, cfg, name=f"layers.{i}.mod")
                               for i in mod_layers(options, num_layers)})
+    if options["kind"] == "ftp":
+        return TokenPruner(num_layers, from_dict(FTPConfig, rest, prefix="model.depth_routing"))
+    if options["kind"] == "drllm":
+        return LayerPathRouters(dim, num_layers, from_dict(DrLLMConfig, rest, prefix="model.depth_routing"))
     return MixtureOfRecursions(dim, from_dict(MoRConfig, rest, prefix="model.depth_routing"), name="mor")
 
 

@@ -4,11 +4,12 @@ Dim legend: B batch, S sequence, D model dim, V vocabulary.
 
 Each block is pre-norm (RMSNorm, Zhang & Sennrich 2019)::
 
-    h = x + Attention(norm(x))            causal, rotary positions
+    h = x + Attention(norm(x), ctx)       causal, rotary positions; dense or a variant via build_attention
     y = h + FFN(norm(h), ctx)             dense SwiGLU (Shazeer 2020) or MoE / variant via build_ffn
 
 Every sparse FFN is built through :func:`moekit.layers.build_ffn` under the name ``layers.{i}.ffn``, and is
-called as ``ffn(h, ctx)`` so that its losses and statistics land in the :class:`~moekit.RoutingContext` the
+called as ``ffn(h, ctx)``, and every attention through :func:`moekit.layers.build_attention` (``model.attention``,
+``dense`` by default) under ``layers.{i}.attn``, called with ``ctx=ctx``, so that its losses and statistics land in the :class:`~moekit.RoutingContext` the
 forward returns. The model is readable in one sitting, in the manner of nanoGPT.
 """
 
@@ -18,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import ConfigError
 from ..experts import FeedForward
-from ..layers import build_ffn
+from ..layers import build_attention, build_ffn
+from ..layers.variants import LayerPathRouters, TokenPruner
 from ..types import RoutingContext
-from .attention import Attention, KVCache, rope_tables
+from .attention import KVCache, rope_tables
 from .config import ModelConfig
 from .depth import build_depth_router, build_planner, positions_rope
 
@@ -44,7 +47,9 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attn = Attention(config.dim, config.num_heads, config.num_layers)
+        self.attn = build_attention(config.attention, config.attention_options, dim=config.dim,
+                                    num_heads=config.num_heads, num_layers=config.num_layers,
+                                    context=config.context, layer_index=index, name=f"layers.{index}.attn")
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.is_sparse = config.is_sparse(index)
         if self.is_sparse:
@@ -53,6 +58,12 @@ class Block(nn.Module):
                                  num_layers=config.num_layers, name=f"layers.{index}.ffn")
         else:
             self.ffn = FeedForward(config.dim, config.resolved_dense_hidden_dim, "swiglu")
+        if getattr(self.ffn, "reads_attention", False):  # e.g. GMoE's attention-aware routing
+            if not hasattr(self.attn, "publish_probs"):
+                raise ConfigError(f"model.ffn={config.ffn!r} routes from the attention probabilities, which "
+                                  f"model.attention={config.attention!r} does not publish; use "
+                                  f"model.attention='dense' or variant.similarity='learned'")
+            setattr(self.attn, "publish_probs", True)  # noqa: B010 (a Module attribute mypy cannot see)
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor, ctx: RoutingContext,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -65,7 +76,7 @@ class Block(nn.Module):
         A feed-forward with ``block_residual = False`` (Chain-of-Experts without an outer residual) replaces
         the block's hidden state instead of adding to it.
         """
-        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, cache, self.index)
+        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, cache, self.index, ctx=ctx)
         h_BSD = x_BSD + a_BSD
         f_BSD = _ffn_output(self.ffn(self.ffn_norm(h_BSD), ctx))
         if getattr(self.ffn, "block_residual", True):
@@ -96,6 +107,13 @@ class LanguageModel(nn.Module):
             self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
             nn.init.normal_(self.head.weight, std=config.dim**-0.5)
         self.depth_router = build_depth_router(config.depth_routing, config.dim, config.num_layers)
+        if getattr(self.depth_router, "reads_attention", False):  # FTP's attention-score feature
+            for block in self.layers:
+                if not hasattr(block.attn, "publish_probs"):
+                    raise ConfigError(f"model.depth_routing.kind={config.depth_routing['kind']!r} reads the "
+                                      f"attention probabilities, which model.attention={config.attention!r} does "
+                                      f"not publish; use model.attention='dense'")
+                block.attn.publish_probs = True
         self.planner = build_planner(config.ffn, config.moe, config.variant, config.num_layers)
         cos, sin = rope_tables(config.context, config.head_dim, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -107,8 +125,10 @@ class LanguageModel(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """Depth routing and Read-ME planning look at the whole sequence, so they run without a KV cache."""
-        return self.depth_router is None and self.planner is None
+        """Depth routing and Read-ME planning look at the whole sequence, so they run without a KV cache; so
+        does an attention variant whose module says ``supports_kv_cache = False``."""
+        return (self.depth_router is None and self.planner is None
+                and all(getattr(b.attn, "supports_kv_cache", False) for b in self.layers))
 
     def new_cache(self, batch: int) -> KVCache:
         c = self.config
@@ -130,7 +150,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{start + S} positions exceed model.context={self.config.context}; "
                              f"feed at most the last {self.config.context} tokens")
         if cache is not None and not self.supports_kv_cache:
-            raise ValueError("this model routes over the whole sequence (depth routing or a Read-ME planner), "
+            raise ValueError("this model routes over the whole sequence (depth routing, a Read-ME planner or an "
+                             "attention variant without a KV cache), "
                              "so it cannot use a KV cache; generate without one (moekit sample --no-cache)")
         ctx = RoutingContext() if ctx is None else ctx
         cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
@@ -155,6 +176,10 @@ class LanguageModel(nn.Module):
             for block in self.layers:
                 x_BSD = block(x_BSD, cos_SR, sin_SR, ctx, cache)
             return x_BSD
+        if isinstance(router, TokenPruner):  # FTP: a token skips a block or takes its update
+            return router(x_BSD, [lambda h, c, b=block: b.delta(h, cos_SR, sin_SR, c) for block in self.layers], ctx)
+        if isinstance(router, LayerPathRouters):  # Dr.LLM: skip / execute / repeat each block per sequence
+            return router(x_BSD, [lambda h, c, b=block: b(h, cos_SR, sin_SR, c) for block in self.layers], ctx)
         if isinstance(router, nn.ModuleDict):  # Mixture-of-Depths around some blocks
             for block in self.layers:
                 mod = router[str(block.index)] if str(block.index) in router else None

@@ -5,6 +5,7 @@ Dim legend: B batch, S sequence, V vocabulary.
 One optimizer step::
 
     for each micro-batch m:   loss_m = CE(model(x_m)) + routing losses in ctx;  (loss_m / grad_accum).backward()
+                              (a variant may replace loss_m through its training-step hook: moekit.layers.step_hook)
     clip the gradient norm; optimizer.step(); update_expert_biases(model); module.on_step(step) for hooks
 
 Determinism: weights come from ``torch.manual_seed(train.seed)``; batch ``(step, m)`` is a pure function of
@@ -34,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch, val_batches
-from ..layers.variants.thor import THOR, add_consistency_loss
+from ..layers.step_hook import training_step_hook
 from ..models import LanguageModel, count
 from ..parallel import ParallelGroups
 from ..routing import update_expert_biases
@@ -110,12 +110,6 @@ def call_on_step(model: nn.Module, step: int) -> None:
             module.on_step(step)
 
 
-def consistency_coef(model: nn.Module) -> float | None:
-    """The coefficient of THOR's two-pass consistency loss when the model has stochastic-expert layers."""
-    coefs = [m.consistency_coef for m in model.modules() if isinstance(m, THOR)]
-    return max(coefs) if coefs else None
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenData, cfg: RunConfig, step: int,
                device: torch.device, collect_stats: bool = False, groups: ParallelGroups | None = None) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics.
@@ -125,30 +119,27 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenDa
     stay this rank's.
     """
     tc = cfg.train
-    two_pass_coef = consistency_coef(model)
+    step_loss = training_step_hook(model)  # the plain step, or the one variant hook (moekit.layers.step_hook)
     ce_sum, aux_sum, stats = 0.0, 0.0, {}
     for micro in range(tc.grad_accum):
         x_BS, y_BS = train_batch(data, tc.batch_size, cfg.model.context, tc.seed, step,
                                  micro_index(groups, tc.grad_accum, micro))
         x_BS, y_BS = x_BS.to(device), y_BS.to(device)
-        with autocast(device, tc.dtype):
-            logits_BSV, ctx = model(x_BS, RoutingContext(collect_stats=collect_stats))
-        ce = F.cross_entropy(logits_BSV.float().flatten(0, 1), y_BS.flatten())
-        aux = ctx.total_loss()
-        loss = ce + aux
-        if two_pass_coef is not None:  # THOR: a second stochastic pass and the consistency loss
+
+        def forward(ctx: RoutingContext, x_BS: torch.Tensor = x_BS) -> tuple[torch.Tensor, RoutingContext]:
             with autocast(device, tc.dtype):
-                logits2_BSV, ctx2 = model(x_BS, RoutingContext(collect_stats=False))
-            ce2 = F.cross_entropy(logits2_BSV.float().flatten(0, 1), y_BS.flatten())
-            # The paper sums CE and the symmetric KL over tokens; with mean CE, the KL is a mean over tokens too.
-            consistency = add_consistency_loss(ctx, logits_BSV, logits2_BSV, two_pass_coef / y_BS.numel())
-            loss = ce + ce2 + ctx2.total_loss() + aux + consistency
-            aux = aux + consistency
-            ce = (ce + ce2) / 2
-        (loss / tc.grad_accum).backward()
-        ce_sum += ce.item()
-        aux_sum += float(aux.detach()) if isinstance(aux, torch.Tensor) else float(aux)
-        stats.update(ctx.stats_summary())
+                return model(x_BS, ctx)
+
+        result = step_loss(forward, y_BS, collect_stats)
+        (result.loss / tc.grad_accum).backward()
+        if result.trainable is not None:  # the hook trains only these (e.g. routers on a frozen model)
+            keep = {id(p) for p in result.trainable}
+            for p in model.parameters():
+                if id(p) not in keep:
+                    p.grad = None
+        ce_sum += result.ce.item()
+        aux_sum += float(result.aux.detach()) if isinstance(result.aux, torch.Tensor) else float(result.aux)
+        stats.update(result.ctx.stats_summary())
     grad_norm = float(reduce_and_clip(model, tc.grad_clip if tc.grad_clip > 0 else float("inf"), groups))
     # World means before the update, so that every rank takes the same decision on non-finite values.
     ce, aux = world_mean([ce_sum / tc.grad_accum, aux_sum / tc.grad_accum], groups)

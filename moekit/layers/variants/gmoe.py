@@ -23,9 +23,10 @@ made here, to confirm against the paper before claiming parity:
   depends on future tokens; ``causal=False`` is the encoder / vision form.
 - The balance loss is the baseline one, unchanged in form, computed on the probabilities the selection uses
   (``p~``): ``aux_loss`` (``moe.router.aux_loss_coef``, batch or sequence level) and ``z_loss`` on the raw logits.
-- Attention-Aware routing reads ``ctx.state["gmoe.attention"]``: ``[B, S, S]`` (or ``[B, H, S, S]``, averaged
-  over heads) attention probabilities written by the preceding attention layer, rows summing to 1. The model
-  must put them there (a fused attention kernel does not return them); the layer raises if they are missing.
+- Attention-Aware routing reads ``ctx.state["attention.probs"]``: ``[B, S, S]`` (or ``[B, H, S, S]``, averaged
+  over heads) attention probabilities written by the preceding attention layer, rows summing to 1. Inside
+  :class:`~moekit.models.LanguageModel` the block asks its attention to publish them (``reads_attention``);
+  used alone, the caller puts them there. The layer raises if they are missing.
 
 Mixing probabilities is concave in the entropy: ``H(p~_t) >= sum_s A_ts H(p_s)`` (Jensen). The spec's "entropy
 of p~ <= max entropy of the mixed p's" is not a theorem (mixing two one-hot rows gives log 2); the tests check
@@ -47,13 +48,14 @@ from ...configs import check, check_choice
 from ...routing.losses import load_balancing_loss, z_loss
 from ...routing.selectors import select_topk
 from ...types import Routing, RoutingContext
+from ..attention.registry import ATTENTION_PROBS_KEY
 from ..moe import MoE, MoEConfig
 from ..registry import register_ffn
 from ._common import PLAIN_TOPK, add_extra, flatten, parse_options, require_router
 
 __all__ = ["GMoEConfig", "GraphOfTokensMoE", "ATTENTION_KEY", "mix_probabilities"]
 
-ATTENTION_KEY = "gmoe.attention"
+ATTENTION_KEY = ATTENTION_PROBS_KEY  # "attention.probs", written by the block's attention (see registry)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,6 +95,11 @@ class GraphOfTokensMoE(nn.Module):
             self.similarity_weight = nn.Parameter(torch.eye(moe.dim))  # W_s; identity: self-similarity first
         else:
             self.register_parameter("similarity_weight", None)
+
+    @property
+    def reads_attention(self) -> bool:
+        """Attention-aware mode: the model's block has its attention publish probabilities to the context."""
+        return self.config.similarity == "attention"
 
     def similarity(self, x_BSD: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         """Row-stochastic token graph ``A`` of shape ``[B, S, S]`` (float32)."""

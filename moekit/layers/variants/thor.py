@@ -10,8 +10,9 @@ independent samples and trained with a consistency regulariser (:func:`consisten
     L = CE(P1) + CE(P2) + alpha * 1/2 sum_tokens sum_v (P1 - P2)(log P1 - log P2)     (summed over non-pad tokens)
 
 alpha = 5.0 in the IWSLT script (the code's config default is 1.0). Inference: ``eval_level=0`` keeps a random
-expert per token (code default), ``1`` per sequence (IWSLT script). The two passes are the trainer's job
-(see :func:`add_consistency_loss`, which records ``thor_consistency_loss`` in the RoutingContext).
+expert per token (code default), ``1`` per sequence (IWSLT script). The two passes are THOR's training-step
+hook (:meth:`THOR.training_step`, see :mod:`moekit.layers.step_hook`), which records ``thor_consistency_loss``
+in the RoutingContext through :func:`add_consistency_loss`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ...experts import ExpertBank
 from ...types import Routing, RoutingContext
 from ..moe import MoEConfig
 from ..registry import register_ffn
+from ..step_hook import Forward, StepLoss, language_model_loss
 from ._common import flatten, parse_options, record_stats
 
 __all__ = ["THORConfig", "THOR", "consistency_loss", "add_consistency_loss"]
@@ -58,8 +60,27 @@ class THOR(nn.Module):
 
     @property
     def consistency_coef(self) -> float:
-        """The trainer runs two stochastic passes and adds this times the consistency loss (see the trainer)."""
+        """The training step runs two stochastic passes and adds this times the consistency loss."""
         return self.config.consistency_coef
+
+    @staticmethod
+    def training_step(modules: list["THOR"], forward: Forward, targets_BS: torch.Tensor,
+                      collect_stats: bool) -> StepLoss:
+        """THOR's step: two stochastic passes, ``CE1 + CE2 + alpha * consistency`` (+ each pass's losses).
+
+        The paper sums CE and the symmetric KL over tokens; with mean CE, the KL is a mean over tokens too, so
+        alpha (the largest ``consistency_coef`` of the model's THOR layers) is divided by the token count.
+        The reported CE is the mean of the two passes'; the consistency loss counts as auxiliary.
+        """
+        coef = max(m.consistency_coef for m in modules)
+        first = language_model_loss(forward, targets_BS, collect_stats)
+        second = language_model_loss(forward, targets_BS, False)
+        assert first.logits_BSV is not None and second.logits_BSV is not None
+        consistency = add_consistency_loss(first.ctx, first.logits_BSV, second.logits_BSV,
+                                           coef / targets_BS.numel())
+        loss = first.ce + second.ce + first.aux + second.aux + consistency
+        return StepLoss(loss=loss, ce=(first.ce + second.ce) / 2, aux=first.aux + consistency, ctx=first.ctx,
+                        logits_BSV=first.logits_BSV)
 
     def route(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Routing:
         """Training: one expert for all rows. Eval: one per token (level 0) or per sequence (level 1)."""

@@ -1,0 +1,30 @@
+"""The shipped studies of issue 17 plan in both modes, and every arm builds the model it claims to compare."""
+
+import pytest
+import torch
+
+from moekit.compare import load_study, plan_study
+from moekit.models import LanguageModel
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("switchhead", {"switchhead": "switchhead", "dense-attention": "dense"}),
+    ("mom", {"mom": "mom", "single-memory": "mom"}),
+    ("routing-transformer", {"full": "dense", "local": "routing", "routing": "routing"}),
+    ("drllm", {"all-layers": "dense", "drllm": "dense"}),
+])
+def test_study_plans_and_builds_its_arms(name, expect):
+    for quick in (False, True):
+        study = load_study(name, quick=quick)
+        assert len(study.seeds) >= (2 if quick else 3)
+        for spec in plan_study(study):
+            model_cfg = spec.config.model
+            assert model_cfg.attention == expect[spec.arm], spec.arm
+            with torch.device("meta"):
+                model = LanguageModel(model_cfg)
+            if spec.arm == "single-memory":
+                assert model.layers[0].attn.num_states == 1
+            if spec.arm == "local":
+                assert model.layers[0].attn.config.local_heads == model_cfg.num_heads
+            if spec.arm == "drllm":
+                assert model.depth_router is not None
