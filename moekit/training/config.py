@@ -98,13 +98,19 @@ class ParallelConfig:
         ep_size: expert-parallel group size: that many consecutive processes share one copy of each MoE layer's
             experts (``num_experts / ep_size`` each); it must divide the number of processes and
             ``model.moe.num_experts``. 1: plain data parallelism (every process holds the whole model).
+        fsdp: shard every non-expert parameter, its gradient and its AdamW moments over all processes with
+            PyTorch's FSDP2 (``fully_shard``), on a 2-D ``(dp, ep)`` device mesh with the experts split by
+            ``ep_size`` (:mod:`moekit.parallel.fsdp`); bfloat16 compute when ``train.dtype=bfloat16``. No effect
+            in a single process.
     """
 
     ep_size: int = 1
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
+        check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

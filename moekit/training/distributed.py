@@ -71,8 +71,11 @@ class Distributed:
     In a single process every method reduces to what the trainer did before (no ``torch.distributed``).
     """
 
-    def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False) -> None:
+    def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False, fsdp: bool = False,
+                 param_dtype: torch.dtype | None = None) -> None:
         self.groups, self._owns = groups, owns_process_group
+        self.fsdp = fsdp and groups.is_distributed
+        self.param_dtype = param_dtype
 
     @classmethod
     def start(cls, cfg: RunConfig) -> "Distributed":
@@ -93,7 +96,8 @@ class Distributed:
             groups = parallel.init_from_env(ep, backend=backend)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return cls(groups, owns)
+        bf16 = cfg.train.dtype == "bfloat16" and parallel.bf16_supported(groups.device)
+        return cls(groups, owns, fsdp=cfg.parallel.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
 
     @property
     def is_distributed(self) -> bool:
@@ -116,7 +120,8 @@ class Distributed:
         if not g.is_distributed:
             return ""
         experts = f", experts split over groups of {g.ep_size}" if g.ep_size > 1 else ""
-        return f"; {g.world_size} processes, data parallel{experts}"
+        fsdp = ", FSDP2 shards the rest" if self.fsdp else ""
+        return f"; {g.world_size} processes, data parallel{experts}{fsdp}"
 
     def close(self, ok: bool) -> None:
         """Leave the process group if :meth:`start` created it (with a barrier only after a clean run: after a
@@ -163,11 +168,13 @@ class Distributed:
         """Keep this rank's experts (before the optimizer is built) and make every copy start equal."""
         parallel.shard_experts(model, self.groups)
         parallel.broadcast_parameters(model, self.groups)
+        if self.fsdp:
+            parallel.apply_fsdp(model, self.groups, self.param_dtype)
         return model
 
     def save(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Write the full checkpoint (collective under expert parallelism; rank 0 writes)."""
-        if self.groups.ep_size == 1:
+        if self.groups.ep_size == 1 and not self.fsdp:
             self.on_main(lambda: save_checkpoint(out_dir, model, optimizer, state))
             return
         model_state = parallel.gather_full_state_dict(model)
@@ -176,7 +183,7 @@ class Distributed:
 
     def load(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Load a full checkpoint (any layout wrote it) into this rank's model and optimizer, with RNG states."""
-        if self.groups.ep_size == 1:
+        if self.groups.ep_size == 1 and not self.fsdp:
             return load_checkpoint(out_dir, model, optimizer, restore_rng=True)
         state, model_state, optimizer_state, rng = read_checkpoint(out_dir)
         try:
