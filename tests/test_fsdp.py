@@ -18,7 +18,9 @@ import torch
 
 import torch.distributed as dist
 
+from moekit import RouterConfig, RoutingContext, update_expert_biases
 from moekit.models import LanguageModel
+from moekit.routing import Router
 from moekit.parallel import build_mesh, init_from_env, is_fsdp, make_groups, memory_per_rank, run_local
 from moekit.recipes import load_preset
 from moekit.training import load_run, train, with_overrides
@@ -47,9 +49,39 @@ def _layout(ep: int) -> dict:
             "dp ranks": dist.get_process_group_ranks(mesh.get_group("dp"))}
 
 
+AUX_T, AUX_D, AUX_E = 6, 5, 4
+
+
+def _aux_inputs() -> torch.Tensor:
+    return torch.randn(WORLD * AUX_T, AUX_D, generator=torch.Generator().manual_seed(3))
+
+
+def _router(level: str) -> Router:
+    torch.manual_seed(0)
+    return Router(AUX_D, AUX_E, 2, RouterConfig(aux_loss_coef=1.0, aux_loss_level=level, bias_update_rate=0.1))
+
+
+def _aux_case(rank: int) -> dict:
+    """Each rank routes its own tokens: world means of the loss and of the router gradient, and the bias."""
+    out = {}
+    for level in ("global_batch", "batch"):
+        router = _router(level)
+        ctx = RoutingContext()
+        router(_aux_inputs()[rank * AUX_T:(rank + 1) * AUX_T], ctx)
+        loss = ctx.total_loss()
+        loss.backward()
+        value = loss.detach().clone()
+        for t in (value, router.weight.grad):
+            dist.all_reduce(t)
+            t /= WORLD
+        update_expert_biases(router)
+        out[level] = {"loss": value, "grad": router.weight.grad, "bias": router.expert_bias.clone()}
+    return out
+
+
 def _worker(root: str) -> dict:
-    init_from_env(1, timeout=timedelta(seconds=120))
-    out: dict = {"layout": {ep: _layout(ep) for ep in (1, 2)}}
+    groups = init_from_env(1, timeout=timedelta(seconds=120))
+    out: dict = {"layout": {ep: _layout(ep) for ep in (1, 2)}, "aux": _aux_case(groups.rank)}
     for ep in EP_SIZES:
         cfg = tiny(**{"parallel.ep_size": str(ep), "parallel.fsdp": "true"})
         result = train(cfg, Path(root) / f"ep{ep}", until_step=STEPS, progress=False)
@@ -102,3 +134,25 @@ def test_fsdp_shards_non_expert_parameters_and_ep_splits_the_experts(ranks):
         assert max(lay["params"] for lay in layout) < full / 2
     assert [r["layout"][2]["ep ranks"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["layout"][2]["dp ranks"] for r in ranks] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+def test_global_batch_aux_loss_equals_one_process_on_the_concatenated_batch(ranks):
+    router = _router("batch")
+    ctx = RoutingContext()
+    router(_aux_inputs(), ctx)
+    loss = ctx.total_loss()
+    loss.backward()
+    update_expert_biases(router)
+    for r in ranks:
+        got = r["aux"]["global_batch"]
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got["grad"], router.weight.grad, rtol=1e-5, atol=1e-7)
+        # the aux-loss-free bias counts every rank's tokens: the same on every replica, as in one process
+        torch.testing.assert_close(got["bias"], router.expert_bias, rtol=0, atol=0)
+    # the per-rank loss is a different objective on these inputs (so the check above can fail)
+    assert abs(ranks[0]["aux"]["batch"]["loss"].item() - loss.item()) > 1e-4
+    # in one process (no torch.distributed) the global-batch loss is the batch loss
+    single = _router("global_batch")
+    ctx = RoutingContext()
+    single(_aux_inputs(), ctx)
+    torch.testing.assert_close(ctx.total_loss(), loss.detach(), rtol=0, atol=0)

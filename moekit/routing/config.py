@@ -11,7 +11,7 @@ __all__ = ["RouterConfig"]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Selector = Literal["topk", "expert_choice"]
-AuxLevel = Literal["batch", "sequence"]
+AuxLevel = Literal["batch", "sequence", "global_batch"]
 GroupScore = Literal["top2_sum", "max"]
 
 
@@ -34,7 +34,12 @@ class RouterConfig:
             many tokens each expert picks (default 1.0 there).
         eval_capacity_factor: capacity factor in eval mode (ST-MoE uses 2.0); ``None`` keeps the training one.
         aux_loss_coef: Switch/GShard load-balancing loss coefficient (alpha, 1e-2 in Switch); 0 disables.
-        aux_loss_level: ``batch`` (Switch) or ``sequence`` (DeepSeek's per-sequence variant, averaged).
+        aux_loss_level: ``batch`` (Switch) or ``sequence`` (DeepSeek's per-sequence variant, averaged), both
+            over this process's tokens; or ``global_batch`` (Qwen3 / Megatron's global-batch balancing): in
+            distributed training the assignment fractions ``f`` count every process's tokens (summed over the
+            world), so the loss averaged over processes is the single-process loss on the concatenated batch.
+            In one process (and in evaluation) ``global_batch`` is ``batch``. Read by the plain MoE router;
+            variants that compute their own balancing loss treat it as ``batch``.
         z_loss_coef: ST-MoE router z-loss coefficient (1e-3 in ST-MoE); 0 disables.
         bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing speed gamma (1e-3 in V3); 0 disables.
         jitter_eps: multiplicative input jitter in training (Switch: 1e-2); 0 disables.
@@ -63,7 +68,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         check_choice("router", "score_func", self.score_func, ("softmax", "sigmoid"))
         check_choice("router", "selector", self.selector, ("topk", "expert_choice"))
-        check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence"))
+        check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence", "global_batch"))
         check_choice("router", "group_score", self.group_score, ("top2_sum", "max"))
         check(self.num_groups >= 1, f"router.num_groups={self.num_groups} must be >= 1; use 1 for no groups")
         check(1 <= self.topk_groups <= self.num_groups,

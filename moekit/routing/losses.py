@@ -5,18 +5,24 @@ Dim legend: T tokens, E experts, K slots per token, B sequences, S tokens per se
 - Switch/GShard load-balancing loss (arXiv 2101.03961 eqs. 4-6): ``E * sum_i f_i * P_i`` where ``f_i`` is the
   fraction of assignments routed to expert ``i`` (no gradient) and ``P_i`` the mean router probability.
   Uniform routing gives exactly 1. The sequence-level form (DeepSeek) computes it per sequence and averages.
+  The global-batch form (Qwen3, Megatron-Core's ``global_aux_loss``) sums the assignment counts behind ``f``
+  over every data-parallel process while ``P`` stays local: each process's loss ``E * sum_i f_i P_i^r``
+  averages over processes (through the gradient mean) to ``E * sum_i f_i P_i`` of the whole global batch,
+  value and gradient, when processes hold equal token counts.
 - Router z-loss (ST-MoE, arXiv 2202.08906 eq. 5): ``mean_t (logsumexp_j z_tj)^2``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["load_balancing_loss", "z_loss"]
 
 
 def load_balancing_loss(
-    probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_sequences: int = 1
+    probs_TE: torch.Tensor, ids_TK: torch.Tensor, num_sequences: int = 1, *, global_counts: bool = False,
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Switch load-balancing loss, unweighted; ``num_sequences > 1`` averages it over sequences.
 
@@ -24,6 +30,9 @@ def load_balancing_loss(
         probs_TE: router probabilities (rows summing to 1) with gradient.
         ids_TK: selected experts before capacity dropping (``-1`` slots ignored).
         num_sequences: ``B`` when the ``T = B*S`` rows are ``B`` sequences laid out one after the other.
+        global_counts: sum the assignment counts over ``process_group`` (default: the world) when
+            ``torch.distributed`` is initialised (collective: every process must call it); needs
+            ``num_sequences == 1``.
     """
     T, E = probs_TE.shape
     if T % num_sequences:
@@ -33,6 +42,11 @@ def load_balancing_loss(
     ids_BN = (ids_TK + 1).reshape(B, -1)  # empty slots (-1) land in column 0, dropped below
     assigned_BE = torch.zeros(B, E + 1, device=probs_TE.device, dtype=probs_TE.dtype)
     assigned_BE = assigned_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN, dtype=probs_TE.dtype))[:, 1:]
+    if global_counts and dist.is_available() and dist.is_initialized():
+        if B != 1:
+            raise ValueError("global_counts sums whole batches over processes; use num_sequences=1")
+        assigned_BE = assigned_BE.detach().contiguous()
+        dist.all_reduce(assigned_BE, group=process_group)
     f_BE = assigned_BE / assigned_BE.sum(-1, keepdim=True).clamp_min(1.0)
     P_BE = probs_TE.view(B, T // B, E).mean(1)
     return (E * (f_BE.detach() * P_BE).sum(-1)).mean()
