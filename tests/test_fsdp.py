@@ -3,7 +3,9 @@
 One spawn of 4 processes trains the ``tiny`` preset with ``--parallel.fsdp=true`` at ``ep_size`` 1, 2 and 4
 for a few steps. The reference is one process with ``grad_accum=4``: exactly the 4 ranks' micro-batches of
 every step (rank ``r`` draws micro-batch ``r * grad_accum + m``). Losses, gradient norms and the final
-weights (the gathered checkpoint) must agree within float32 tolerance.
+weights (the gathered checkpoint) must agree within float32 tolerance. The same spawn writes a sharded
+(DCP) checkpoint at 4 processes / ep_size 2, which then resumes at 2 processes / ep_size 1 (a second spawn)
+and in this process; it also checks the global-batch balancing loss and the mesh layout.
 
 Run: ``python -m pytest tests/test_fsdp.py -q``.
 """
@@ -13,20 +15,26 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import shutil
+
 import pytest
 import torch
 
 import torch.distributed as dist
 
 from moekit import RouterConfig, RoutingContext, update_expert_biases
+from moekit.cli.main import main
 from moekit.models import LanguageModel
 from moekit.routing import Router
 from moekit.parallel import build_mesh, init_from_env, is_fsdp, make_groups, memory_per_rank, run_local
 from moekit.recipes import load_preset
 from moekit.training import load_run, train, with_overrides
+from moekit.training.checkpoint import read_checkpoint
 from moekit.training.distributed import Distributed
+from moekit.training.runs import read_run_config
+from moekit.training.sharded import export_full, import_full
 
-STEPS, WORLD = 4, 4
+STEPS, HALF, WORLD = 4, 2, 4
 EP_SIZES = (1, 2, 4)
 
 
@@ -87,7 +95,20 @@ def _worker(root: str) -> dict:
         result = train(cfg, Path(root) / f"ep{ep}", until_step=STEPS, progress=False)
         out[ep] = {"losses": result.losses,
                    "norms": [r["grad_norm"] for r in result.records if "grad_norm" in r]}
+    for mode in ("sharded", "full"):  # the same first HALF steps, written both ways
+        cfg = tiny(**{"parallel.ep_size": "2", "parallel.fsdp": "true", "parallel.checkpoint": mode})
+        train(cfg, Path(root) / f"{mode}4", until_step=HALF, progress=False)
+    if groups.rank == 0:
+        for copy in ("for2", "for1", "export"):
+            shutil.copytree(Path(root) / "sharded4", Path(root) / f"sharded4-{copy}")
     return out
+
+
+def _resume_worker(run: str) -> list[float]:
+    """2 processes, ep_size 1, FSDP: continue the 4-process ep_size-2 sharded checkpoint to STEPS."""
+    init_from_env(1, timeout=timedelta(seconds=120))
+    cfg = with_overrides(read_run_config(run), {"parallel.ep_size": "1", "train.grad_accum": "2"})
+    return train(cfg, run, resume=True, until_step=STEPS, progress=False).losses
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +177,75 @@ def test_global_batch_aux_loss_equals_one_process_on_the_concatenated_batch(rank
     ctx = RoutingContext()
     single(_aux_inputs(), ctx)
     torch.testing.assert_close(ctx.total_loss(), loss.detach(), rtol=0, atol=0)
+
+
+def _assert_same_weights(run: Path, reference_run: Path) -> None:
+    mine, theirs = load_run(run)[1].state_dict(), load_run(reference_run)[1].state_dict()
+    assert set(mine) == set(theirs)
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_sharded_checkpoint_from_4_processes_ep2_resumes_at_2_processes_ep1(ranks, root, reference):
+    run = root / "sharded4-for2"
+    assert not (run / "model.safetensors").exists()  # nothing was gathered
+    assert len(list((run / "sharded").glob("*.distcp"))) == WORLD  # every rank wrote its part
+    losses = run_local(_resume_worker, 2, str(run), timeout=240)[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-5)
+    export_full(run)
+    _assert_same_weights(run, reference.out_dir)
+
+
+def test_sharded_checkpoint_from_4_processes_resumes_in_one_process(ranks, root, reference):
+    run = root / "sharded4-for1"
+    cfg = with_overrides(read_run_config(run), {"parallel.ep_size": "1", "parallel.fsdp": "false",
+                                                "train.grad_accum": str(WORLD)})
+    resumed = train(cfg, run, resume=True, until_step=STEPS, progress=False)
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-5)
+    export_full(run)
+    _assert_same_weights(run, reference.out_dir)
+
+
+def test_exported_sharded_checkpoint_equals_the_gathered_one_and_imports_back(ranks, root):
+    run, gathered = root / "sharded4-export", root / "full4"
+    state = export_full(run)
+    assert state["step"] == HALF
+    s1, model1, optim1, _ = read_checkpoint(run)
+    s2, model2, optim2, _ = read_checkpoint(gathered)
+    assert s1["step"] == s2["step"] == HALF and s1["tokens"] == s2["tokens"]
+    assert set(model1) == set(model2) and set(optim1) == set(optim2)
+    for key in model1:  # the same training, gathered by rank 0 vs resharded by DCP: bit for bit
+        assert torch.equal(model1[key], model2[key]), key
+    for name in optim1:
+        assert set(optim1[name]) == set(optim2[name]), name
+        for field in optim1[name]:
+            assert torch.equal(optim1[name][field], optim2[name][field]), (name, field)
+    # import back: the single-file checkpoint becomes a sharded one that exports to the same tensors
+    shutil.rmtree(run / "sharded")
+    import_full(run)
+    shutil.copy(run / "model.safetensors", root / "model-before.safetensors")
+    export_full(run)
+    s3, model3, optim3, _ = read_checkpoint(run)
+    assert s3["step"] == HALF
+    for key in model1:
+        assert torch.equal(model3[key], model1[key]), key
+
+
+def test_checkpoint_cli_exports_and_reports_errors_in_one_line(ranks, root, tmp_path, capsys):
+    run = root / "sharded4"
+    assert main(["checkpoint", "export", str(run)]) == 0
+    assert "wrote the single-file checkpoint of step 2" in capsys.readouterr().out
+    assert load_run(run)[2]["step"] == HALF
+    empty = tmp_path / "empty"
+    shutil.copytree(run, empty, ignore=shutil.ignore_patterns("sharded"))
+    assert main(["checkpoint", "export", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no complete sharded checkpoint" in err
+    # shards of another model: a clear error, not a traceback
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = (other / "config.json").read_text().replace('"dim": 32', '"dim": 16')
+    (other / "config.json").write_text(cfg)
+    assert main(["checkpoint", "export", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit this model" in err, err

@@ -27,7 +27,7 @@ from ..configs import ConfigError
 
 __all__ = ["main", "build_parser", "COMMANDS", "UsageError", "parse_overrides"]
 
-COMMANDS = ("train", "eval", "sample", "info", "presets", "bench", "analyze", "compare")
+COMMANDS = ("train", "eval", "sample", "info", "presets", "bench", "analyze", "compare", "checkpoint")
 
 
 class UsageError(ConfigError):

@@ -27,6 +27,8 @@ Balancing across ranks (the choice made here):
 
 from .checkpoint import (gather_experts, gather_full_optimizer_state, gather_full_state_dict,
                          load_full_optimizer_state, load_full_state_dict)
+from .dcp import (has_sharded, init_optimizer_state, load_sharded, read_sharded_info, save_sharded, sharded_dir,
+                  sharded_state)
 from .fsdp import apply_fsdp, bf16_supported, build_mesh, is_fsdp, local_numel, memory_per_rank
 from .grads import all_reduce_mean, broadcast_parameters, clip_grad_norm_, reduce_gradients
 from .groups import ParallelGroups, init_from_env, make_groups, shutdown
@@ -43,4 +45,5 @@ __all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown", "shard_
            "load_full_state_dict", "gather_full_optimizer_state", "load_full_optimizer_state", "gather_experts",
            "run_local", "free_port", "RoutingProfile", "record_routing", "PlacementPlan", "plan_placement",
            "balanced_clusters", "map_clusters", "placement_metrics", "uniform_plan", "apply_fsdp", "build_mesh",
-           "is_fsdp", "bf16_supported", "local_numel", "memory_per_rank"]
+           "is_fsdp", "bf16_supported", "local_numel", "memory_per_rank", "has_sharded", "init_optimizer_state",
+           "load_sharded", "read_sharded_info", "save_sharded", "sharded_dir", "sharded_state"]

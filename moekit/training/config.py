@@ -102,15 +102,21 @@ class ParallelConfig:
             PyTorch's FSDP2 (``fully_shard``), on a 2-D ``(dp, ep)`` device mesh with the experts split by
             ``ep_size`` (:mod:`moekit.parallel.fsdp`); bfloat16 compute when ``train.dtype=bfloat16``. No effect
             in a single process.
+        checkpoint: ``full`` writes the unsharded single-file checkpoint (gathered; rank 0 writes); ``sharded``
+            writes ``torch.distributed.checkpoint`` shards into ``<out>/sharded`` (every rank its own part,
+            nothing gathered) that resume under any number of processes, ``ep_size`` or ``fsdp``; turn them
+            into the single-file checkpoint that ``eval`` / ``sample`` read with ``moekit checkpoint export``.
     """
 
     ep_size: int = 1
     fsdp: bool = False
+    checkpoint: Literal["full", "sharded"] = "full"
 
     def __post_init__(self) -> None:
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
         check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
+        check_choice("parallel", "checkpoint", self.checkpoint, ("full", "sharded"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -44,8 +44,8 @@ from torch import nn
 
 from .. import parallel
 from ..configs import ConfigError
-from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, set_rng_states,
-                         write_checkpoint)
+from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, read_state, save_checkpoint,
+                         set_rng_states, write_checkpoint)
 from .config import RunConfig
 from .evaluate import resolve_device
 
@@ -72,10 +72,11 @@ class Distributed:
     """
 
     def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False, fsdp: bool = False,
-                 param_dtype: torch.dtype | None = None) -> None:
+                 param_dtype: torch.dtype | None = None, sharded: bool = False) -> None:
         self.groups, self._owns = groups, owns_process_group
         self.fsdp = fsdp and groups.is_distributed
         self.param_dtype = param_dtype
+        self.sharded = sharded
 
     @classmethod
     def start(cls, cfg: RunConfig) -> "Distributed":
@@ -88,8 +89,9 @@ class Distributed:
             divisors = [d for d in range(1, world + 1) if world % d == 0]
             raise ConfigError(f"parallel.ep_size={ep} must divide the number of processes ({world}); choose "
                               f"one of {divisors}, or launch a multiple of {ep} processes")
+        sharded = cfg.parallel.checkpoint == "sharded"
         if world == 1:
-            return cls(parallel.ParallelGroups())
+            return cls(parallel.ParallelGroups(), sharded=sharded)
         backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
         owns = not dist.is_initialized()
         try:
@@ -97,7 +99,8 @@ class Distributed:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         bf16 = cfg.train.dtype == "bfloat16" and parallel.bf16_supported(groups.device)
-        return cls(groups, owns, fsdp=cfg.parallel.fsdp, param_dtype=torch.bfloat16 if bf16 else None)
+        return cls(groups, owns, fsdp=cfg.parallel.fsdp, param_dtype=torch.bfloat16 if bf16 else None,
+                   sharded=sharded)
 
     @property
     def is_distributed(self) -> bool:
@@ -173,7 +176,11 @@ class Distributed:
         return model
 
     def save(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Write the full checkpoint (collective under expert parallelism; rank 0 writes)."""
+        """Write the full checkpoint (collective under expert parallelism; rank 0 writes), or the sharded one
+        (``parallel.checkpoint=sharded``: every rank writes its part)."""
+        if self.sharded:
+            parallel.save_sharded(out_dir, model, optimizer, state, ep_size=self.groups.ep_size)
+            return
         if self.groups.ep_size == 1 and not self.fsdp:
             self.on_main(lambda: save_checkpoint(out_dir, model, optimizer, state))
             return
@@ -182,7 +189,14 @@ class Distributed:
         self.on_main(lambda: write_checkpoint(out_dir, model_state, optimizer_state, state))
 
     def load(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load a full checkpoint (any layout wrote it) into this rank's model and optimizer, with RNG states."""
+        """Load a checkpoint (any layout wrote it) into this rank's model and optimizer, with RNG states: the
+        sharded one when ``parallel.checkpoint=sharded`` or when the folder holds no full one, else the full one."""
+        if parallel.has_sharded(out_dir) and (self.sharded or not _has_full(out_dir)):
+            try:
+                info = parallel.load_sharded(out_dir, model, optimizer, restore_rng=True)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            return {k: v for k, v in info.items() if k not in ("world_size", "ep_size")}
         if self.groups.ep_size == 1 and not self.fsdp:
             return load_checkpoint(out_dir, model, optimizer, restore_rng=True)
         state, model_state, optimizer_state, rng = read_checkpoint(out_dir)
@@ -203,6 +217,14 @@ class Distributed:
         parallel.load_full_optimizer_state(model, optimizer, full)
         set_rng_states(rng)
         return state
+
+
+def _has_full(out_dir: Path) -> bool:
+    try:
+        read_state(out_dir)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict[str, dict]:
