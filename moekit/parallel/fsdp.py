@@ -51,7 +51,7 @@ def build_mesh(groups: ParallelGroups) -> DeviceMesh:
     layout = torch.arange(world).view(dp, ep)
     ep_group, dp_group = groups.ep_group, groups.expert_replica_group
     if ep_group is None or dp_group is None:  # collective: every rank creates every singleton group, in order
-        singles, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])
+        singles, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)], timeout=groups.timeout)
         ep_group = singles if ep_group is None else ep_group
         dp_group = singles if dp_group is None else dp_group
     return DeviceMesh.from_group([dp_group, ep_group], groups.device.type, mesh=layout,

@@ -42,6 +42,7 @@ class ParallelGroups:
     ep_group: dist.ProcessGroup | None = None
     expert_replica_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+    timeout: timedelta | None = None
 
     @property
     def ep_rank(self) -> int:
@@ -62,11 +63,13 @@ class ParallelGroups:
         return self.rank == 0
 
 
-def make_groups(ep_size: int = 1) -> ParallelGroups:
+def make_groups(ep_size: int = 1, timeout: timedelta | None = None) -> ParallelGroups:
     """Create the EP and replica groups on an initialised default group (every rank must call this).
 
     Args:
         ep_size: ranks per expert-parallel group; must divide the world size.
+        timeout: collective timeout of the new groups (``None``: torch's default, 10 minutes for gloo); a
+            collective waiting longer for a peer raises instead of hanging.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
@@ -82,15 +85,15 @@ def make_groups(ep_size: int = 1) -> ParallelGroups:
     # new_subgroups_by_enumeration is collective: every rank creates every group, in the same order.
     if ep_size > 1:
         ep_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(dp_size)])
+            [list(range(i * ep_size, (i + 1) * ep_size)) for i in range(dp_size)], timeout=timeout)
     if dp_size > 1:
         replica_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(j, world, ep_size)) for j in range(ep_size)])
+            [list(range(j, world, ep_size)) for j in range(ep_size)], timeout=timeout)
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     return ParallelGroups(rank=rank, world_size=world, ep_size=ep_size, ep_group=ep_group,
-                          expert_replica_group=replica_group, device=device)
+                          expert_replica_group=replica_group, device=device, timeout=timeout)
 
 
 def init_from_env(ep_size: int = 1, backend: str | None = None,
@@ -113,7 +116,7 @@ def init_from_env(ep_size: int = 1, backend: str | None = None,
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout)
-    return make_groups(ep_size)
+    return make_groups(ep_size, timeout)
 
 
 def shutdown() -> None:

@@ -106,17 +106,23 @@ class ParallelConfig:
             writes ``torch.distributed.checkpoint`` shards into ``<out>/sharded`` (every rank its own part,
             nothing gathered) that resume under any number of processes, ``ep_size`` or ``fsdp``; turn them
             into the single-file checkpoint that ``eval`` / ``sample`` read with ``moekit checkpoint export``.
+        timeout_s: seconds a collective of the run's process groups (the world, the expert-parallel and
+            replica groups, the mesh) waits for a peer before raising. A rank that dies usually ends its peers at
+            once (gloo and NCCL see the closed connection); this bounds the rest (a rank that hangs). Raise it
+            for very slow steps or checkpoints.
     """
 
     ep_size: int = 1
     fsdp: bool = False
     checkpoint: Literal["full", "sharded"] = "full"
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
         check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
         check_choice("parallel", "checkpoint", self.checkpoint, ("full", "sharded"))
+        check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive seconds (e.g. 300)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

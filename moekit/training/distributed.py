@@ -35,6 +35,7 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +50,14 @@ from .checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, read
 from .config import RunConfig
 from .evaluate import resolve_device
 
-__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean"]
+__all__ = ["Distributed", "PeerFailure", "micro_index", "reduce_and_clip", "world_mean"]
+
+
+class PeerFailure(ConfigError):
+    """A collective failed: another process of the run died or stopped answering (one line; the CLI exits 2)."""
+
+
+_COLLECTIVE_SIGNS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "closed")
 
 
 def _world_size_from_env() -> int:
@@ -95,7 +103,7 @@ class Distributed:
         backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
         owns = not dist.is_initialized()
         try:
-            groups = parallel.init_from_env(ep, backend=backend)
+            groups = parallel.init_from_env(ep, backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         bf16 = cfg.train.dtype == "bfloat16" and parallel.bf16_supported(groups.device)
@@ -135,6 +143,19 @@ class Distributed:
             parallel.shutdown()
         else:
             dist.destroy_process_group()
+
+    def explain_failure(self, error: BaseException, out_dir: Path, timeout_s: float) -> None:
+        """Raise :class:`PeerFailure` in place of ``error`` when it is a failed collective of a distributed run
+        (a peer died or hung past ``timeout_s``); return otherwise, for the caller to re-raise ``error``."""
+        if not self.is_distributed:
+            return
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not isinstance(error, dist.DistError) and not any(s in text.lower() for s in _COLLECTIVE_SIGNS):
+            return
+        raise PeerFailure(f"rank {self.groups.rank}: a collective failed ({text[:160]}); another process probably "
+                          f"died or stopped answering for parallel.timeout_s={timeout_s:g} s. The last complete "
+                          f"checkpoint in {out_dir} resumes with: torchrun ... -m moekit train --resume --out "
+                          f"{out_dir}") from None
 
     def on_main(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on rank 0 only; if it raises there, every rank raises (nobody waits for a dead peer)."""

@@ -188,6 +188,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
             torch.set_num_threads(cfg.train.threads)
         try:
             result = _Run(cfg, out_dir, resume, progress, par).loop(until_step)
+        except RuntimeError as e:  # a peer died or hung: say so in one line, on every surviving rank
+            par.explain_failure(e, out_dir, cfg.parallel.timeout_s)
+            raise
         finally:
             torch.set_num_threads(threads)
         ok = True
