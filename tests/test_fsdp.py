@@ -91,7 +91,9 @@ def _worker(root: str) -> dict:
     groups = init_from_env(1, timeout=timedelta(seconds=120))
     out: dict = {"layout": {ep: _layout(ep) for ep in (1, 2)}, "aux": _aux_case(groups.rank)}
     for ep in EP_SIZES:
-        cfg = tiny(**{"parallel.ep_size": str(ep), "parallel.fsdp": "true"})
+        cfg = tiny(**{"parallel.ep_size": str(ep), "parallel.fsdp": "true",
+                      # ep_size 4 as 2 "nodes" of 2: the hierarchical all-to-all inside the trainer
+                      "parallel.hierarchical_node_size": "2" if ep == 4 else "0"})
         result = train(cfg, Path(root) / f"ep{ep}", until_step=STEPS, progress=False)
         out[ep] = {"losses": result.losses,
                    "norms": [r["grad_norm"] for r in result.records if "grad_norm" in r]}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..dispatch import ExpertShard
+from ..dispatch.hierarchical import Hierarchy
 from ..experts import ExpertBank
 from ..layers import MoE
 from .groups import ParallelGroups
@@ -61,6 +62,7 @@ def shard_experts(
     model: nn.Module,
     groups: ParallelGroups,
     placement: Placement | Mapping[str, Placement] | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> nn.Module:
     """Make every :class:`~moekit.layers.MoE` in ``model`` expert-parallel over ``groups.ep_group``, in place.
 
@@ -73,6 +75,8 @@ def shard_experts(
         placement: experts per EP rank; one for all layers, or a dict from module name (as in
             ``model.named_modules()``) to placement, e.g. from :func:`moekit.parallel.plan_placement`.
             Default: contiguous.
+        hierarchy: from :func:`moekit.parallel.make_hierarchy`: exchange tokens intra-node first, then
+            inter-node (DeepSpeed-MoE's hierarchical all-to-all); default: one flat all-to-all.
 
     Returns:
         ``model``, whose MoE layers now hold ``E / ep_size`` experts each (or as ``placement`` says).
@@ -90,7 +94,7 @@ def shard_experts(
             raise ValueError(f"placement for {name!r} has {len(layer_placement)} ranks, expected "
                              f"ep_size={groups.ep_size}")
         shard = ExpertShard(group=groups.ep_group, rank_experts=tuple(map(tuple, layer_placement)),
-                            rank=groups.ep_rank, local_engine=moe.config.engine)
+                            rank=groups.ep_rank, local_engine=moe.config.engine, hierarchy=hierarchy)
         if shard.num_experts != num_experts:
             raise ValueError(f"placement for {name!r} covers {shard.num_experts} experts, the layer has "
                              f"{num_experts}")

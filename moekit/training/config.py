@@ -110,18 +110,26 @@ class ParallelConfig:
             replica groups, the mesh) waits for a peer before raising. A rank that dies usually ends its peers at
             once (gloo and NCCL see the closed connection); this bounds the rest (a rank that hangs). Raise it
             for very slow steps or checkpoints.
+        hierarchical_node_size: 0 exchanges tokens with one flat all-to-all; ``G > 0`` uses DeepSpeed-MoE's
+            hierarchical all-to-all with ``G`` ranks of each expert-parallel group per node (intra-node hop,
+            then one inter-node message per node); it must divide ``ep_size``. Same results either way.
     """
 
     ep_size: int = 1
     fsdp: bool = False
     checkpoint: Literal["full", "sharded"] = "full"
     timeout_s: float = 300.0
+    hierarchical_node_size: int = 0
 
     def __post_init__(self) -> None:
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
         check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
         check_choice("parallel", "checkpoint", self.checkpoint, ("full", "sharded"))
+        check(isinstance(self.hierarchical_node_size, int) and self.hierarchical_node_size >= 0
+              and (self.hierarchical_node_size == 0 or self.ep_size % self.hierarchical_node_size == 0),
+              f"parallel.hierarchical_node_size={self.hierarchical_node_size!r} must be 0 (flat all-to-all) or "
+              f"divide parallel.ep_size={self.ep_size} (the expert-parallel processes per node)")
         check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive seconds (e.g. 300)")
 
 

@@ -80,8 +80,9 @@ class Distributed:
     """
 
     def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False, fsdp: bool = False,
-                 param_dtype: torch.dtype | None = None, sharded: bool = False) -> None:
+                 param_dtype: torch.dtype | None = None, sharded: bool = False, node_size: int = 0) -> None:
         self.groups, self._owns = groups, owns_process_group
+        self.node_size = node_size
         self.fsdp = fsdp and groups.is_distributed
         self.param_dtype = param_dtype
         self.sharded = sharded
@@ -108,7 +109,7 @@ class Distributed:
             raise ConfigError(str(e)) from None
         bf16 = cfg.train.dtype == "bfloat16" and parallel.bf16_supported(groups.device)
         return cls(groups, owns, fsdp=cfg.parallel.fsdp, param_dtype=torch.bfloat16 if bf16 else None,
-                   sharded=sharded)
+                   sharded=sharded, node_size=cfg.parallel.hierarchical_node_size)
 
     @property
     def is_distributed(self) -> bool:
@@ -190,7 +191,8 @@ class Distributed:
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Keep this rank's experts (before the optimizer is built) and make every copy start equal."""
-        parallel.shard_experts(model, self.groups)
+        hierarchy = parallel.make_hierarchy(self.groups, self.node_size) if self.node_size else None
+        parallel.shard_experts(model, self.groups, hierarchy=hierarchy)
         parallel.broadcast_parameters(model, self.groups)
         if self.fsdp:
             parallel.apply_fsdp(model, self.groups, self.param_dtype)
