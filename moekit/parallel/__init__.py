@@ -32,6 +32,7 @@ from .dcp import (has_sharded, init_optimizer_state, load_sharded, read_sharded_
 from .fsdp import apply_fsdp, bf16_supported, build_mesh, is_fsdp, local_numel, memory_per_rank
 from .grads import all_reduce_mean, broadcast_parameters, clip_grad_norm_, reduce_gradients
 from .groups import ParallelGroups, init_from_env, make_groups, make_hierarchy, shutdown
+from .ilp import cluster_ilp, map_clusters_ilp, milp_available
 from .launch import free_port, run_local
 from .placement import (PlacementPlan, balanced_clusters, map_clusters, placement_metrics, plan_placement,
                         uniform_plan)
@@ -46,4 +47,5 @@ __all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown", "shard_
            "run_local", "free_port", "RoutingProfile", "record_routing", "PlacementPlan", "plan_placement",
            "balanced_clusters", "map_clusters", "placement_metrics", "uniform_plan", "apply_fsdp", "build_mesh",
            "is_fsdp", "bf16_supported", "local_numel", "memory_per_rank", "has_sharded", "init_optimizer_state",
-           "load_sharded", "read_sharded_info", "save_sharded", "sharded_dir", "sharded_state", "make_hierarchy"]
+           "load_sharded", "read_sharded_info", "save_sharded", "sharded_dir", "sharded_state", "make_hierarchy",
+           "cluster_ilp", "map_clusters_ilp", "milp_available"]
