@@ -14,6 +14,12 @@ from ..configs import ConfigError, apply_overrides, check, check_choice, from_di
 from ..data import DataConfig
 from ..models import ModelConfig
 
+# Feed-forward kinds whose experts expert parallelism can split (moekit.parallel.shard_experts): plain MoE
+# (with shared and fine-grained experts), top-p (an inner MoE), Chain-of-Experts and MoE++ (one bank each).
+# The others keep an expert layout of their own (per-layer banks of other shapes, graph or recurrent routing
+# across layers, depth routing) and are refused with this list in the message.
+EXPERT_PARALLEL_FFNS = ("moe", "topp", "coe", "moepp")
+
 __all__ = ["TrainConfig", "ParallelConfig", "RunConfig", "run_config_from_dict", "with_overrides"]
 
 
@@ -159,9 +165,11 @@ class RunConfig:
             check(self.model.moe is not None and self.model.moe.num_experts % ep == 0,
                   f"parallel.ep_size={ep} must divide model.moe.num_experts "
                   f"({None if self.model.moe is None else self.model.moe.num_experts})")
-            check(self.model.ffn == "moe",
-                  f"parallel.ep_size={ep} shards plain MoE layers (model.ffn='moe'), not the {self.model.ffn!r} "
-                  f"variant; train it with --parallel.ep_size=1 (data parallel over the torchrun processes)")
+            check(self.model.ffn in EXPERT_PARALLEL_FFNS,
+                  f"parallel.ep_size={ep} shards MoE layers that route over one expert bank (model.ffn one of "
+                  f"{list(EXPERT_PARALLEL_FFNS)}), not the {self.model.ffn!r} variant; train it with "
+                  f"--parallel.ep_size=1 (data parallel over the torchrun processes, with --parallel.fsdp=true "
+                  f"to shard it)")
         if self.model.moe is not None:
             check(self.model.moe.engine != "alltoall",
                   "model.moe.engine='alltoall' is set by expert parallelism itself; choose the engine each rank "
