@@ -1,5 +1,8 @@
 """Expert parallelism: process groups, sharding a model's experts, gradient reduction, full checkpoints
-that reshard, local multi-process launch, and a MoETuner-style expert placement planner.
+that reshard, local multi-process launch, and a MoETuner-style expert placement planner; FSDP2 of the
+non-expert parameters on a 2-D ``(dp, ep)`` mesh (:mod:`.fsdp`), sharded ``torch.distributed.checkpoint``
+checkpoints (:mod:`.dcp`), the hierarchical all-to-all (:func:`make_hierarchy`) and MoETuner's ILPs
+(:mod:`.ilp`).
 
 A trainer needs these calls (see each function's docstring)::
 
@@ -18,8 +21,9 @@ Balancing across ranks (the choice made here):
 - The Switch/GShard aux loss and the z-loss are computed by each rank's router on that rank's tokens and
   averaged over the world through the gradient average: the objective is the mean of per-rank losses, exactly
   the single-process model run on each rank's tokens as a separate micro-batch (tests/test_ep.py checks this).
-  It is not the global-batch loss with ``f`` and ``P`` over every rank's tokens (Qwen's global-batch
-  balancing), which would need the router to all-reduce ``f`` and ``P``; not done.
+  With ``router.aux_loss_level="global_batch"`` the router instead sums the assignment counts behind ``f``
+  over the world (Qwen3 / Megatron global-batch balancing): the mean of the ranks' losses is then the
+  single-process loss on the concatenated batch (tests/test_fsdp.py).
 - The auxiliary-loss-free bias is a replicated buffer, so its assignment counts are summed over the whole world
   (``Router.step`` all-reduces over the default group when distributed) and every rank applies the same update.
 - Logged values: :func:`all_reduce_mean` of each rank's loss.

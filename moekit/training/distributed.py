@@ -24,7 +24,13 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
 - **Logging**: rank 0 alone prints, writes ``metrics.jsonl`` (loss, CE and aux are world means; routing
   statistics and timings are rank 0's), the summary and the plots. MFU divides by ``world_size`` devices.
 - **Validation** runs the same batches on every rank (an MoE forward under EP is a collective).
-- **Checkpoints** are the full, unsharded model in the single-process format (experts and their AdamW
+- **FSDP2** (``parallel.fsdp``): :func:`~moekit.parallel.apply_fsdp` after sharding the experts; gradient
+  reduction skips the FSDP shards (already reduce-scattered) and the norm covers them.
+- **Sharded checkpoints** (``parallel.checkpoint=sharded``): :func:`~moekit.parallel.save_sharded` /
+  :func:`~moekit.parallel.load_sharded` (every rank its part; any layout loads them).
+- **A failed peer**: a collective that fails (a rank died, or hung past ``parallel.timeout_s``) ends every
+  surviving rank with a one-line :class:`PeerFailure`.
+- **Checkpoints** (default ``full``) are the full, unsharded model in the single-process format (experts and their AdamW
   moments gathered over the EP group, rank 0 writes atomically): ``moekit eval`` / ``sample`` read them, and
   ``--resume`` loads them into any ``ep_size`` or world size (load the full state, keep the local experts).
   Every rank reads the run folder on resume, so multi-node runs need it on a shared filesystem. Resuming
