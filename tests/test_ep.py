@@ -121,6 +121,9 @@ def _planned_case(groups) -> dict[str, float]:
            "inp.weight": _max_diff(_sum_over_world(ep.inp.weight.grad), ref.inp.weight.grad),
            "summed profile": max(_max_diff(profile.loads_LE, whole.loads_LE),
                                  _max_diff(profile.transitions_LEE, whole.transitions_LEE))}
+    # the plan (MoETuner's ILP with scipy installed) physically moves experts away from the contiguous layout
+    contiguous = [list(range(r * len(p[0]), (r + 1) * len(p[0]))) for p in plan.placements[:1] for r in range(W)]
+    out["experts not moved (1 = yes)"] = float(all([list(r) for r in p] == contiguous for p in plan.placements))
     rank_LE = plan.rank_of_LE()
     for l, moe in enumerate(ep.moes):
         predicted = profile.loads_LE[l][rank_LE[l] == groups.ep_rank].sum()

@@ -171,8 +171,10 @@ def test_launch_errors_are_clear(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "a").exists()
     with pytest.raises(ConfigError, match="must divide model.moe.num_experts"):
         tiny(**{"parallel.ep_size": "3"})
-    with pytest.raises(ConfigError, match="not the 'topp' variant"):
-        with_overrides(load_preset("topp"), {"parallel.ep_size": "2"})
+    with pytest.raises(ConfigError, match=r"not the 'gmoe' variant.*--parallel.ep_size=1"):
+        with_overrides(load_preset("gmoe"), {"parallel.ep_size": "2"})
+    for variant in ("topp", "coe", "moepp"):  # route over one expert bank: expert parallelism splits it
+        assert with_overrides(load_preset(variant), {"parallel.ep_size": "2"}).parallel.ep_size == 2
     with pytest.raises(ConfigError, match="engine='alltoall' is set by expert parallelism"):
         tiny(**{"model.moe.engine": "alltoall"})
     monkeypatch.setenv("RANK", "0")

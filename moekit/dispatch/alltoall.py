@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..experts import ExpertBank
 from ..types import Routing
+from .hierarchical import Hierarchy, hierarchical_all_to_all
 from .registry import register_engine, resolve_engine
 
 __all__ = ["ExpertShard", "alltoall_engine", "all_to_all"]
@@ -47,12 +48,15 @@ class ExpertShard:
         received_L: rows received per local expert since the last reset (measured load).
         comm_seconds: wall time in the exchanges (counts, tokens forward, gradients backward) since the last
             reset; host clock, so exact for the blocking gloo backend but only launch time for NCCL.
+        hierarchy: when set, token exchanges go intra-node first, then inter-node
+            (:mod:`moekit.dispatch.hierarchical`); same result as the flat exchange.
     """
 
     group: dist.ProcessGroup | None
     rank_experts: tuple[tuple[int, ...], ...]
     rank: int
     local_engine: str = "auto"
+    hierarchy: Hierarchy | None = None
     received_L: torch.Tensor = field(init=False)
     comm_seconds: float = field(init=False, default=0.0)
 
@@ -96,7 +100,10 @@ class ExpertShard:
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], shard: ExpertShard) -> torch.Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     start = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=shard.group)
+    if shard.hierarchy is not None:
+        out = hierarchical_all_to_all(x, out_splits, in_splits, shard.hierarchy)
+    else:
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=shard.group)
     shard.comm_seconds += time.perf_counter() - start
     return out
 

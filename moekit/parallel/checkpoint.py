@@ -6,7 +6,8 @@ A full state dict has the keys and shapes of the unsharded model, whatever ``ep_
 it: expert tensors are gathered from the EP group into ``[E, ...]``, everything else is already replicated.
 Loading slices ``[E, ...]`` back to the local experts of the current layout. Optimizer states whose tensors
 have their parameter's shape (Adam's moments, SGD's momentum) are converted the same way, so a run can resume
-under a different ``ep_size``. Without sharded layers these reduce to ``state_dict``/``load_state_dict``.
+under a different ``ep_size``. FSDP2 shards (``DTensor``) are all-gathered to full tensors and, on loading,
+cut back to this rank's shard. Without sharded layers these reduce to ``state_dict``/``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..dispatch import ExpertShard
 from .sharding import sharded_banks
@@ -54,10 +56,23 @@ def _check_full(key: str, full: torch.Tensor, shard: ExpertShard) -> None:
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded model's state dict, on every rank (collective: every rank calls it; rank 0 writes it)."""
-    state = dict(model.state_dict())
+    state = {k: _full(v) for k, v in model.state_dict().items()}
     for key, shard in _expert_keys(model).items():
         state[key] = gather_experts(state[key], shard)
     return state
+
+
+def _full(t):
+    """A ``DTensor`` all-gathered to the full tensor (collective); anything else unchanged."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(full: torch.Tensor, target) -> torch.Tensor:
+    """``full`` as ``target`` holds it: this rank's shard when ``target`` is a ``DTensor`` (no communication)."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                 src_data_rank=None)
+    return full
 
 
 @torch.no_grad()
@@ -68,6 +83,13 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], st
         if key in local:
             _check_full(key, local[key], shard)
             local[key] = local[key][list(shard.local_experts)]
+    own = model.state_dict()
+    for key, value in own.items():
+        if isinstance(value, DTensor) and key in local:
+            if tuple(local[key].shape) != tuple(value.shape):
+                raise ValueError(f"{key} has shape {tuple(local[key].shape)} in the checkpoint, the model "
+                                 f"{tuple(value.shape)}; load a checkpoint of the same architecture")
+            local[key] = _like(local[key], value)
     return model.load_state_dict(local, strict=strict)
 
 
@@ -88,7 +110,10 @@ def gather_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
     experts = _expert_keys(model)
     for i, (name, p) in _param_index(model, optimizer).items():
         shard = experts.get(name)
-        if shard is None or i not in state_dict["state"]:
+        if i not in state_dict["state"]:
+            continue
+        if shard is None:
+            state_dict["state"][i] = {k: _full(v) for k, v in state_dict["state"][i].items()}
             continue
         state_dict["state"][i] = {
             k: gather_experts(v, shard) if torch.is_tensor(v) and v.shape == p.shape else v
@@ -103,7 +128,12 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     experts = _expert_keys(model)
     for i, (name, p) in _param_index(model, optimizer).items():
         shard = experts.get(name)
-        if shard is None or i not in local["state"]:
+        if i not in local["state"]:
+            continue
+        if shard is None:
+            if isinstance(p, DTensor):
+                local["state"][i] = {k: _like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                                     for k, v in local["state"][i].items()}
             continue
         full_shape = (shard.num_experts, *p.shape[1:])
         index = list(shard.local_experts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .groups import ParallelGroups
 from .sharding import is_expert_parameter
@@ -50,7 +51,7 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     expert = is_expert_parameter(model)
     replicated, experts = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or isinstance(p, DTensor):  # FSDP2 shards: already reduce-scattered
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -67,22 +68,29 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ParallelGroups) -
     """``torch.nn.utils.clip_grad_norm_`` of the whole (unsharded) model; call after :func:`reduce_gradients`.
 
     The norm covers every expert of the EP group, not only the local ones, so every rank computes the same
-    norm and clips by the same factor (a local norm would let the replicated parameters drift apart).
+    norm and clips by the same factor (a local norm would let the replicated parameters drift apart). FSDP2
+    shards (``DTensor`` gradients) add their local squares summed over the world.
 
     Returns:
         The total gradient norm before clipping (float32 scalar, the same on every rank).
     """
     expert = is_expert_parameter(model)
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    sq = torch.zeros(2, dtype=torch.float32, device=groups.device)  # replicated, local experts
+    sq = torch.zeros(3, dtype=torch.float32, device=groups.device)  # replicated, local experts, FSDP shards
     for name, g in grads.items():
-        sq[int(expert[name])] += g.float().square().sum()
+        if isinstance(g, DTensor):
+            sq[2] += g.to_local().float().square().sum()
+        else:
+            sq[int(expert[name])] += g.float().square().sum()
     if groups.ep_group is not None:  # experts are disjoint across the EP group, identical across replicas
-        dist.all_reduce(sq[1:], group=groups.ep_group)
+        dist.all_reduce(sq[1:2], group=groups.ep_group)
+    if any(isinstance(g, DTensor) for g in grads.values()):  # shards are disjoint across the world
+        dist.all_reduce(sq[2:])
     total = sq.sum().sqrt()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads.values():
-        g.mul_(factor.to(g.dtype))
+        local = g.to_local() if isinstance(g, DTensor) else g
+        local.mul_(factor.to(local.dtype))
     return total
 
 

@@ -21,7 +21,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelGroups", "init_from_env", "make_groups", "shutdown"]
+from ..dispatch.hierarchical import Hierarchy
+
+__all__ = ["ParallelGroups", "init_from_env", "make_groups", "make_hierarchy", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ParallelGroups:
     ep_group: dist.ProcessGroup | None = None
     expert_replica_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+    timeout: timedelta | None = None
 
     @property
     def ep_rank(self) -> int:
@@ -93,7 +96,28 @@ def make_groups(ep_size: int = 1, timeout: timedelta | None = None) -> ParallelG
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     return ParallelGroups(rank=rank, world_size=world, ep_size=ep_size, ep_group=ep_group,
-                          expert_replica_group=replica_group, device=device)
+                          expert_replica_group=replica_group, device=device, timeout=timeout)
+
+
+def make_hierarchy(groups: ParallelGroups, node_size: int) -> Hierarchy | None:
+    """The intra-node and inter-node groups of each EP group for the hierarchical all-to-all (collective:
+    every rank calls it). ``node_size`` ranks of an EP group share a node (torchrun's ``--nproc_per_node``
+    when ``ep_size`` spans nodes); it must divide ``ep_size``. ``None`` when there is nothing to split (one
+    node, or one rank per node)."""
+    ep = groups.ep_size
+    if node_size < 1 or ep % node_size:
+        raise ValueError(f"node_size={node_size} must divide ep_size={ep}; use the processes per node "
+                         f"(torchrun --nproc_per_node), or a divisor of it that divides ep_size")
+    if not groups.is_distributed or node_size in (1, ep):
+        return None
+    nodes = ep // node_size
+    intra, inter = [], []
+    for base in range(0, groups.world_size, ep):  # every EP group, in order
+        intra += [[base + m * node_size + j for j in range(node_size)] for m in range(nodes)]
+        inter += [[base + m * node_size + j for m in range(nodes)] for j in range(node_size)]
+    intra_group, _ = dist.new_subgroups_by_enumeration(intra, timeout=groups.timeout)
+    inter_group, _ = dist.new_subgroups_by_enumeration(inter, timeout=groups.timeout)
+    return Hierarchy(intra=intra_group, inter=inter_group, node_size=node_size)
 
 
 def init_from_env(ep_size: int = 1, backend: str | None = None,

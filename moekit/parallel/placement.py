@@ -13,9 +13,10 @@ From a :class:`~moekit.parallel.RoutingProfile` (loads ``n^l_e``, transitions ``
    bijection per layer (same-rank pairs cost nothing). Exact by dynamic programming over layers (Viterbi over
    all ``G!`` bijections) for ``G <= 5``; for larger ``G``, layer by layer with improving swaps.
 
-Deviation from the paper: clusters have exactly ``E/G`` experts, which satisfies its whole-model
-equal-memory constraint trivially; the paper allows unequal clusters, balanced over the whole model jointly
-with stage 2 by an ILP solver (Gurobi), which is not a dependency here. The ``alltoall`` engine itself accepts
+The paper solves both stages as integer programs (Gurobi); :mod:`moekit.parallel.ilp` does so with scipy's
+HiGHS (``plan_placement(solver="ilp")``, the default when scipy is installed), allowing clusters of unequal
+size with equal experts per rank over the whole model. The heuristic here is the fallback: its clusters have
+exactly ``E/G`` experts, which satisfies the equal-memory constraint trivially. The ``alltoall`` engine accepts
 unequal placements. Routing is unchanged by any placement: only where experts live.
 """
 
@@ -24,9 +25,11 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from .ilp import cluster_ilp, map_clusters_ilp, milp_available
 from .profile import RoutingProfile
 
 __all__ = ["PlacementPlan", "plan_placement", "balanced_clusters", "map_clusters", "placement_metrics",
@@ -165,18 +168,61 @@ def map_clusters(cluster_traffic: list[torch.Tensor], num_ranks: int,
     return out
 
 
-def plan_placement(profile: RoutingProfile, num_ranks: int, bandwidth_GG: torch.Tensor | None = None,
-                   exact_limit: int = 20000) -> PlacementPlan:
-    """Both stages: a placement per MoE layer for an expert-parallel group of ``num_ranks``."""
-    clusters = [balanced_clusters(loads_E, num_ranks, exact_limit) for loads_E in profile.loads_LE]
-    cluster_traffic = []
+def _cluster_traffic(profile: RoutingProfile, clusters: list[list[list[int]]]) -> list[torch.Tensor]:
+    out = []
     for l, trans_EE in enumerate(profile.transitions_LEE):
-        a = torch.tensor(clusters[l])  # [G, E/G] experts of each cluster
-        b = torch.tensor(clusters[l + 1])
-        cluster_traffic.append(trans_EE[a[:, :, None, None], b[None, None, :, :]].sum((1, 3)))
-    ranks = map_clusters(cluster_traffic, num_ranks, bandwidth_GG)
+        t = torch.zeros(len(clusters[l]), len(clusters[l + 1]), dtype=torch.float64)
+        for c, a in enumerate(clusters[l]):
+            for c2, b in enumerate(clusters[l + 1]):
+                t[c, c2] = trans_EE[a][:, b].sum()
+        out.append(t)
+    return out
+
+
+def _plan(profile: RoutingProfile, clusters: list[list[list[int]]], ranks: list[list[int]]) -> PlacementPlan:
     placements = tuple(tuple(tuple(sorted(clusters[l][c])) for c in ranks[l]) for l in range(len(clusters)))
     return PlacementPlan(profile.layer_names, placements)
+
+
+def _plan_ilp(profile: RoutingProfile, num_ranks: int, bandwidth_GG: torch.Tensor | None,
+              time_limit: float, gap: float) -> PlacementPlan | None:
+    """The paper's two ILPs; unequal clusters first, equal ones when the memory constraint rules them out."""
+    for equal in (False, True):
+        clusters = [cluster_ilp(loads_E, num_ranks, equal_sizes=equal, time_limit=time_limit, gap=gap)
+                    for loads_E in profile.loads_LE]
+        if any(c is None for c in clusters):
+            continue
+        sizes = [[len(c) for c in layer] for layer in clusters]
+        ranks = map_clusters_ilp(_cluster_traffic(profile, clusters), sizes, num_ranks, bandwidth_GG,
+                                 time_limit=time_limit, gap=gap)
+        if ranks is not None:
+            return _plan(profile, clusters, ranks)
+    return None
+
+
+def plan_placement(profile: RoutingProfile, num_ranks: int, bandwidth_GG: torch.Tensor | None = None,
+                   exact_limit: int = 20000, solver: Literal["auto", "ilp", "heuristic"] = "auto",
+                   time_limit: float = 10.0, gap: float = 0.0) -> PlacementPlan:
+    """Both stages: a placement per MoE layer for an expert-parallel group of ``num_ranks``.
+
+    Args:
+        solver: ``ilp``: MoETuner's integer programs with scipy's HiGHS (:mod:`moekit.parallel.ilp`; clusters
+            of unequal size allowed, equal experts per rank over the whole model); ``heuristic``: the
+            enumeration / swap search above (equal clusters); ``auto``: the ILP when scipy is installed and it
+            finds a solution within ``time_limit`` seconds per program, else the heuristic.
+        time_limit / gap: HiGHS's time limit per program and relative MIP gap (the paper: Gurobi, gap 0.025).
+    """
+    if solver not in ("auto", "ilp", "heuristic"):
+        raise ValueError(f"solver={solver!r} must be 'auto', 'ilp' or 'heuristic'")
+    if solver == "ilp" and not milp_available():
+        raise ValueError("solver='ilp' needs scipy (pip install 'moekit[parallel]'); or use solver='heuristic'")
+    if solver != "heuristic":
+        plan = _plan_ilp(profile, num_ranks, bandwidth_GG, time_limit, gap)
+        if plan is not None:
+            return plan
+    clusters = [balanced_clusters(loads_E, num_ranks, exact_limit) for loads_E in profile.loads_LE]
+    ranks = map_clusters(_cluster_traffic(profile, clusters), num_ranks, bandwidth_GG)
+    return _plan(profile, clusters, ranks)
 
 
 def placement_metrics(profile: RoutingProfile, plan: PlacementPlan) -> dict[str, float]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..dispatch import ExpertShard
+from ..dispatch.hierarchical import Hierarchy
 from ..experts import ExpertBank
 from ..layers import MoE
 from .groups import ParallelGroups
@@ -61,6 +62,7 @@ def shard_experts(
     model: nn.Module,
     groups: ParallelGroups,
     placement: Placement | Mapping[str, Placement] | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> nn.Module:
     """Make every :class:`~moekit.layers.MoE` in ``model`` expert-parallel over ``groups.ep_group``, in place.
 
@@ -73,32 +75,51 @@ def shard_experts(
         placement: experts per EP rank; one for all layers, or a dict from module name (as in
             ``model.named_modules()``) to placement, e.g. from :func:`moekit.parallel.plan_placement`.
             Default: contiguous.
+        hierarchy: from :func:`moekit.parallel.make_hierarchy`: exchange tokens intra-node first, then
+            inter-node (DeepSpeed-MoE's hierarchical all-to-all); default: one flat all-to-all.
+
+    Variant layers that route over one expert bank and declare ``supports_expert_parallel`` (Chain-of-Experts,
+    MoE++) are sharded the same way; top-p routes through an inner :class:`~moekit.layers.MoE`.
 
     Returns:
         ``model``, whose MoE layers now hold ``E / ep_size`` experts each (or as ``placement`` says).
     """
     if groups.ep_size == 1:
         return model
-    for name, moe in [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]:
+    for name, moe in [(n, m) for n, m in model.named_modules() if _config_attr(m)]:
         if getattr(moe.experts, "expert_shard", None) is not None:
             raise ValueError(f"layer {name!r} is already sharded; build a fresh model to change the layout")
+        attr = _config_attr(moe)
+        config = getattr(moe, attr)
         layer_placement = placement.get(name) if isinstance(placement, Mapping) else placement
-        num_experts = moe.config.num_experts
+        num_experts = moe.experts.num_experts
         if layer_placement is None:
             layer_placement = contiguous_placement(num_experts, groups.ep_size)
         if len(layer_placement) != groups.ep_size:
             raise ValueError(f"placement for {name!r} has {len(layer_placement)} ranks, expected "
                              f"ep_size={groups.ep_size}")
         shard = ExpertShard(group=groups.ep_group, rank_experts=tuple(map(tuple, layer_placement)),
-                            rank=groups.ep_rank, local_engine=moe.config.engine)
+                            rank=groups.ep_rank, local_engine=config.engine, hierarchy=hierarchy)
         if shard.num_experts != num_experts:
             raise ValueError(f"placement for {name!r} covers {shard.num_experts} experts, the layer has "
                              f"{num_experts}")
         bank = _local_bank(moe.experts, shard.local_experts)
         bank.expert_shard = shard
         moe.experts = bank
-        moe.config = dataclasses.replace(moe.config, engine="alltoall")
+        setattr(moe, attr, dataclasses.replace(config, engine="alltoall"))
     return model
+
+
+def _config_attr(module: nn.Module) -> str | None:
+    """The attribute holding the :class:`~moekit.layers.MoEConfig` whose engine a layer runs its ``experts``
+    bank with: ``config`` for :class:`~moekit.layers.MoE`, ``moe_config`` for a variant that declares
+    ``supports_expert_parallel = True`` (its routing is replicated; only the bank's experts move); else None."""
+    if isinstance(module, MoE):
+        return "config"
+    if getattr(type(module), "supports_expert_parallel", False) and isinstance(getattr(module, "experts", None),
+                                                                              ExpertBank):
+        return "moe_config"
+    return None
 
 
 def sharded_banks(model: nn.Module) -> Iterator[tuple[str, ExpertBank]]:

@@ -12,7 +12,7 @@ __all__ = ["RouterConfig"]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Selector = Literal["topk", "expert_choice"]
-AuxLevel = Literal["batch", "sequence"]
+AuxLevel = Literal["batch", "sequence", "global_batch"]
 GroupScore = Literal["top2_sum", "max"]
 
 
@@ -48,7 +48,12 @@ class RouterConfig:
             ``aux_loss_first_choice`` for GShard's form.
         aux_loss_first_choice: ``f_i`` counts only each token's first choice (GShard, arXiv 2006.16668
             Algorithm 1: ``m_e`` from the top-1 expert of each token), instead of all ``k`` choices.
-        aux_loss_level: ``batch`` (Switch) or ``sequence`` (DeepSeek's per-sequence variant, averaged).
+        aux_loss_level: ``batch`` (Switch) or ``sequence`` (DeepSeek's per-sequence variant, averaged), both
+            over this process's tokens; or ``global_batch`` (Qwen3 / Megatron's global-batch balancing): in
+            distributed training the assignment fractions ``f`` count every process's tokens (summed over the
+            world), so the loss averaged over processes is the single-process loss on the concatenated batch.
+            In one process (and in evaluation) ``global_batch`` is ``batch``. Read by the plain MoE router;
+            variants that compute their own balancing loss treat it as ``batch``.
         z_loss_coef: ST-MoE router z-loss coefficient (1e-3 in ST-MoE); 0 disables.
         bias_update_rate: DeepSeek-V3 auxiliary-loss-free balancing speed gamma (1e-3 in V3); 0 disables.
         jitter_eps: multiplicative input jitter in training (Switch: 1e-2); 0 disables.
@@ -79,7 +84,7 @@ class RouterConfig:
         check_types(self, "router")
         check_choice("router", "score_func", self.score_func, ("softmax", "sigmoid"))
         check_choice("router", "selector", self.selector, ("topk", "expert_choice"))
-        check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence"))
+        check_choice("router", "aux_loss_level", self.aux_loss_level, ("batch", "sequence", "global_batch"))
         check(self.norm_topk_prob in (None, True, False),
               f"router.norm_topk_prob={self.norm_topk_prob!r} must be true, false or unset (renormalise iff top_k > 1)")
         check_choice("router", "group_score", self.group_score, ("top2_sum", "max"))

@@ -132,8 +132,11 @@ class Router(nn.Module):
             if cfg.score_func == "sigmoid":  # DeepSeek-V3: P uses scores normalised over experts
                 probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
             b = num_sequences if cfg.aux_loss_level == "sequence" else 1
-            ctx.add_loss("aux_loss", cfg.aux_loss_coef * load_balancing_loss(
-                probs_TE, selected_TK, b, first_choice=cfg.aux_loss_first_choice), layer)
+            # Global counts only in training: evaluation may run on one process alone.
+            global_counts = cfg.aux_loss_level == "global_batch" and self.training
+            loss = load_balancing_loss(probs_TE, selected_TK, b, first_choice=cfg.aux_loss_first_choice,
+                                       global_counts=global_counts)
+            ctx.add_loss("aux_loss", cfg.aux_loss_coef * loss, layer)
         if cfg.z_loss_coef > 0:
             ctx.add_loss("z_loss", cfg.z_loss_coef * z_loss(logits_TE), layer)
 

@@ -15,6 +15,12 @@ from ..configs import ConfigError, apply_overrides, check, check_choice, check_t
 from ..data import DataConfig
 from ..models import ModelConfig
 
+# Feed-forward kinds whose experts expert parallelism can split (moekit.parallel.shard_experts): plain MoE
+# (with shared and fine-grained experts), top-p (an inner MoE), Chain-of-Experts and MoE++ (one bank each).
+# The others keep an expert layout of their own (per-layer banks of other shapes, graph or recurrent routing
+# across layers, depth routing) and are refused with this list in the message.
+EXPERT_PARALLEL_FFNS = ("moe", "topp", "coe", "moepp")
+
 __all__ = ["ParallelConfig", "RunConfig", "TrainConfig", "run_config_from_dict", "with_overrides"]
 
 
@@ -128,14 +134,40 @@ class ParallelConfig:
         ep_size: expert-parallel group size: that many consecutive processes share one copy of each MoE layer's
             experts (``num_experts / ep_size`` each); it must divide the number of processes and
             ``model.moe.num_experts``. 1: plain data parallelism (every process holds the whole model).
+        fsdp: shard every non-expert parameter, its gradient and its AdamW moments over all processes with
+            PyTorch's FSDP2 (``fully_shard``), on a 2-D ``(dp, ep)`` device mesh with the experts split by
+            ``ep_size`` (:mod:`moekit.parallel.fsdp`); bfloat16 compute when ``train.dtype=bfloat16``. No effect
+            in a single process.
+        checkpoint: ``full`` writes the unsharded single-file checkpoint (gathered; rank 0 writes); ``sharded``
+            writes ``torch.distributed.checkpoint`` shards into ``<out>/sharded`` (every rank its own part,
+            nothing gathered) that resume under any number of processes, ``ep_size`` or ``fsdp``; turn them
+            into the single-file checkpoint that ``eval`` / ``sample`` read with ``moekit checkpoint export``.
+        timeout_s: seconds a collective of the run's process groups (the world, the expert-parallel and
+            replica groups, the mesh) waits for a peer before raising. A rank that dies usually ends its peers at
+            once (gloo and NCCL see the closed connection); this bounds the rest (a rank that hangs). Raise it
+            for very slow steps or checkpoints.
+        hierarchical_node_size: 0 exchanges tokens with one flat all-to-all; ``G > 0`` uses DeepSpeed-MoE's
+            hierarchical all-to-all with ``G`` ranks of each expert-parallel group per node (intra-node hop,
+            then one inter-node message per node); it must divide ``ep_size``. Same results either way.
     """
 
     ep_size: int = 1
+    fsdp: bool = False
+    checkpoint: Literal["full", "sharded"] = "full"
+    timeout_s: float = 300.0
+    hierarchical_node_size: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
+        check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
+        check_choice("parallel", "checkpoint", self.checkpoint, ("full", "sharded"))
+        check(isinstance(self.hierarchical_node_size, int) and self.hierarchical_node_size >= 0
+              and (self.hierarchical_node_size == 0 or self.ep_size % self.hierarchical_node_size == 0),
+              f"parallel.hierarchical_node_size={self.hierarchical_node_size!r} must be 0 (flat all-to-all) or "
+              f"divide parallel.ep_size={self.ep_size} (the expert-parallel processes per node)")
+        check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive seconds (e.g. 300)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -174,9 +206,11 @@ class RunConfig:
             check(self.model.moe is not None and self.model.moe.num_experts % ep == 0,
                   f"parallel.ep_size={ep} must divide model.moe.num_experts "
                   f"({None if self.model.moe is None else self.model.moe.num_experts})")
-            check(self.model.ffn == "moe",
-                  f"parallel.ep_size={ep} shards plain MoE layers (model.ffn='moe'), not the {self.model.ffn!r} "
-                  f"variant; train it with --parallel.ep_size=1 (data parallel over the torchrun processes)")
+            check(self.model.ffn in EXPERT_PARALLEL_FFNS,
+                  f"parallel.ep_size={ep} shards MoE layers that route over one expert bank (model.ffn one of "
+                  f"{list(EXPERT_PARALLEL_FFNS)}), not the {self.model.ffn!r} variant; train it with "
+                  f"--parallel.ep_size=1 (data parallel over the torchrun processes, with --parallel.fsdp=true "
+                  f"to shard it)")
         if self.model.moe is not None:
             check(self.model.moe.engine != "alltoall",
                   "model.moe.engine='alltoall' is set by expert parallelism itself; choose the engine each rank "

@@ -24,7 +24,13 @@ A run is distributed when torchrun started it (``WORLD_SIZE`` > 1 in the environ
 - **Logging**: rank 0 alone prints, writes ``metrics.jsonl`` (loss, CE and aux are world means; routing
   statistics and timings are rank 0's), the summary and the plots. MFU divides by ``world_size`` devices.
 - **Validation** runs the same batches on every rank (an MoE forward under EP is a collective).
-- **Checkpoints** are the full, unsharded model in the single-process format (experts and their AdamW
+- **FSDP2** (``parallel.fsdp``): :func:`~moekit.parallel.apply_fsdp` after sharding the experts; gradient
+  reduction skips the FSDP shards (already reduce-scattered) and the norm covers them.
+- **Sharded checkpoints** (``parallel.checkpoint=sharded``): :func:`~moekit.parallel.save_sharded` /
+  :func:`~moekit.parallel.load_sharded` (every rank its part; any layout loads them).
+- **A failed peer**: a collective that fails (a rank died, or hung past ``parallel.timeout_s``) ends every
+  surviving rank with a one-line :class:`PeerFailure`.
+- **Checkpoints** (default ``full``) are the full, unsharded model in the single-process format (experts and their AdamW
   moments gathered over the EP group, rank 0 writes atomically): ``moekit eval`` / ``sample`` read them, and
   ``--resume`` loads them into any ``ep_size`` or world size (load the full state, keep the local experts).
   Every rank reads the run folder on resume, so multi-node runs need it on a shared filesystem. Resuming
@@ -53,6 +59,7 @@ from .checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint,
+    read_state,
     save_checkpoint,
     set_rng_states,
     weights_path,
@@ -61,26 +68,34 @@ from .checkpoint import (
 from .config import RunConfig
 from .evaluate import resolve_device
 
-__all__ = ["Distributed", "micro_index", "reduce_and_clip", "world_mean", "CollectiveError", "explain_collective_error"]
+__all__ = ["CollectiveError", "Distributed", "PeerFailure", "explain_collective_error", "micro_index",
+           "reduce_and_clip", "world_mean"]
 
 # What gloo / NCCL say when a peer is gone or silent past the timeout.
-_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
-              "nccl communicator was aborted")
+_PEER_LOST = ("gloo", "nccl", "timed out", "timeout", "connection", "broken pipe", "peer", "socket", "closed")
 
 
-class CollectiveError(ConfigError):
-    """A collective failed because another rank died, was stopped or stayed silent past the timeout."""
+class PeerFailure(ConfigError):
+    """A collective failed: another process of the run died, was stopped or stayed silent past the timeout
+    (one line; the CLI exits 2)."""
 
 
-def explain_collective_error(error: BaseException, timeout_s: float, rank: int) -> CollectiveError | None:
-    """A one-line :class:`CollectiveError` for a lost or silent peer, or ``None`` for any other error."""
+CollectiveError = PeerFailure  # the same error under the name the reliability tests and docs use
+
+
+def explain_collective_error(error: BaseException, timeout_s: float, rank: int,
+                             out_dir: Path | None = None) -> PeerFailure | None:
+    """A one-line :class:`PeerFailure` for a lost or silent peer, or ``None`` for any other error."""
     text = str(error)
-    if not isinstance(error, RuntimeError) or not any(k in text.lower() for k in _PEER_LOST):
+    is_dist_error = hasattr(dist, "DistError") and isinstance(error, dist.DistError)
+    if not isinstance(error, RuntimeError) or not (is_dist_error or any(k in text.lower() for k in _PEER_LOST)):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return CollectiveError(f"rank {rank}: a collective failed because another rank died, was stopped or did not "
-                           f"answer within parallel.timeout_s={timeout_s:g} s ({first[:160]}); the last checkpoint "
-                           f"is kept: resume with --resume, or raise --parallel.timeout_s if a rank is only slow")
+    resume = (f"the last complete checkpoint in {out_dir} resumes with: torchrun ... -m moekit train --resume "
+              f"--out {out_dir}" if out_dir is not None else "the last checkpoint is kept: resume with --resume")
+    return PeerFailure(f"rank {rank}: a collective failed because another rank died, was stopped or did not "
+                       f"answer within parallel.timeout_s={timeout_s:g} s ({first[:160]}); another process probably "
+                       f"died or hung, or raise --parallel.timeout_s if a rank is only slow; {resume}")
 
 
 def _world_size_from_env() -> int:
@@ -102,8 +117,13 @@ class Distributed:
     In a single process every method reduces to what the trainer did before (no ``torch.distributed``).
     """
 
-    def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False) -> None:
+    def __init__(self, groups: parallel.ParallelGroups, owns_process_group: bool = False, fsdp: bool = False,
+                 param_dtype: torch.dtype | None = None, sharded: bool = False, node_size: int = 0) -> None:
         self.groups, self._owns = groups, owns_process_group
+        self.node_size = node_size
+        self.fsdp = fsdp and groups.is_distributed
+        self.param_dtype = param_dtype
+        self.sharded = sharded
 
     @classmethod
     def start(cls, cfg: RunConfig) -> "Distributed":
@@ -116,15 +136,18 @@ class Distributed:
             divisors = [d for d in range(1, world + 1) if world % d == 0]
             raise ConfigError(f"parallel.ep_size={ep} must divide the number of processes ({world}); choose "
                               f"one of {divisors}, or launch a multiple of {ep} processes")
+        sharded = cfg.parallel.checkpoint == "sharded"
         if world == 1:
-            return cls(parallel.ParallelGroups())
+            return cls(parallel.ParallelGroups(), sharded=sharded)
         backend = "nccl" if resolve_device(cfg.train.device).type == "cuda" else "gloo"
         owns = not dist.is_initialized()
         try:
             groups = parallel.init_from_env(ep, backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return cls(groups, owns)
+        bf16 = cfg.train.dtype == "bfloat16" and parallel.bf16_supported(groups.device)
+        return cls(groups, owns, fsdp=cfg.parallel.fsdp, param_dtype=torch.bfloat16 if bf16 else None,
+                   sharded=sharded, node_size=cfg.parallel.hierarchical_node_size)
 
     @property
     def is_distributed(self) -> bool:
@@ -147,7 +170,8 @@ class Distributed:
         if not g.is_distributed:
             return ""
         experts = f", experts split over groups of {g.ep_size}" if g.ep_size > 1 else ""
-        return f"; {g.world_size} processes, data parallel{experts}"
+        fsdp = ", FSDP2 shards the rest" if self.fsdp else ""
+        return f"; {g.world_size} processes, data parallel{experts}{fsdp}"
 
     def close(self, ok: bool) -> None:
         """Leave the process group if :meth:`start` created it (with a barrier only after a clean run: after a
@@ -158,6 +182,15 @@ class Distributed:
             parallel.shutdown()
         else:
             dist.destroy_process_group()
+
+    def explain_failure(self, error: BaseException, out_dir: Path, timeout_s: float) -> None:
+        """Raise :class:`PeerFailure` in place of ``error`` when it is a failed collective of a distributed run
+        (a peer died or hung past ``timeout_s``); return otherwise, for the caller to re-raise ``error``."""
+        if not self.is_distributed:
+            return
+        explained = explain_collective_error(error, timeout_s, self.groups.rank, out_dir)
+        if explained is not None:
+            raise explained from None
 
     def on_main(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on rank 0 only; if it raises there, every rank raises (nobody waits for a dead peer)."""
@@ -192,13 +225,20 @@ class Distributed:
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Keep this rank's experts (before the optimizer is built) and make every copy start equal."""
-        parallel.shard_experts(model, self.groups)
+        hierarchy = parallel.make_hierarchy(self.groups, self.node_size) if self.node_size else None
+        parallel.shard_experts(model, self.groups, hierarchy=hierarchy)
         parallel.broadcast_parameters(model, self.groups)
+        if self.fsdp:
+            parallel.apply_fsdp(model, self.groups, self.param_dtype)
         return model
 
     def save(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        """Write the full checkpoint (collective under expert parallelism; rank 0 writes)."""
-        if self.groups.ep_size == 1:
+        """Write the full checkpoint (collective under expert parallelism; rank 0 writes), or the sharded one
+        (``parallel.checkpoint=sharded``: every rank writes its part)."""
+        if self.sharded:
+            parallel.save_sharded(out_dir, model, optimizer, state, ep_size=self.groups.ep_size)
+            return
+        if self.groups.ep_size == 1 and not self.fsdp:
             self.on_main(lambda: save_checkpoint(out_dir, model, optimizer, state))
             return
         model_state = parallel.gather_full_state_dict(model)
@@ -206,8 +246,15 @@ class Distributed:
         self.on_main(lambda: write_checkpoint(out_dir, model_state, optimizer_state, state))
 
     def load(self, out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load a full checkpoint (any layout wrote it) into this rank's model and optimizer, with RNG states."""
-        if self.groups.ep_size == 1:
+        """Load a checkpoint (any layout wrote it) into this rank's model and optimizer, with RNG states: the
+        sharded one when ``parallel.checkpoint=sharded`` or when the folder holds no full one, else the full one."""
+        if parallel.has_sharded(out_dir) and (self.sharded or not _has_full(out_dir)):
+            try:
+                info = parallel.load_sharded(out_dir, model, optimizer, restore_rng=True)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+            return {k: v for k, v in info.items() if k not in ("world_size", "ep_size")}
+        if self.groups.ep_size == 1 and not self.fsdp:
             return load_checkpoint(out_dir, model, optimizer, restore_rng=True)
         state, model_state, optimizer_state, rng = read_checkpoint(out_dir)
         try:
@@ -227,6 +274,14 @@ class Distributed:
         parallel.load_full_optimizer_state(model, optimizer, full)
         set_rng_states(rng)
         return state
+
+
+def _has_full(out_dir: Path) -> bool:
+    try:
+        read_state(out_dir)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict[str, dict]:

@@ -55,7 +55,6 @@ from .checkpoint import (
 from .config import RunConfig
 from .distributed import (
     Distributed,
-    explain_collective_error,
     micro_index,
     reduce_and_clip,
     world_mean,
@@ -296,12 +295,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
                 clean_checkpoints(out_dir)  # what an earlier, killed writer left
             par.on_main(start_writing)
             result = run.loop(until_step)
-        except RuntimeError as e:
-            explained = explain_collective_error(e, cfg.parallel.timeout_s, par.groups.rank) \
-                if par.is_distributed else None
-            if explained is None:
-                raise
-            raise explained from None
+        except RuntimeError as e:  # a peer died or hung: say so in one line, on every surviving rank
+            par.explain_failure(e, out_dir, cfg.parallel.timeout_s)
+            raise
         finally:
             torch.set_num_threads(threads)
         ok = True

@@ -56,6 +56,9 @@ class CoEConfig:
 class ChainOfExperts(nn.Module):
     """CoE layer: ``C`` routers over one :class:`ExpertBank` (+ shared experts applied every iteration)."""
 
+    # moekit.parallel.shard_experts may split ``experts`` over ranks and set ``moe_config.engine='alltoall'``
+    supports_expert_parallel = True
+
     def __init__(self, moe: MoEConfig, config: CoEConfig | None = None, name: str = "coe") -> None:
         super().__init__()
         self.moe_config, self.config, self.name = moe, config or CoEConfig(), name

@@ -86,6 +86,9 @@ class MoEPPConfig:
 class MoEPlusPlus(nn.Module):
     """MoE++ layer: ``N`` FFN experts (an :class:`ExpertBank`) plus zero/copy/constant experts."""
 
+    # moekit.parallel.shard_experts may split ``experts`` over ranks and set ``moe_config.engine='alltoall'``
+    supports_expert_parallel = True
+
     def __init__(self, moe: MoEConfig, config: MoEPPConfig | None = None, name: str = "moepp") -> None:
         super().__init__()
         self.moe_config, self.config, self.name = moe, config or MoEPPConfig(), name
