@@ -158,11 +158,6 @@ class MoE(nn.Module):
         if x.shape[-1] != self.config.dim:
             raise ValueError(f"MoE expects inputs of shape [..., {self.config.dim}], got {tuple(x.shape)}; "
                              f"check MoEConfig.dim")
-        weight = next(self.experts.parameters(), None)
-        if (weight is not None and x.is_floating_point() and x.dtype != weight.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
-            raise ValueError(f"MoE input is {x.dtype} but its weights are {weight.dtype}; convert one to the "
-                             f"other (moe.to({x.dtype}) or x.to({weight.dtype})), or run under torch.autocast")
         return x.reshape(-1, self.config.dim)
 
     def route(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None, num_sequences: int = 1) -> Routing:
