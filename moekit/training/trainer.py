@@ -25,6 +25,7 @@ checkpoints that load into any layout).
 from __future__ import annotations
 
 import math
+import os
 import signal
 import statistics
 import sys
@@ -263,10 +264,11 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         state = read_state(out_dir)
         override = spent_budget(cfg, state)
         if override is not None:  # said even with progress off: otherwise the call silently does nothing
-            print(f"{out_dir} finished: its checkpoint is at step {state['step']:,} and has spent its budget "
-                  f"(train.max_steps={cfg.train.max_steps}, train.max_seconds={cfg.train.max_seconds}); to train "
-                  f"on, resume with a larger budget, e.g. moekit train --resume --out {out_dir} {override}",
-                  file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # once under torchrun
+                print(f"{out_dir} finished: its checkpoint is at step {state['step']:,} and has spent its budget "
+                      f"(train.max_steps={cfg.train.max_steps}, train.max_seconds={cfg.train.max_seconds}); to train "
+                      f"on, resume with a larger budget, e.g. moekit train --resume --out {out_dir} {override}",
+                      file=sys.stderr, flush=True)
             summary_path = out_dir / "summary.json"
             summary = read_json(summary_path) if summary_path.is_file() else dict(state)
             return TrainResult(out_dir, summary, read_metrics(out_dir / "metrics.jsonl"))
