@@ -305,7 +305,7 @@ def test_divergent_lr_stops_with_one_line_and_keeps_the_last_finite_checkpoint(t
 
 def _nan_loss(monkeypatch):
     nan_f = types.SimpleNamespace(cross_entropy=lambda *a, **k: torch.nn.functional.cross_entropy(*a, **k) * float("nan"))
-    monkeypatch.setattr("moekit.training.trainer.F", nan_f)
+    monkeypatch.setattr("moekit.layers.step_hook.F", nan_f)
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])

@@ -63,7 +63,7 @@ class MoEConfig:
     shared_hidden_dim: int | None = None
     use_shared_gate: bool = False
     use_ffn_bias: bool = False
-    engine: EngineName = "auto"
+    engine: str = "auto"  # EngineName or an engine registered later (e.g. serving's "offload")
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -173,7 +173,9 @@ class MoE(nn.Module):
 
     def combine(self, x_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None = None) -> torch.Tensor:
         """Run the experts for a given routing (plus shared experts) and record statistics."""
-        check_input(x_TD, self.experts.w_up, self.name)
+        weight = getattr(self.experts, "w_up", None)  # banks stored otherwise (compressed) check their own input
+        if isinstance(weight, torch.Tensor):
+            check_input(x_TD, weight, self.name)
         engine = resolve_engine(self.config.engine, x_TD, self.experts)
         y_TD = engine(x_TD, routing, self.experts)
         if self.shared_experts is not None:
