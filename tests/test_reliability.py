@@ -533,3 +533,23 @@ def test_hf_split_and_non_text_values_of_a_saved_dataset_are_checked(tmp_path):
         load_data(DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="body", hf_split="test"))
     with pytest.raises(ConfigError, match="row 0 of column 'n' .* is a int, not text"):
         load_data(DataConfig(source="hf", path=str(tmp_path / "ds"), hf_text_field="n"))
+
+
+def test_the_configured_timeout_reaches_every_process_group(monkeypatch):
+    from moekit.training import ParallelConfig
+    from moekit.training.distributed import Distributed
+    assert ParallelConfig().timeout_s == 600.0
+    with pytest.raises(ConfigError, match="parallel.timeout_s=0"):
+        ParallelConfig(timeout_s=0)
+    seen = {}
+
+    def fake_init(ep, backend=None, timeout=None):
+        seen.update(ep=ep, timeout=timeout)
+        raise ValueError("stop here")
+    monkeypatch.setattr("moekit.parallel.init_from_env", fake_init)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny(**{"parallel.timeout_s": "7"})
+    with pytest.raises(ConfigError, match="stop here"):
+        Distributed.start(cfg)
+    assert seen == {"ep": 1, "timeout": timedelta(seconds=7)}

@@ -1,7 +1,8 @@
 """Running a study's runs: cached, resumable, one spawned process per run, with a progress display.
 
 - A run whose folder holds ``summary.json`` is finished and is read back, never retrained.
-- A run whose folder holds a checkpoint (:func:`~moekit.training.checkpoint.has_checkpoint`) but no finished summary was interrupted; it continues with
+- A run whose folder holds a checkpoint (:func:`~moekit.training.checkpoint.has_checkpoint`) but no finished
+  summary was interrupted; it continues with
   ``train(..., resume=True)``, which takes exactly the steps an uninterrupted run takes.
 - Otherwise the run starts afresh.
 

@@ -118,12 +118,18 @@ class ParallelConfig:
         ep_size: expert-parallel group size: that many consecutive processes share one copy of each MoE layer's
             experts (``num_experts / ep_size`` each); it must divide the number of processes and
             ``model.moe.num_experts``. 1: plain data parallelism (every process holds the whole model).
+        timeout_s: collective timeout in seconds of every process group (the default one and the expert
+            groups): a rank that died or stopped makes the others fail with an error after this long instead
+            of hanging. Raise it for slow checkpoints of very large models.
     """
 
     ep_size: int = 1
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")
+        check(math.isfinite(self.timeout_s) and self.timeout_s > 0,
+              f"parallel.timeout_s={self.timeout_s!r} must be a positive number of seconds (default 600)")
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
 
