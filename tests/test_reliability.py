@@ -553,3 +553,18 @@ def test_the_configured_timeout_reaches_every_process_group(monkeypatch):
     with pytest.raises(ConfigError, match="stop here"):
         Distributed.start(cfg)
     assert seen == {"ep": 1, "timeout": timedelta(seconds=7)}
+
+
+def test_a_reader_follows_a_writer_that_replaced_the_set_under_it(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write_checkpoint(run, *set_of(1))
+    real = ckpt._read_state_in
+    calls = []
+
+    def writer_strikes_first(folder):
+        if not calls:  # the reader chose step 1; a writer commits step 2 and deletes step 1 before it reads
+            write_checkpoint(run, *set_of(2))
+        calls.append(folder.name)
+        return real(folder)
+    monkeypatch.setattr(ckpt, "_read_state_in", writer_strikes_first)
+    assert assert_whole(run) == 2 and calls == ["step_00000001", "step_00000002"]
