@@ -291,6 +291,17 @@ def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return kept, aliases
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.save_file``, with its I/O failures (a full disk) raised as the ``OSError`` they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else 0
+        raise OSError(number, f"cannot write {path.name} ({os.strerror(number) if number else e}); the "
+                      f"previous checkpoint is kept") from None
+
+
 def write_checkpoint(out_dir: Path, model_state: Mapping[str, torch.Tensor],
                      optimizer_state: Mapping[str, Mapping[str, torch.Tensor]], state: dict) -> None:
     """:func:`save_checkpoint` from tensors: a full state dict and ``{parameter name: optimizer state}`` (what
@@ -302,8 +313,8 @@ def write_checkpoint(out_dir: Path, model_state: Mapping[str, torch.Tensor],
     _check_finite(tensors, "model", step)
     _check_finite(optim, "optimizer", step)
     _write_set(Path(out_dir), state, {
-        MODEL_FILE: lambda p: save_file(tensors, str(p), metadata={**aliases, **meta}),
-        OPTIM_FILE: lambda p: save_file(optim, str(p), metadata=meta)})
+        MODEL_FILE: lambda p: _save_tensors(tensors, p, {**aliases, **meta}),
+        OPTIM_FILE: lambda p: _save_tensors(optim, p, meta)})
 
 
 # --------------------------------------------------------------------------------------------------- reading
