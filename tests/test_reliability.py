@@ -608,7 +608,7 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private tmpfs here ({probe.stderr.decode().strip()[:80]})")
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                             f'mount -t tmpfs -o size=2m tmpfs "$0" && exec "$1" -c "$2" "$0"', str(tmp_path),
+                             'mount -t tmpfs -o size=2m tmpfs "$0" && exec "$1" -c "$2" "$0"', str(tmp_path),
                              sys.executable, FULL_DISK], env=ENV, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
