@@ -612,3 +612,15 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path):
                              sys.executable, FULL_DISK], env=ENV, capture_output=True, text=True, timeout=120,
                             check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_files_and_sets_keep_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_checkpoint(tmp_path / "run", *set_of(1))
+        ckpt.write_json(tmp_path / "run" / "summary.json", {})
+    finally:
+        os.umask(old)
+    assert (checkpoint_dir(tmp_path / "run").stat().st_mode & 0o777) == 0o755
+    assert (weights_path(tmp_path / "run").stat().st_mode & 0o777) == 0o644
+    assert ((tmp_path / "run" / "summary.json").stat().st_mode & 0o777) == 0o644

@@ -35,8 +35,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,14 +91,14 @@ def _fsync_file(path: Path) -> None:
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` into a new temporary file beside ``path``, then replace ``path`` with it.
 
-    The temporary name is created exclusively (``mkstemp``), and ``os.replace`` swaps a symlink at ``path``
+    The temporary name is random and created exclusively, and ``os.replace`` swaps a symlink at ``path``
     for the file rather than writing through it. On any failure the temporary file is removed.
     """
     path = Path(path)
     # The suffix is kept (a plot's format follows it); a leftover ".tmp-*" is removed by the next writer.
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.parent / f".tmp-{path.stem}-{secrets.token_hex(6)}{path.suffix}"
+    # Created exclusively, with the umask's permissions (mkstemp's 0600 would hide the run from its group).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -222,6 +222,12 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_set(run_dir: Path, state: dict, files: Mapping[str, Callable[[Path], object]]) -> Path:
     """Write ``files`` (name -> writer) and ``state.json`` into a new set, switched to in one rename."""
     run_dir = Path(run_dir)
@@ -230,12 +236,15 @@ def _write_set(run_dir: Path, state: dict, files: Mapping[str, Callable[[Path], 
         raise CheckpointError(f"state['step']={step!r} must be a non-negative integer")
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
+    tmp = root / f".tmp-step_{step:08d}-{secrets.token_hex(6)}"
+    tmp.mkdir()  # exclusive, with the umask's permissions
     try:
         for name, write in files.items():
             write(tmp / name)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        mode = 0o666 & ~_umask()  # safetensors creates its files 0600; give them the usual permissions
         for name in (*files, STATE_FILE):
+            os.chmod(tmp / name, mode)
             _fsync_file(tmp / name)
         sets = _sets(run_dir)
         revision = max((k[1] + 1 for k, _ in sets if k[0] == step), default=0)
