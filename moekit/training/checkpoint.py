@@ -48,10 +48,28 @@ from torch import nn
 
 from ..configs import ConfigError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_checkpoint", "read_checkpoint",
-           "optimizer_state_by_name", "set_rng_states", "read_state", "write_json", "read_json", "write_atomic",
-           "weights_path", "checkpoint_dir", "has_checkpoint", "clean_checkpoints", "MODEL_FILE", "OPTIM_FILE",
-           "STATE_FILE", "CONFIG_FILE", "CKPT_DIR"]
+__all__ = [
+    "CKPT_DIR",
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "OPTIM_FILE",
+    "STATE_FILE",
+    "CheckpointError",
+    "checkpoint_dir",
+    "clean_checkpoints",
+    "has_checkpoint",
+    "load_checkpoint",
+    "optimizer_state_by_name",
+    "read_checkpoint",
+    "read_json",
+    "read_state",
+    "save_checkpoint",
+    "set_rng_states",
+    "weights_path",
+    "write_atomic",
+    "write_checkpoint",
+    "write_json",
+]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = ("model.safetensors", "optimizer.safetensors", "state.json",
                                                    "config.json")
