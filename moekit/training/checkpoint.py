@@ -35,8 +35,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,11 +48,29 @@ from torch import nn
 
 from ..configs import ConfigError
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "write_checkpoint", "read_checkpoint",
-           "optimizer_state_by_name", "set_rng_states", "read_state", "write_json", "read_json", "write_atomic",
-           "weights_path", "checkpoint_dir", "has_checkpoint", "clean_checkpoints", "MODEL_FILE", "OPTIM_FILE",
-           "STATE_FILE", "CONFIG_FILE", "CKPT_DIR",
-           "adapters_path"]
+__all__ = [
+    "CKPT_DIR",
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "OPTIM_FILE",
+    "STATE_FILE",
+    "adapters_path",
+    "CheckpointError",
+    "checkpoint_dir",
+    "clean_checkpoints",
+    "has_checkpoint",
+    "load_checkpoint",
+    "optimizer_state_by_name",
+    "read_checkpoint",
+    "read_json",
+    "read_state",
+    "save_checkpoint",
+    "set_rng_states",
+    "weights_path",
+    "write_atomic",
+    "write_checkpoint",
+    "write_json",
+]
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE = ("model.safetensors", "optimizer.safetensors", "state.json",
                                                    "config.json")
@@ -97,14 +115,14 @@ def _fsync_file(path: Path) -> None:
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` into a new temporary file beside ``path``, then replace ``path`` with it.
 
-    The temporary name is created exclusively (``mkstemp``), and ``os.replace`` swaps a symlink at ``path``
+    The temporary name is random and created exclusively, and ``os.replace`` swaps a symlink at ``path``
     for the file rather than writing through it. On any failure the temporary file is removed.
     """
     path = Path(path)
     # The suffix is kept (a plot's format follows it); a leftover ".tmp-*" is removed by the next writer.
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.parent / f".tmp-{path.stem}-{secrets.token_hex(6)}{path.suffix}"
+    # Created exclusively, with the umask's permissions (mkstemp's 0600 would hide the run from its group).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -228,6 +246,12 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_set(run_dir: Path, state: dict, files: Mapping[str, Callable[[Path], object]]) -> Path:
     """Write ``files`` (name -> writer) and ``state.json`` into a new set, switched to in one rename."""
     run_dir = Path(run_dir)
@@ -236,12 +260,15 @@ def _write_set(run_dir: Path, state: dict, files: Mapping[str, Callable[[Path], 
         raise CheckpointError(f"state['step']={step!r} must be a non-negative integer")
     root = run_dir / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-"))
+    tmp = root / f".tmp-step_{step:08d}-{secrets.token_hex(6)}"
+    tmp.mkdir()  # exclusive, with the umask's permissions
     try:
         for name, write in files.items():
             write(tmp / name)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        mode = 0o666 & ~_umask()  # safetensors creates its files 0600; give them the usual permissions
         for name in (*files, STATE_FILE):
+            os.chmod(tmp / name, mode)
             _fsync_file(tmp / name)
         sets = _sets(run_dir)
         revision = max((k[1] + 1 for k, _ in sets if k[0] == step), default=0)
@@ -297,6 +324,17 @@ def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return kept, aliases
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``safetensors.save_file``, with its I/O failures (a full disk) raised as the ``OSError`` they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else 0
+        raise OSError(number, f"cannot write {path.name} ({os.strerror(number) if number else e}); the "
+                      f"previous checkpoint is kept") from None
+
+
 def write_checkpoint(out_dir: Path, model_state: Mapping[str, torch.Tensor],
                      optimizer_state: Mapping[str, Mapping[str, torch.Tensor]], state: dict) -> None:
     """:func:`save_checkpoint` from tensors: a full state dict and ``{parameter name: optimizer state}`` (what
@@ -308,8 +346,8 @@ def write_checkpoint(out_dir: Path, model_state: Mapping[str, torch.Tensor],
     _check_finite(tensors, "model", step)
     _check_finite(optim, "optimizer", step)
     _write_set(Path(out_dir), state, {
-        MODEL_FILE: lambda p: save_file(tensors, str(p), metadata={**aliases, **meta}),
-        OPTIM_FILE: lambda p: save_file(optim, str(p), metadata=meta)})
+        MODEL_FILE: lambda p: _save_tensors(tensors, p, {**aliases, **meta}),
+        OPTIM_FILE: lambda p: _save_tensors(optim, p, meta)})
 
 
 # --------------------------------------------------------------------------------------------------- reading

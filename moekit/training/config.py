@@ -159,6 +159,8 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "parallel")
+        check(math.isfinite(self.timeout_s) and self.timeout_s > 0,
+              f"parallel.timeout_s={self.timeout_s!r} must be a positive number of seconds (default 300)")
         check(isinstance(self.ep_size, int) and self.ep_size >= 1,
               f"parallel.ep_size={self.ep_size!r} must be a positive integer (1: no expert parallelism)")
         check(isinstance(self.fsdp, bool), f"parallel.fsdp={self.fsdp!r} must be true or false")
@@ -167,7 +169,6 @@ class ParallelConfig:
               and (self.hierarchical_node_size == 0 or self.ep_size % self.hierarchical_node_size == 0),
               f"parallel.hierarchical_node_size={self.hierarchical_node_size!r} must be 0 (flat all-to-all) or "
               f"divide parallel.ep_size={self.ep_size} (the expert-parallel processes per node)")
-        check(self.timeout_s > 0, f"parallel.timeout_s={self.timeout_s} must be positive seconds (e.g. 300)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
