@@ -538,7 +538,7 @@ def test_hf_split_and_non_text_values_of_a_saved_dataset_are_checked(tmp_path):
 def test_the_configured_timeout_reaches_every_process_group(monkeypatch):
     from moekit.training import ParallelConfig
     from moekit.training.distributed import Distributed
-    assert ParallelConfig().timeout_s == 600.0
+    assert ParallelConfig().timeout_s == 300.0
     with pytest.raises(ConfigError, match="parallel.timeout_s=0"):
         ParallelConfig(timeout_s=0)
     seen = {}
