@@ -90,7 +90,8 @@ class ExpertStore:
         """``{projection: tensor}`` of expert ``key[1]`` of layer ``key[0]``, read from the file."""
         layer, e = key
         name = self.layer_names[layer]
-        return {p: self._file.get_slice(f"{name}.experts.{p}")[e:e + 1][0].contiguous() for p in self.names[layer]}
+        # get_slice gives a view of the memory-mapped file; the copy is what the cache owns and budgets
+        return {p: self._file.get_slice(f"{name}.experts.{p}")[e:e + 1][0].clone() for p in self.names[layer]}
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
