@@ -88,22 +88,38 @@ def speed(run: Path, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _status(field: str) -> float:
+    """A field of /proc/self/status in MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def rss_child(run: str, budget: str, tokens: int) -> None:
+    # A child inherits its parent's peak RSS across fork and exec; reset the peak first (Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
     if budget == "resident":
         _, model, _ = load_run(run, "cpu")
     else:
         _, model, _ = load_offloaded(run, budget, "lru", record=False)
     decode(model, tokens)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _status("VmHWM"), "rss_anon_mb": _status("RssAnon"),
+                      "rss_file_mb": _status("RssFile")}))
 
 
 def peak_rss(run: Path, tokens: int) -> dict:
+    """Peak RSS, and anonymous vs file-backed RSS at the end, per budget (a fresh process each).
+
+    File-backed pages are the memory-mapped weights file: page cache the kernel may drop under pressure.
+    """
     out = {}
     for budget in ("resident", *BUDGETS):
         res = subprocess.run([sys.executable, __file__, "--rss-child", str(run), budget, "--tokens", str(tokens)],
                              capture_output=True, text=True, check=True)
-        out[budget] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-        print(f"peak RSS {budget:>9}: {out[budget]:.0f} MB", flush=True)
+        out[budget] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"{budget:>9}: peak RSS {out[budget]['peak_rss_mb']:.0f} MB, at the end anonymous "
+              f"{out[budget]['rss_anon_mb']:.0f} MB + file-backed {out[budget]['rss_file_mb']:.0f} MB", flush=True)
     return out
 
 
@@ -130,6 +146,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", default="bench_serving.json")
+    parser.add_argument("--parts", default="speed,rss,sim", help="which measurements (comma-separated)")
     parser.add_argument("--rss-child", nargs=2, metavar=("RUN", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -141,9 +158,12 @@ def main() -> None:
         cfg = with_overrides(load_preset("default"), CONFIGS[args.config]).model
         print(f"config {args.config}: {dataclasses.asdict(cfg.moe)['num_experts']} experts x "
               f"{cfg.num_layers} layers, dim {cfg.dim}, expert hidden {cfg.moe.hidden_dim}", flush=True)
+        parts = args.parts.split(",")
         result = {"config": args.config, "model": to_dict(cfg), "tokens": args.tokens, "repeats": args.repeats,
-                  "threads": 1, "speed": speed(run, args.tokens, args.repeats),
-                  "peak_rss_mb": peak_rss(run, args.tokens), "simulated": simulated(run, args.tokens)}
+                  "threads": 1,
+                  "speed": speed(run, args.tokens, args.repeats) if "speed" in parts else None,
+                  "memory_mb": peak_rss(run, args.tokens) if "rss" in parts else None,
+                  "simulated": simulated(run, args.tokens) if "sim" in parts else []}
     for r in result["simulated"]:
         if r["prefetcher"] in ("none", "router", "oracle"):
             print(f"sim {r['budget']:>6} {r['policy']:>10} {r['prefetcher']:>8}  hit {r['hit_rate']:.3f}  "

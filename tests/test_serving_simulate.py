@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moekit.serving.lookahead import expert_aware_batches, expert_loads
 from moekit.serving.simulate import simulate, sweep
 from moekit.serving.trace import (
     Trace,
@@ -100,3 +101,20 @@ def test_recorded_trace_replays_and_is_checked_against_its_model(tmp_path):
         load_trace(path)
     with pytest.raises(ValueError, match="smaller than one expert"):
         simulate(again, "lru", "none", 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sets(st.integers(0, 7), min_size=1, max_size=2), min_size=0, max_size=12), st.integers(1, 5))
+def test_expert_aware_batching_never_loads_more_experts_than_arrival_order(experts, max_batch):
+    batches = expert_aware_batches(experts, max_batch)
+    assert sorted(r for b in batches for r in b) == list(range(len(experts)))  # every request exactly once
+    assert all(1 <= len(b) <= max_batch for b in batches)
+    assert len(batches) == -(-len(experts) // max_batch)  # as few batches as arrival order
+    fifo = [list(range(i, min(i + max_batch, len(experts)))) for i in range(0, len(experts), max_batch)]
+    assert expert_loads(batches, experts) <= expert_loads(fifo, experts)
+
+
+def test_expert_aware_batching_groups_requests_of_one_expert():
+    experts = [{0}, {1}, {0}, {1}, {0}, {1}]
+    batches = expert_aware_batches(experts, 3)
+    assert batches == [[0, 2, 4], [1, 3, 5]] and expert_loads(batches, experts) == 2

@@ -58,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    app = build_app(model, tokenizer.encode, tokenizer.decode, model_name=str(args.run), max_batch=args.max_batch)
+    try:
+        app = build_app(model, tokenizer.encode, tokenizer.decode, model_name=str(args.run),
+                        max_batch=args.max_batch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(f"moekit serve: {args.run} on http://{args.host}:{args.port}/v1/completions", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -13,7 +13,8 @@ rounding).
 Prefetch (Mixtral-offloading / Pre-gated MoE, spec §11): before layer ``l`` runs its experts, the next layer's
 router scores layer ``l``'s FFN input and its top-k experts are loaded ahead (``prefetch="router"``), or the
 experts that most often followed this layer's experts in a profiled trace (``prefetch="affinity"``). On the CPU
-the load is synchronous (a copy out of the page cache); a GPU side stream is not built yet.
+the load is synchronous (a copy out of the page cache). With ``device="cuda"`` the cache holds the experts on
+the GPU and the file stays in host memory; the copies are synchronous too (no side stream yet).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class ExpertStore:
         """``{projection: tensor}`` of expert ``key[1]`` of layer ``key[0]``, read from the file."""
         layer, e = key
         name = self.layer_names[layer]
-        return {p: self._file.get_slice(f"{name}.experts.{p}")[e:e + 1][0].contiguous() for p in self.names[layer]}
+        # get_slice gives a view of the memory-mapped file; the copy is what the cache owns and budgets
+        return {p: self._file.get_slice(f"{name}.experts.{p}")[e:e + 1][0].clone() for p in self.names[layer]}
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
@@ -303,12 +305,17 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     budget = parse_budget(expert_memory, store.total_bytes, max(store.expert_bytes))
     if isinstance(policy, str):
         policy = make_policy(policy, num_layers=len(layers))
-    cache = ExpertCache(budget, policy, store.load, store.nbytes)
+    target = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def load(key: Key) -> dict[str, torch.Tensor]:  # the cache lives where the computation runs
+        return {n: t.to(target) for n, t in store.load(key).items()}
+
+    cache = ExpertCache(budget, policy, load, store.nbytes)
     offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
         moe.config = dataclasses.replace(moe.config, engine="offload")  # type: ignore[arg-type]
-    model = model.to(device).eval()
+    model = model.to(target).eval()
     return cfg, model, offload
 
 

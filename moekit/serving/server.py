@@ -91,6 +91,9 @@ def _parse(body: Any, encode: Callable[[str], list[int]], context: int) -> tuple
 def build_app(model: LanguageModel, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], *,
               model_name: str = "moekit", max_batch: int = 8) -> Starlette:
     """The ASGI app serving ``model``; the batcher thread starts with the app and stops with it."""
+    if not model.supports_kv_cache:
+        raise ValueError("this model routes over the whole sequence (depth routing or a Read-ME planner) and has "
+                         "no KV cache, which batched serving needs; serve a model without them")
     context = model.config.context
     batcher = Batcher(model, decode, max_batch)
     state: dict[str, Any] = {"requests": 0}
