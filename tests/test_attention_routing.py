@@ -130,7 +130,8 @@ def test_commitment_loss_coefficient_gradient_and_statistics():
     values = {}
     for coef in (1e-4, 3e-4):
         torch.manual_seed(5)
-        layer = RoutingAttention(16, 2, 2, 8, RoutingAttentionConfig(num_clusters=2, local_heads=1, commitment_coef=coef),
+        cfg = RoutingAttentionConfig(num_clusters=2, local_heads=1, commitment_coef=coef)
+        layer = RoutingAttention(16, 2, 2, 8, cfg,
                                  name="a")
         ctx = RoutingContext(collect_stats=True)
         layer(x, cos, sin, ctx=ctx)

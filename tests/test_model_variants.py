@@ -132,7 +132,7 @@ def test_thor_training_step_runs_two_passes_with_the_consistency_loss():
     cfg = small("thor", **{"model.moe.num_experts": "4", "train.batch_size": "2", "data.max_files": "3"})
     model = LanguageModel(cfg.model)
     hook = training_step_hook(model)
-    assert hook.func is THOR.training_step and len(hook.args[0]) == 2, "one hook bound to every THOR layer (moe_every = 2)"
+    assert hook.func is THOR.training_step and len(hook.args[0]) == 2, "bound to every THOR layer (moe_every = 2)"
     assert training_step_hook(LanguageModel(small("default").model)) is language_model_loss
     passes = []
     model.register_forward_hook(lambda *a: passes.append(1))

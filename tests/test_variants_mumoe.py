@@ -171,3 +171,28 @@ def test_stats_count_active_experts_and_builder_options():
         build_ffn("mumoe", _moe(), {"factorisation": "cp"})
     with pytest.raises(ConfigError, match="gate_norm"):
         build_ffn("mumoe", _moe(), {"gate_norm": "rmsnorm"})
+
+
+def test_hierarchical_cp_equals_its_materialised_tensor_and_starts_as_one_level():
+    torch.manual_seed(11)
+    cp = CPMultilinear(5, 6, 4, 7, num_experts2=3)
+    with torch.no_grad():
+        cp.u_expert2.normal_()
+    x, a, a2 = torch.randn(9, 6), torch.rand(9, 5), torch.rand(9, 3)
+    W = cp.materialize()
+    assert W.shape == (5, 3, 7, 4)
+    expected = torch.einsum("nmio,tn,tm,ti->to", W, a, a2, torch.cat([x, torch.ones(9, 1)], -1))
+    torch.testing.assert_close(cp(x, a, a2), expected, rtol=1e-5, atol=1e-5)
+    moe = tiny_moe(num_experts=4, router={"aux_loss_coef": 0.0})
+    torch.manual_seed(12)
+    flat = build_ffn("mumoe", moe, {"gate": "softmax"})
+    torch.manual_seed(12)
+    deep = build_ffn("mumoe", moe, {"gate": "softmax", "hierarchy_experts": 3})
+    xs = torch.randn(2, 5, 8)
+    a2 = deep.expert_coefficients(xs.view(-1, 8), 2)
+    assert torch.allclose(a2, torch.full_like(a2, 1 / 3)), "zero-initialised second gate: uniform"
+    torch.testing.assert_close(deep(xs), flat(xs), rtol=1e-5, atol=1e-6)  # ones factor: the one-level layer
+    deep(xs).sum().backward()
+    assert deep.up.u_expert2.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="hierarchy_experts=2 needs variant.factorization='cp'"):
+        build_ffn("mumoe", moe, {"factorization": "tr", "hierarchy_experts": 2})

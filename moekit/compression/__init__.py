@@ -5,6 +5,7 @@ from .api import CompressionReport, compress, expert_bytes
 from .bank import CompressedBank
 from .calibrate import CompressionError, LayerRecord, calibrate
 from .methods import METHODS, CompressOptions
+from .readme_carve import CarvedFFN, ReadMEMasks, carve_masks, carving_targets
 from .upcycle import (
                       DenseFFN,
                       SplitFFN,
@@ -19,6 +20,10 @@ from .upcycle import (
 )
 
 __all__ = [
+                      "CarvedFFN",
+                      "ReadMEMasks",
+                      "carve_masks",
+                      "carving_targets",
                       "METHODS",
                       "CompressOptions",
                       "CompressedBank",

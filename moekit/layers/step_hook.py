@@ -12,7 +12,8 @@ frozen model's search results — gives its module class a static method::
 ``modules`` are every module of the model that has that hook (e.g. all THOR layers), ``forward(ctx)`` runs the
 model on the micro-batch (under the trainer's autocast) and returns ``(logits_BSV, ctx)``. The trainer looks the
 hook up with :func:`training_step_hook`, calls it once per micro-batch and back-propagates ``StepLoss.loss``
-(keeping only the gradients of ``StepLoss.trainable`` when the hook names them); it knows no particular variant. A model may hold at most one kind of hook (two would each want to own the step).
+(keeping only the gradients of ``StepLoss.trainable`` when the hook names them); it knows no particular variant.
+A model may hold at most one kind of hook (two would each want to own the step).
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ Each block is pre-norm (RMSNorm, Zhang & Sennrich 2019)::
     h = x + Attention(norm(x), ctx)       causal, rotary positions; dense or a variant via build_attention
     y = h + FFN(norm(h), ctx)             dense SwiGLU (Shazeer 2020) or MoE / variant via build_ffn
 
-Every sparse FFN is built through :func:`moekit.layers.build_ffn` under the name ``layers.{i}.ffn``, and is
-called as ``ffn(h, ctx)``, and every attention through :func:`moekit.layers.build_attention` (``model.attention``,
-``dense`` by default) under ``layers.{i}.attn``, called with ``ctx=ctx``, so that its losses and statistics land in the :class:`~moekit.RoutingContext` the
-forward returns. The model is readable in one sitting, in the manner of nanoGPT.
+Every sparse FFN is built through :func:`moekit.layers.build_ffn` under the name ``layers.{i}.ffn`` and is
+called as ``ffn(h, ctx)``; every attention is built through :func:`moekit.layers.build_attention`
+(``model.attention``, ``dense`` by default) under ``layers.{i}.attn`` and is called with ``ctx=ctx``; so their
+losses and statistics land in the :class:`~moekit.RoutingContext` the forward returns. The model is readable in
+one sitting, in the manner of nanoGPT.
 """
 
 from __future__ import annotations

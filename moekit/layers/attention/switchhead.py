@@ -20,8 +20,8 @@ training only) and the entropy regulariser on the batch-mean selection distribut
 
 Choices (the spec leaves them open): rotary positions instead of the paper's XL-relative encoding (moekit's LM
 uses RoPE everywhere), from the model's tables whatever the head width (:func:`.rope.apply_rope_any_width`:
-partial rotary for wider heads); the entropy regulariser is ``coef * (log E - H(mean_t softmax(logits_t)))`` averaged over
-heads and over the V and O selections (0 at a uniform mean selection); the expert projections are computed
+partial rotary for wider heads); the entropy regulariser is ``coef * (log E - H(mean_t softmax(logits_t)))``
+averaged over heads and over the V and O selections (0 at a uniform mean selection); the expert projections are computed
 densely for every expert and then gated (the result is the sparse one; the FLOP saving is the paper's claim,
 not this implementation's speed). No KV cache (its own head layout differs from the model's).
 """

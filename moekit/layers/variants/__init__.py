@@ -36,13 +36,7 @@ from .mor import MixtureOfRecursions, MoRConfig
 from .mumoe import MultilinearMoE, MuMoEConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
 from .promoe import ProMoE, ProMoEConfig
-from .readme import (
-               ReadMEConfig,
-               ReadMEMoE,
-               ReadMEPlanner,
-               RoutingPlan,
-               planner_distillation_loss,
-)
+from .readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner, RoutingPlan, planner_distillation_loss
 from .rmoe import RecurrentRouterMoE, RMoEConfig, tie_recurrent_routers
 from .smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from .supernet import SupernetConfig, SupernetFFN
@@ -50,51 +44,14 @@ from .thor import THOR, THORConfig, add_consistency_loss, consistency_loss
 from .topp import TopPConfig, TopPMoE
 from .uoe import UnionOfMLPExperts, UoMEConfig
 
-__all__ = [
-               "THOR",
-               "BlockFFN",
-               "BlockFFNConfig",
-               "ChainOfExperts",
-               "CoEConfig",
-               "DrLLMConfig",
-               "DuoConfig",
-               "DuoFFN",
-               "FTPConfig",
-               "GMoEConfig",
-               "GraphOfTokensMoE",
-               "LayerPathRouters",
-               "MixtureOfDepths",
-               "MixtureOfRecursions",
-               "MoDConfig",
-               "MoEPPConfig",
-               "MoEPlusPlus",
-               "MoFME",
-               "MoFMEConfig",
-               "MoRConfig",
-               "MuMoEConfig",
-               "MultilinearMoE",
-               "ProMoE",
-               "ProMoEConfig",
-               "RMoEConfig",
-               "ReadMEConfig",
-               "ReadMEMoE",
-               "ReadMEPlanner",
-               "RecurrentRouterMoE",
-               "ResidualMoE",
-               "ResidualMoEConfig",
-               "RoutingPlan",
-               "SMoEDropout",
-               "SMoEDropoutConfig",
-               "SupernetConfig",
-               "SupernetFFN",
-               "THORConfig",
-               "TokenPruner",
-               "TopPConfig",
-               "TopPMoE",
-               "UnionOfMLPExperts",
-               "UoMEConfig",
-               "add_consistency_loss",
-               "consistency_loss",
-               "planner_distillation_loss",
-               "tie_recurrent_routers",
-]
+__all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPConfig", "TopPMoE",
+           "ResidualMoE", "ResidualMoEConfig", "SMoEDropout", "SMoEDropoutConfig",
+           "THOR", "THORConfig", "consistency_loss", "add_consistency_loss",
+           "BlockFFN", "BlockFFNConfig",
+           "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
+           "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
+           "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
+           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig",
+           "ReadMEConfig", "ReadMEMoE", "ReadMEPlanner", "RoutingPlan", "planner_distillation_loss",
+           "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "TokenPruner", "FTPConfig",
+           "UnionOfMLPExperts", "UoMEConfig", "SupernetFFN", "SupernetConfig"]

@@ -27,7 +27,11 @@ Choices, as in the released code unless stated:
   experts: 604 = 0.79 D, the code uses 0.78 D); TR ``r1 = r2 = tr_rank`` (code: 4) and
   ``r3 = (D F - r1 r2 N) / (r1 (D + F + 1))`` (GPT-2: 153 = 0.2 D, as the code).
 - The gate and the experts both see the block's normalised input (the code's GPT-2 blocks had no pre-norm and
-  set ``apply_ln`` to normalise the experts' input only). Hierarchical (multi-gate) μMoE is not implemented.
+  set ``apply_ln`` to normalise the experts' input only).
+- Hierarchical μMoE (CP only; ``hierarchy_experts = N2 > 0``): a second expert mode with its own zero-initialised
+  gate ``a2`` (same normalisation and entmax/softmax), ``W`` of shape ``[N, N2, I+1, O]`` and
+  ``y = U_O ((U_N^T a) * (U_N2^T a2) * (U_I^T [x; 1]))``; the extra expert-mode factor starts at ones (the
+  code's init), so at step 0 the layer equals the one-level μMoE. The tensor-ring hierarchy is not implemented.
 There is no auxiliary loss in the paper; ``moe.router`` losses must be 0. Statistics: ``active_experts``
 (mean number of experts with ``a_n > 0`` per token), counts of tokens using each expert as the layer's load.
 """
@@ -60,6 +64,7 @@ class MuMoEConfig:
         tr_rank: r1 = r2 of the tensor ring (code: 4).
         gate: ``entmax15`` (sparse, paper) or ``softmax``.
         gate_norm: ``layernorm`` (GPT-2 runs, causal) or ``batchnorm`` (code default, mixes tokens).
+        hierarchy_experts: N2 experts of a second, separately gated expert mode (0: one level; CP only).
     """
 
     factorization: Literal["cp", "tr"] = "cp"
@@ -67,8 +72,14 @@ class MuMoEConfig:
     tr_rank: int = 4
     gate: Literal["entmax15", "softmax"] = "entmax15"
     gate_norm: Literal["layernorm", "batchnorm"] = "layernorm"
+    hierarchy_experts: int = 0
 
     def __post_init__(self) -> None:
+        check(isinstance(self.hierarchy_experts, int) and self.hierarchy_experts >= 0,
+              f"variant.hierarchy_experts={self.hierarchy_experts!r} must be an integer >= 0 (0: one level)")
+        check(self.hierarchy_experts == 0 or self.factorization == "cp",
+              f"variant.hierarchy_experts={self.hierarchy_experts} needs variant.factorization='cp' (the "
+              f"tensor-ring hierarchy is not implemented); set factorization='cp' or hierarchy_experts=0")
         check_choice("variant", "factorization", self.factorization, ("cp", "tr"))
         check_choice("variant", "gate", self.gate, ("entmax15", "softmax"))
         check_choice("variant", "gate_norm", self.gate_norm, ("layernorm", "batchnorm"))
@@ -94,17 +105,25 @@ def _with_bias_row(x_TI: torch.Tensor) -> torch.Tensor:
 class CPMultilinear(nn.Module):
     """CP-factorised soft mixture of ``N`` affine maps ``I -> O``: factors ``[N, R]``, ``[I+1, R]``, ``[O, R]``."""
 
-    def __init__(self, num_experts: int, in_dim: int, out_dim: int, rank: int) -> None:
+    def __init__(self, num_experts: int, in_dim: int, out_dim: int, rank: int, num_experts2: int = 0) -> None:
         super().__init__()
         self.u_expert = nn.Parameter(torch.randn(num_experts, rank) + 1.0)
+        # hierarchical: a second expert-mode factor [N2, R], initialised to ones (the code's init)
+        self.u_expert2 = nn.Parameter(torch.ones(num_experts2, rank)) if num_experts2 else None
         self.u_in = nn.Parameter(torch.empty(in_dim + 1, rank).uniform_(-in_dim**-0.5, in_dim**-0.5))
         self.u_out = nn.Parameter(torch.empty(out_dim, rank).uniform_(-rank**-0.5, rank**-0.5))
 
-    def forward(self, x_TI: torch.Tensor, a_TN: torch.Tensor) -> torch.Tensor:
-        return ((a_TN @ self.u_expert) * (_with_bias_row(x_TI) @ self.u_in)) @ self.u_out.t()
+    def forward(self, x_TI: torch.Tensor, a_TN: torch.Tensor, a2_TM: torch.Tensor | None = None) -> torch.Tensor:
+        mix_TR = a_TN @ self.u_expert
+        if self.u_expert2 is not None:
+            assert a2_TM is not None, "a hierarchical map needs the second gate's coefficients"
+            mix_TR = mix_TR * (a2_TM @ self.u_expert2)
+        return (mix_TR * (_with_bias_row(x_TI) @ self.u_in)) @ self.u_out.t()
 
     def materialize(self) -> torch.Tensor:
-        """The full weight tensor ``W_NIO`` (``I+1`` rows, the last one the bias), for tests and analysis."""
+        """The full weight tensor ``W_NIO`` (``W_NMIO`` when hierarchical; ``I+1`` rows, the last one the bias)."""
+        if self.u_expert2 is not None:
+            return torch.einsum("nr,mr,ir,or->nmio", self.u_expert, self.u_expert2, self.u_in, self.u_out)
         return torch.einsum("nr,ir,or->nio", self.u_expert, self.u_in, self.u_out)
 
 
@@ -143,10 +162,14 @@ class MultilinearMoE(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(D, N))
         self.gate_norm = (nn.LayerNorm(N, elementwise_affine=False) if c.gate_norm == "layernorm"
                           else nn.BatchNorm1d(N, affine=False))
+        N2 = c.hierarchy_experts
+        self.gate_weight2 = nn.Parameter(torch.zeros(D, N2)) if N2 else None
+        self.gate_norm2 = ((nn.LayerNorm(N2, elementwise_affine=False) if c.gate_norm == "layernorm"
+                            else nn.BatchNorm1d(N2, affine=False)) if N2 else None)
 
         def make(i: int, o: int) -> nn.Module:
             if c.factorization == "cp":
-                return CPMultilinear(N, i, o, self.rank)
+                return CPMultilinear(N, i, o, self.rank, N2)
             return TRMultilinear(N, i, o, c.tr_rank, c.tr_rank, self.rank)
 
         self.up = make(D, F_)
@@ -154,16 +177,21 @@ class MultilinearMoE(nn.Module):
         self.down = make(F_, D)
         self.shared_experts = make_shared_experts(moe)
 
-    def expert_coefficients(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """``a_TN``: the gate's mixture weights (rows on the simplex; exactly sparse with entmax)."""
-        z_TN = self.gate_norm(x_TD.float() @ self.gate_weight.float())
+    def expert_coefficients(self, x_TD: torch.Tensor, level: int = 1) -> torch.Tensor:
+        """``a_TN``: the gate's mixture weights (rows on the simplex; exactly sparse with entmax); ``level=2``: the
+        hierarchical second gate's ``a2_TM``."""
+        weight, norm = (self.gate_weight, self.gate_norm) if level == 1 else (self.gate_weight2, self.gate_norm2)
+        assert weight is not None and norm is not None
+        z_TN = norm(x_TD.float() @ weight.float())
         return entmax15(z_TN) if self.config.gate == "entmax15" else z_TN.softmax(-1)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         x_TD, _ = flatten(x, self.moe_config.dim)
         a_TN = self.expert_coefficients(x_TD).to(x_TD.dtype)
-        h_gate = self.gate_proj(x_TD, a_TN) if self.gate_proj is not None else None
-        y_TD = self.down(hidden(self.moe_config.activation, h_gate, self.up(x_TD, a_TN)), a_TN)
+        a2 = self.expert_coefficients(x_TD, 2).to(x_TD.dtype) if self.gate_weight2 is not None else None
+        extra = () if a2 is None else (a2,)
+        h_gate = self.gate_proj(x_TD, a_TN, *extra) if self.gate_proj is not None else None
+        y_TD = self.down(hidden(self.moe_config.activation, h_gate, self.up(x_TD, a_TN, *extra)), a_TN, *extra)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if ctx is not None and ctx.collect_stats:

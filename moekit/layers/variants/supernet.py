@@ -139,9 +139,9 @@ class SupernetFFN(nn.Module):
         for i, arch in enumerate(archs):
             ctx = RoutingContext(collect_stats=collect_stats and i == 0)
             ctx.state[ARCH_KEY] = arch
-
-            def run(_c: RoutingContext, ctx: RoutingContext = ctx) -> tuple[torch.Tensor, RoutingContext]:
+            def run(_unused: RoutingContext, ctx: RoutingContext = ctx) -> tuple[torch.Tensor, RoutingContext]:
                 return forward(ctx)
+
             results.append(language_model_loss(run, targets_BS, False))
         first = results[0]
         return StepLoss(loss=sum((r.loss for r in results[1:]), first.loss),
