@@ -32,7 +32,7 @@ from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch
 from ..layers.variants.thor import THOR, add_consistency_loss
 from ..models import LanguageModel, count
-from ..parallel import ParallelGroups
+from ..parallel import ParallelGroups, has_sharded
 from ..routing import update_expert_biases
 from ..types import RoutingContext
 from .checkpoint import CONFIG_FILE, STATE_FILE, CheckpointError, read_json, write_json
@@ -157,7 +157,7 @@ def _prepare_dir(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
         if saved.get("model") != to_dict(cfg.model):
             raise CheckpointError(f"the model in {out_dir / CONFIG_FILE} differs from the one asked for; resume "
                                   f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
-    elif (out_dir / STATE_FILE).exists():
+    elif (out_dir / STATE_FILE).exists() or has_sharded(out_dir):
         raise CheckpointError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     write_json(out_dir / CONFIG_FILE, to_dict(cfg))
 
