@@ -35,8 +35,8 @@ def test_stage1_equals_brute_force_over_all_non_empty_partitions(E, G, seed):
 def _stage2_cost(traffic, ranks, bw) -> float:
     G = len(ranks[0])
     total = 0.0
-    for l, t in enumerate(traffic):
-        costs = [t[ranks[l][g], ranks[l + 1][g2]].item() / bw[g, g2].item()
+    for ly, t in enumerate(traffic):
+        costs = [t[ranks[ly][g], ranks[ly + 1][g2]].item() / bw[g, g2].item()
                  for g in range(G) for g2 in range(G) if g != g2]
         total += max(costs)
     return total
@@ -50,11 +50,11 @@ def test_stage2_is_a_bijection_with_equal_memory_and_equals_brute_force(sizes):
     bw = torch.rand(G, G, generator=g).double() + 0.5
     ranks = map_clusters_ilp(traffic, sizes, G, bw)
     assert all(sorted(r) == list(range(G)) for r in ranks)
-    held = [sum(sizes[l][ranks[l][g]] for l in range(L)) for g in range(G)]
+    held = [sum(sizes[ly][ranks[ly][g]] for ly in range(L)) for g in range(G)]
     assert len(set(held)) == 1  # every rank holds as many experts over the whole model
     feasible = []
     for choice in itertools.product(itertools.permutations(range(G)), repeat=L):
-        if len({sum(sizes[l][choice[l][g]] for l in range(L)) for g in range(G)}) == 1:
+        if len({sum(sizes[ly][choice[ly][g]] for ly in range(L)) for g in range(G)}) == 1:
             feasible.append(_stage2_cost(traffic, [list(c) for c in choice], bw))
     assert _stage2_cost(traffic, ranks, bw) == pytest.approx(min(feasible), abs=1e-9)
 

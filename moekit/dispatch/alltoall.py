@@ -180,4 +180,7 @@ def _run_local(x_RD: torch.Tensor, local_R: torch.Tensor, bank: ExpertBank, shar
     scores_RE = x_RD.new_zeros(R, bank.num_experts)  # engines read only ids and weights
     routing = Routing(expert_ids_TK=local_R[:, None], weights_TK=x_RD.new_ones(R, 1),
                       scores_TE=scores_RE, logits_TE=scores_RE)
-    return resolve_engine(shard.local_engine, x_RD, bank)(x_RD, routing, bank)
+    # Under FSDP2 mixed precision the rows arrive in bfloat16 while the experts (not FSDP's) stay float32:
+    # compute in the experts' dtype and hand back the rows' dtype.
+    x_in = x_RD.to(bank.w_up.dtype)
+    return resolve_engine(shard.local_engine, x_in, bank)(x_in, routing, bank).to(x_RD.dtype)

@@ -90,10 +90,10 @@ def _bank_params(model: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertBank]]
     return out
 
 
-def _split(prefix: str, value: torch.Tensor, param: torch.Tensor, bank: ExpertBank | None,
+def _split(prefix: str, value: torch.Tensor, param: torch.Tensor | None, bank: ExpertBank | None,
            out: dict[str, torch.Tensor]) -> None:
     """Put ``value`` (a parameter or a tensor of its shape) into ``out``, per expert when ``bank`` is given."""
-    if bank is None or not torch.is_tensor(value) or value.shape != param.shape:
+    if bank is None or param is None or not torch.is_tensor(value) or value.shape != param.shape:
         out[prefix] = value
         return
     rows, experts = _rows(value, bank)
@@ -108,7 +108,7 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     params = dict(model.named_parameters())
     for name, value in model.state_dict().items():
         p, bank = banks.get(name, (None, None))
-        _split(f"model/{name}", params[name] if name in params else value, p, bank, out)
+        _split(f"model/{name}", params.get(name, value), p, bank, out)
     if optimizer is not None:
         names = {id(p): n for n, p in model.named_parameters()}
         for group in optimizer.param_groups:

@@ -25,6 +25,7 @@ What each parameter does (the torchtitan / Megatron-Core layout, with PyTorch's 
 - **Mixed precision**: with ``param_dtype=torch.bfloat16`` FSDP all-gathers and computes in bfloat16 while the
   sharded master weights, the optimizer state and the gradient reduction stay float32
   (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); only where the device runs bfloat16.
+  Routers, which always score in float32, are FSDP units of their own without casting.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..routing import Router
 from .groups import ParallelGroups
 from .sharding import sharded_banks
 
@@ -84,11 +86,16 @@ def apply_fsdp(model: nn.Module, groups: ParallelGroups, param_dtype: torch.dtyp
     """
     if not groups.is_distributed:
         return model
-    mesh = DeviceMesh.from_group(dist.group.WORLD, groups.device.type)
+    world = dist.group.WORLD
+    assert world is not None  # groups.is_distributed
+    mesh = DeviceMesh.from_group(world, groups.device.type)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     experts = _expert_params(model)
     if units is None:
         units = list(getattr(model, "layers", []))
+    if param_dtype is not None:  # routers compute in float32 (moekit.routing.Router): their own float32 units
+        for router in [m for m in model.modules() if isinstance(m, Router)]:
+            fully_shard(router, mesh=mesh, mp_policy=MixedPrecisionPolicy())
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=experts & set(unit.parameters()) or None)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=experts or None)

@@ -72,7 +72,7 @@ def cluster_ilp(loads_E: torch.Tensor, num_clusters: int, *, equal_sizes: bool =
     mean = n.sum() / G
     nx = E * G  # x[e, c] at e * G + c, then u[c]
     size = nx + G
-    constraints = []
+    constraints: list[tuple[dict[int, float], float, float]] = []
     for e in range(E):  # each expert in one cluster
         constraints.append(({e * G + c: 1.0 for c in range(G)}, 1, 1))
     for c in range(G):
@@ -115,36 +115,36 @@ def map_clusters_ilp(cluster_traffic: list[torch.Tensor], cluster_sizes: list[li
     bw = np.ones((G, G)) if bandwidth_GG is None else bandwidth_GG.double().numpy()
     ny = L * G * G  # y[l, c, g] at (l * G + c) * G + g
 
-    def y(l: int, c: int, g: int) -> int:
-        return (l * G + c) * G + g
+    def y(ly: int, c: int, g: int) -> int:
+        return (ly * G + c) * G + g
 
     T = L - 1
     nz = T * G ** 4  # z[l, c, g, c', g']
 
-    def z(l: int, c: int, g: int, c2: int, g2: int) -> int:
-        return ny + (((l * G + c) * G + g) * G + c2) * G + g2
+    def z(ly: int, c: int, g: int, c2: int, g2: int) -> int:
+        return ny + (((ly * G + c) * G + g) * G + c2) * G + g2
 
     size = ny + nz + T  # then t[l]
-    constraints = []
-    for l in range(L):
+    constraints: list[tuple[dict[int, float], float, float]] = []
+    for ly in range(L):
         for k in range(G):
-            constraints.append(({y(l, k, m): 1.0 for m in range(G)}, 1, 1))  # cluster k on one rank
-            constraints.append(({y(l, m, k): 1.0 for m in range(G)}, 1, 1))  # rank k holds one cluster
+            constraints.append(({y(ly, k, m): 1.0 for m in range(G)}, 1, 1))  # cluster k on one rank
+            constraints.append(({y(ly, m, k): 1.0 for m in range(G)}, 1, 1))  # rank k holds one cluster
     for g in range(G):  # equal experts per rank over the whole model
-        row = {y(l, c, g): float(cluster_sizes[l][c]) for l in range(L) for c in range(G)}
+        row = {y(ly, c, g): float(cluster_sizes[ly][c]) for ly in range(L) for c in range(G)}
         constraints.append((row, total // G, total // G))
-    for l in range(T):
-        traffic = cluster_traffic[l].double().numpy()
+    for ly in range(T):
+        traffic = cluster_traffic[ly].double().numpy()
         for c, g, c2, g2 in itertools.product(range(G), repeat=4):
             if traffic[c, c2] > 0 and g != g2:  # z only matters where it costs
-                row = {z(l, c, g, c2, g2): 1.0, y(l, c, g): -1.0, y(l + 1, c2, g2): -1.0}
+                row = {z(ly, c, g, c2, g2): 1.0, y(ly, c, g): -1.0, y(ly + 1, c2, g2): -1.0}
                 constraints.append((row, -1, np.inf))  # z >= y + y' - 1
         for g, g2 in itertools.product(range(G), repeat=2):
             if g == g2:
                 continue
-            row = {z(l, c, g, c2, g2): traffic[c, c2] / bw[g, g2] for c, c2 in itertools.product(range(G), repeat=2)
+            row = {z(ly, c, g, c2, g2): traffic[c, c2] / bw[g, g2] for c, c2 in itertools.product(range(G), repeat=2)
                    if traffic[c, c2] > 0}
-            row[ny + nz + l] = -1.0
+            row[ny + nz + ly] = -1.0
             constraints.append((row, -np.inf, 0))  # pair cost <= t_l
     cost = np.concatenate([np.zeros(ny + nz), np.ones(T)])
     integrality = np.concatenate([np.ones(ny), np.zeros(nz + T)])
@@ -154,8 +154,8 @@ def map_clusters_ilp(cluster_traffic: list[torch.Tensor], cluster_sizes: list[li
         return None
     y_LCG = x[:ny].reshape(L, G, G).round()
     out = []
-    for l in range(L):
-        cluster_of_rank = [int(np.argmax(y_LCG[l, :, g])) for g in range(G)]
+    for ly in range(L):
+        cluster_of_rank = [int(np.argmax(y_LCG[ly, :, g])) for g in range(G)]
         if sorted(cluster_of_rank) != list(range(G)):
             return None
         out.append(cluster_of_rank)

@@ -170,17 +170,17 @@ def map_clusters(cluster_traffic: list[torch.Tensor], num_ranks: int,
 
 def _cluster_traffic(profile: RoutingProfile, clusters: list[list[list[int]]]) -> list[torch.Tensor]:
     out = []
-    for l, trans_EE in enumerate(profile.transitions_LEE):
-        t = torch.zeros(len(clusters[l]), len(clusters[l + 1]), dtype=torch.float64)
-        for c, a in enumerate(clusters[l]):
-            for c2, b in enumerate(clusters[l + 1]):
+    for ly, trans_EE in enumerate(profile.transitions_LEE):
+        t = torch.zeros(len(clusters[ly]), len(clusters[ly + 1]), dtype=torch.float64)
+        for c, a in enumerate(clusters[ly]):
+            for c2, b in enumerate(clusters[ly + 1]):
                 t[c, c2] = trans_EE[a][:, b].sum()
         out.append(t)
     return out
 
 
 def _plan(profile: RoutingProfile, clusters: list[list[list[int]]], ranks: list[list[int]]) -> PlacementPlan:
-    placements = tuple(tuple(tuple(sorted(clusters[l][c])) for c in ranks[l]) for l in range(len(clusters)))
+    placements = tuple(tuple(tuple(sorted(clusters[ly][c])) for c in ranks[ly]) for ly in range(len(clusters)))
     return PlacementPlan(profile.layer_names, placements)
 
 
@@ -188,9 +188,10 @@ def _plan_ilp(profile: RoutingProfile, num_ranks: int, bandwidth_GG: torch.Tenso
               time_limit: float, gap: float) -> PlacementPlan | None:
     """The paper's two ILPs; unequal clusters first, equal ones when the memory constraint rules them out."""
     for equal in (False, True):
-        clusters = [cluster_ilp(loads_E, num_ranks, equal_sizes=equal, time_limit=time_limit, gap=gap)
-                    for loads_E in profile.loads_LE]
-        if any(c is None for c in clusters):
+        solved = [cluster_ilp(loads_E, num_ranks, equal_sizes=equal, time_limit=time_limit, gap=gap)
+                  for loads_E in profile.loads_LE]
+        clusters = [c for c in solved if c is not None]
+        if len(clusters) != len(solved):
             continue
         sizes = [[len(c) for c in layer] for layer in clusters]
         ranks = map_clusters_ilp(_cluster_traffic(profile, clusters), sizes, num_ranks, bandwidth_GG,

@@ -90,6 +90,7 @@ def shard_experts(
         if getattr(moe.experts, "expert_shard", None) is not None:
             raise ValueError(f"layer {name!r} is already sharded; build a fresh model to change the layout")
         attr = _config_attr(moe)
+        assert attr is not None
         config = getattr(moe, attr)
         layer_placement = placement.get(name) if isinstance(placement, Mapping) else placement
         num_experts = moe.experts.num_experts

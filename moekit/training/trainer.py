@@ -42,7 +42,7 @@ from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch, val_batches
 from ..layers.step_hook import training_step_hook
 from ..models import LanguageModel, count
-from ..parallel import ParallelGroups
+from ..parallel import ParallelGroups, has_sharded
 from ..routing import update_expert_biases
 from ..types import RoutingContext
 from .checkpoint import (
@@ -283,6 +283,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
             check_run_dir(out_dir, resume)  # again, now that no other writer can change it
             if resume:
                 _check_model(cfg, out_dir)
+            elif has_sharded(out_dir):
+                raise CheckpointError(f"{out_dir} already holds a run (a sharded checkpoint); pass --resume to "
+                                      f"continue it or choose another --out")
         par.on_main(open_folder)
         threads = torch.get_num_threads()
         if cfg.train.threads is not None:
