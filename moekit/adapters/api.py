@@ -37,6 +37,7 @@ from .core import (
     ffn_weights,
 )
 from .flylora import FlyLoRA, FlyLoRAConfig
+from .glider import Glider, GliderConfig
 from .lora import LoRA, LoRAConfig
 from .mhr import MHR, MHRConfig, mhr_mu_from
 from .mixlora import MixLoRA, MixLoRAConfig
@@ -85,6 +86,7 @@ METHODS: dict[str, Method] = {
     "flylora": Method(FlyLoRAConfig, "linear", lambda i, o, c, s: FlyLoRA(i, o, c), _LINEAR_TARGETS),
     "poly": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
     "mhr": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
+    "glider": Method(GliderConfig, "linear", lambda i, o, c, s: Glider(i, o, c, s), _LINEAR_TARGETS),
     "mos": Method(MoSConfig, "linear", lambda i, o, c, s: MoS(i, o, c, pool_for(s, i, o, c)), _LINEAR_TARGETS,
                   mergeable=True),
     "rank1": Method(Rank1Config, "linear", lambda i, o, c, s: Rank1Experts(i, o, c), _LINEAR_TARGETS),
