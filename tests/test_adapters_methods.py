@@ -407,3 +407,35 @@ def test_glider_with_minilm_task_descriptions():
     assert int(cos.argmax()) == 0
     cos = adapters.set_query(handle, u, embed(["Put the letters of 'banana' in alphabetical order."])[0])
     assert int(cos.argmax()) == 2
+
+
+# ---- MoME (§22) ------------------------------------------------------------------------------------------------
+
+
+def test_mome_one_router_every_scale_and_a_loss_term_per_scale():
+    from moekit.adapters.mome import MoME, MoMEConfig, cross_scale_agreement, multiscale_loss, pool_sequence
+    torch.manual_seed(0)
+    base = nn.Linear(12, 5).requires_grad_(False)
+    mome = MoME(12, 5, MoMEConfig(num_experts=4, top_k=2, rank=2))
+    x = torch.randn(3, 9, 12)
+    torch.testing.assert_close(base(x) + mome(x.reshape(-1, 12)).view(3, 9, 5), base(x))  # B = 0: the base
+    randomize(mome)
+    routers = []
+
+    def forward(h, ctx):
+        routers.append(mome.router)
+        return base(h) + mome(h.reshape(-1, 12), ctx, "mome").view(*h.shape[:2], 5)
+
+    total, terms = multiscale_loss(forward, x, (1, 2, 4), lambda y: y.square().mean())
+    assert set(terms) == {1, 2, 4} and all(r is routers[0] for r in routers)  # the same router object
+    assert pool_sequence(x, 4).shape == (3, 3, 12)
+    torch.testing.assert_close(pool_sequence(x, 2)[:, 0], x[:, :2].mean(1))
+    total.backward()
+    assert mome.router.weight.grad is not None and mome.router.weight.grad.abs().sum() > 0
+    # each rate's term changes the total: dropping one changes the gradient
+    g_all = mome.experts.lora_B.grad.clone()
+    mome.zero_grad()
+    multiscale_loss(forward, x, (1, 2), lambda y: y.square().mean())[0].backward()
+    assert not torch.allclose(mome.experts.lora_B.grad, g_all)
+    agreement = cross_scale_agreement(mome, x, 1)
+    assert agreement == 1.0 and 0.0 <= cross_scale_agreement(mome, x, 2) <= 1.0
