@@ -413,7 +413,13 @@ def test_glider_with_minilm_task_descriptions():
 
 
 def test_mome_one_router_every_scale_and_a_loss_term_per_scale():
-    from moekit.adapters.mome import MoME, MoMEConfig, cross_scale_agreement, multiscale_loss, pool_sequence
+    from moekit.adapters.mome import (
+        MoME,
+        MoMEConfig,
+        cross_scale_agreement,
+        multiscale_loss,
+        pool_sequence,
+    )
     torch.manual_seed(0)
     base = nn.Linear(12, 5).requires_grad_(False)
     mome = MoME(12, 5, MoMEConfig(num_experts=4, top_k=2, rank=2))
