@@ -445,3 +445,44 @@ def test_mome_one_router_every_scale_and_a_loss_term_per_scale():
     assert not torch.allclose(mome.experts.lora_B.grad, g_all)
     agreement = cross_scale_agreement(mome, x, 1)
     assert agreement == 1.0 and 0.0 <= cross_scale_agreement(mome, x, 2) <= 1.0
+
+
+# ---- SEMA (§23) ------------------------------------------------------------------------------------------------
+
+
+def test_sema_expands_only_on_a_shift_and_never_changes_old_modules():
+    from moekit.adapters.sema import SEMA, SEMAConfig
+    torch.manual_seed(0)
+    sema = SEMA(8, 5, SEMAConfig(bottleneck=4, descriptor_dim=4))
+    g = torch.Generator().manual_seed(1)
+    task1 = torch.randn(200, 8, generator=g) * torch.tensor([3.0, 3, 3, 3, 0.1, 0.1, 0.1, 0.1])
+    task2 = torch.randn(200, 8, generator=g) * torch.tensor([0.1, 0.1, 0.1, 0.1, 3, 3, 3, 3]) + 2
+    assert sema.detect(task1)  # no descriptor fitted yet
+    opt = torch.optim.SGD([p for p in sema.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        sema(task1).square().mean().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    sema.fit_descriptor(task1, steps=300)
+    before = sum(p.numel() for p in sema.parameters())
+    assert not sema.detect(torch.randn(200, 8, generator=g) * task1.std(0))  # in distribution: nothing added
+    assert sum(p.numel() for p in sema.parameters()) == before and sema.num_adapters == 1
+    assert sema.detect(task2)
+    y_old = sema(task1).detach()
+    old = {k: v.clone() for k, v in sema.state_dict().items()}
+    sema.expand()
+    assert sema.num_adapters == 2 and sema.structure() == {"adapters": 2}
+    opt = torch.optim.SGD([p for p in sema.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        sema(task2).square().mean().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in old.items():
+        assert torch.equal(sema.state_dict()[k], v), k  # old adapters, router rows and descriptors unchanged
+    w_new = sema.mixing(task1)[:, 1:]
+    new_part = w_new * torch.nn.functional.linear(torch.relu(task1 @ sema.down[1].T), sema.up[1])
+    torch.testing.assert_close(sema(task1).detach(), ((1 - w_new) * y_old + new_part).detach())
+    fixed = SEMA(8, 5, SEMAConfig(expandable=False))
+    with pytest.raises(ValueError, match="not expandable"):
+        fixed.expand()
+    assert fixed.num_adapters == 1
