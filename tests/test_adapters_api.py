@@ -26,6 +26,9 @@ METHODS = {
     "mhr": (None, {"num_skills": 3, "rank": 4, "num_heads": 2}),
     "rank1": (None, {"rank": 4, "top_k": 2}),
     "mos": (None, {"rank": 4, "num_shards": 2}),
+    "sema": (None, {"bottleneck": 4, "descriptor_dim": 8}),
+    "mome": (None, {"num_experts": 3, "top_k": 2, "rank": 2}),
+    "glider": (None, {"num_experts": 3, "top_k": 2, "rank": 4, "train_experts": True}),
 }
 
 

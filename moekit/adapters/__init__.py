@@ -22,6 +22,7 @@ from .api import (
 )
 from .core import AdaptedFFN, AdaptedLinear, Session
 from .flylora import FlyLoRA, FlyLoRAConfig
+from .glider import Glider, GliderConfig, set_query
 from .lora import LoRA, LoRAConfig
 from .mhr import MHR, MHRConfig
 from .mixlora import MixLoRA, MixLoRAConfig
@@ -39,6 +40,8 @@ __all__ = [
                   "DynMoLEConfig",
                   "FlyLoRA",
                   "FlyLoRAConfig",
+                  "Glider",
+                  "GliderConfig",
                   "LoRA",
                   "LoRAConfig",
                   "LoRAMixer",
@@ -57,5 +60,6 @@ __all__ = [
                   "merge",
                   "read_header",
                   "save",
+                  "set_query",
                   "state_dict",
 ]

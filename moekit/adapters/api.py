@@ -37,12 +37,15 @@ from .core import (
     ffn_weights,
 )
 from .flylora import FlyLoRA, FlyLoRAConfig
+from .glider import Glider, GliderConfig
 from .lora import LoRA, LoRAConfig
 from .mhr import MHR, MHRConfig, mhr_mu_from
 from .mixlora import MixLoRA, MixLoRAConfig
+from .mome import MoME, MoMEConfig
 from .mos import MoS, MoSConfig, pool_for
 from .rank1 import Rank1Config, Rank1Experts
 from .routed import DynMoLE, DynMoLEConfig, LoRAMixer, LoRAMixerConfig
+from .sema import SEMA, SEMAConfig
 
 __all__ = [
     "FORMAT",
@@ -85,6 +88,9 @@ METHODS: dict[str, Method] = {
     "flylora": Method(FlyLoRAConfig, "linear", lambda i, o, c, s: FlyLoRA(i, o, c), _LINEAR_TARGETS),
     "poly": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
     "mhr": Method(MHRConfig, "linear", lambda i, o, c, s: MHR(i, o, c, lambda: s.task), _LINEAR_TARGETS),
+    "glider": Method(GliderConfig, "linear", lambda i, o, c, s: Glider(i, o, c, s), _LINEAR_TARGETS),
+    "mome": Method(MoMEConfig, "linear", lambda i, o, c, s: MoME(i, o, c), _LINEAR_TARGETS),
+    "sema": Method(SEMAConfig, "linear", lambda i, o, c, s: SEMA(i, o, c), _LINEAR_TARGETS),
     "mos": Method(MoSConfig, "linear", lambda i, o, c, s: MoS(i, o, c, pool_for(s, i, o, c)), _LINEAR_TARGETS,
                   mergeable=True),
     "rank1": Method(Rank1Config, "linear", lambda i, o, c, s: Rank1Experts(i, o, c), _LINEAR_TARGETS),
