@@ -63,3 +63,26 @@ def test_run_folder_written(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["median_prequential_accuracy"]["sea"]["driftmoe"] == rows[0]["prequential_accuracy"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_app_help_lists_settings(capsys):
+    assert main(["app", "adaptdhm", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--num_clusters=3" in out and "--routing_iters=2" in out
+
+
+def test_no_name_is_a_usage_error(capsys):
+    assert main(["app"]) == 2
+    assert "moekit app --list" in capsys.readouterr().err
+
+
+def test_missing_extra_from_the_cli_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    import dataclasses
+
+    from moekit.apps import registry
+    spec = get_app("adaptdhm")
+    monkeypatch.setitem(registry._REGISTRY, "adaptdhm", dataclasses.replace(spec, requires=("no_such_lib_xyz",)))
+    assert main(["app", "adaptdhm", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_lib_xyz" in err[0] and "pip install 'moekit[apps]'" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -84,6 +84,7 @@ class AdaptDHM(nn.Module):
                                    nn.Linear(embed_dim, embed_dim))
         k = num_domains if mode == "domains" else num_clusters
         self.towers = nn.ModuleList([_tower(embed_dim) for _ in range(k)])
+        self.centroids_KH: torch.Tensor
         self.register_buffer("centroids_KH", torch.randn(k, embed_dim))
 
     def embedding(self, x_BF: torch.Tensor, d_B: torch.Tensor) -> torch.Tensor:

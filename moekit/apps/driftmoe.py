@@ -139,6 +139,7 @@ class DriftMoE:
 def make_stream(name: str, seed: int, n: int):
     """A river drift stream of ``n`` instances with drift inside it (no download: generated)."""
     from river.datasets import synth
+    s: Any
     if name == "sea":  # abrupt concept changes at 1/3 and 2/3
         s3 = synth.ConceptDriftStream(synth.SEA(variant=1, seed=seed), synth.SEA(variant=3, seed=seed + 1),
                                       position=n // 3, width=max(10, n // 100), seed=seed)

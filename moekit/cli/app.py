@@ -60,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError("name an application (moekit app --list shows them)")
     spec = get_app(args.name)
+    if any(a in ("-h", "--help") for a in args.settings):
+        import dataclasses
+        print(f"moekit app {spec.name} [--out DIR] [--key=value ...]\n{spec.summary}\n\nsettings (default):")
+        for f in dataclasses.fields(spec.config_cls):
+            print(f"  --{f.name}={f.default!r}")
+        return 0
     out, values = _parse(args.settings)
     config = config_from_strings(spec.config_cls, values)  # bad values fail before anything is written
     from ..apps.registry import require
