@@ -30,7 +30,7 @@ from ..configs import ConfigError
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main", "parse_overrides"]
 
 COMMANDS = ("train", "eval", "sample", "info", "presets", "config", "bench", "analyze", "compare", "report", "compress",
-            "finetune", "serve_sim", "serve", "checkpoint")
+            "finetune", "serve_sim", "serve", "checkpoint", "app")
 
 
 class UsageError(ConfigError):
