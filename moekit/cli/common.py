@@ -46,7 +46,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         if default is None:
             return f"{text} (default: none)"
-        return f"{text} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        shown = ' '.join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # argparse %-formats help strings
 
 
 def plain_text(doc: str) -> str:
