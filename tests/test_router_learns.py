@@ -26,13 +26,22 @@ PRESETS = [name for name, _ in list_presets()]
 # nor the shared-expert gate (w_shared_gate).
 ROUTER_RE = re.compile(r"(^|\.)(router|routers|depth_router)(\.|_scale)|(^|\.)prototypes$|similarity_weight$"
                        r"|(^|\.)(gate|gate_residual)\.weight$|const_gate$|(^|\.)gate_weight$|^planner\."
-                       r"|\.ffn\.(proj_in|proj_out|cell)\.")  # RMoE: the GRU router
-NO_ROUTER = {"dense": "a dense model", "thor": "THOR samples experts at random (no router)"}
+                       r"|\.ffn\.(proj_in|proj_out|cell)\."  # RMoE: the GRU router
+                       r"|\.attn\.w_router\.weight$"  # MoM: the memory router
+                       r"|\.attn\.w_sel_[vo]\.weight$"  # SwitchHead: value / output expert selection
+                       r"|\.attn\.w_gate\.weight$|\.ffn\.selector\.weight$")  # UoE: SMHA heads, UoME experts
+NO_ROUTER = {"dense": "a dense model", "thor": "THOR samples experts at random (no router)",
+             "secret-moe": "the dense teacher that moekit.analysis.secret_moe distils",
+             "routing-transformer": "online k-means centroids (buffers updated by EMA after each step)",
+             "duo-llm": "routes sampled at random in training; the oracle search picks them"}
 # parameters that by design get no gradient from cross-entropy at init; each is asserted below.
 BY_OTHER_MEANS = {
     "smoe-dropout": r"\.moe\.router\.weight$",  # a frozen random router (requires_grad=False, asserted)
     "mofme": r"\.router\.weight$",  # identical FiLM experts at init (gamma=1, beta=0); see the test below
     "moepp": r"^layers\.0\.ffn\.gate_residual\.weight$",  # the first MoE layer has no previous gating logits
+    # Dr.LLM's routers are trained on the layer paths found by search (cross-entropy on the path labels, through
+    # the training-step hook); the language model's own loss does not reach them.
+    "drllm": r"^depth_router\.routers\.",
 }
 TOKENS = 16
 
@@ -44,6 +53,8 @@ def _tiny_model(name: str) -> LanguageModel:
     if "moe" in data["model"]:
         data = merge(data, {"model": {"moe": {"hidden_dim": 16}}})
     data["model"].pop("dense_hidden_dim", None)
+    if "small_hidden_dim" in data["model"].get("variant", {}):  # Duo-LLM: small module below the big one
+        data = merge(data, {"model": {"variant": {"small_hidden_dim": 8}}})
     torch.manual_seed(0)
     return LanguageModel(run_config_from_dict(data).model)
 
