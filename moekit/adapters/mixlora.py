@@ -97,7 +97,10 @@ class MixLoRA(nn.Module):
         scale = c.alpha / c.rank
         self.router = Router(dim, c.num_experts, c.top_k, RouterConfig(
             aux_loss_coef=c.aux_loss_coef if c.routing == "topk" else 0.0, z_loss_coef=c.z_loss_coef,
-            jitter_eps=c.jitter_eps, capacity_factor=c.capacity_factor))
+            jitter_eps=c.jitter_eps, capacity_factor=c.capacity_factor,
+            # topk: Mixtral's renormalised top-k (MixLoRA's released code), so the weights sum to 1 and the
+            # adapted FFN equals the frozen one at init for every k; switch: Switch's raw top-1 probability.
+            norm_topk_prob=True if c.routing == "topk" else None))
         nn.init.normal_(self.router.weight, std=c.router_init_std)
         self.gate = LoRAExperts(c.num_experts, dim, hidden_dim, c.rank, scale) if gated else None
         self.up = LoRAExperts(c.num_experts, dim, hidden_dim, c.rank, scale)
