@@ -71,6 +71,14 @@ class RunLock:
             self._fd = None
 
 
+def _has_any_checkpoint(run_dir: Path) -> bool:
+    """A complete single-file checkpoint set, or a complete sharded (torch.distributed.checkpoint) one."""
+    if has_checkpoint(run_dir):
+        return True
+    from ..parallel.dcp import has_sharded
+    return has_sharded(run_dir)
+
+
 def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     """Refuse a folder a run must not write into (see the module docstring); writes nothing."""
     run_dir = Path(run_dir)
@@ -82,13 +90,13 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
         if not run_dir.is_dir():
             raise CheckpointError(f"run folder {str(run_dir)!r} does not exist; --resume continues the --out "
                                   f"folder of an earlier moekit train run")
-        if not has_checkpoint(run_dir):
+        if not _has_any_checkpoint(run_dir):
             raise CheckpointError(f"{run_dir} holds no checkpoint yet (the run stopped before its first one); "
                                   f"start it again without --resume")
         return
     if not run_dir.is_dir():
         return
-    if has_checkpoint(run_dir):
+    if _has_any_checkpoint(run_dir):
         raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     others = [p.name for p in run_dir.iterdir() if p.name not in _IGNORED]
     if others and not (run_dir / CONFIG_FILE).is_file():

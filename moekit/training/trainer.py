@@ -42,13 +42,14 @@ from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch, val_batches
 from ..layers.step_hook import training_step_hook
 from ..models import LanguageModel, count
-from ..parallel import ParallelGroups, has_sharded
+from ..parallel import ParallelGroups, has_sharded, read_sharded_info
 from ..routing import update_expert_biases
 from ..types import RoutingContext
 from .checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     clean_checkpoints,
+    has_checkpoint,
     read_json,
     read_state,
     write_json,
@@ -261,7 +262,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
     """
     out_dir = Path(out_dir)
     if resume:
-        state = read_state(out_dir)
+        use_sharded = has_sharded(out_dir) and (cfg.parallel.checkpoint == "sharded" or not has_checkpoint(out_dir))
+        state = read_sharded_info(out_dir) if use_sharded else read_state(out_dir)
         override = spent_budget(cfg, state)
         if override is not None:  # said even with progress off: otherwise the call silently does nothing
             if os.environ.get("RANK", "0") == "0":  # once under torchrun
