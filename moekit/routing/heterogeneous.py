@@ -13,11 +13,9 @@ Dim legend: T tokens, E experts in the pool (N + M), K slots per token.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .selectors import _exact
+from .selectors import _ratio
 
 __all__ = ["heterogeneous_balance_loss", "heterogeneous_capacities", "limit_capacity_per_expert"]
 
@@ -35,10 +33,12 @@ def heterogeneous_balance_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor, num
 def heterogeneous_capacities(num_assignments: int, num_ffn: int, num_zc: int, tau: float,
                              capacity_factor: float) -> tuple[int, int]:
     """``(ffn_capacity, zc_capacity)`` per expert (each at least 1)."""
-    cf, t = _exact(capacity_factor), _exact(tau)  # exact: no float rounding across a whole number
-    denom = t * num_ffn + num_zc
-    ffn = max(1, math.ceil(cf * t * num_assignments / denom))
-    zc = max(1, math.ceil(cf * num_assignments / denom))
+    # exact integer arithmetic (no float rounding across a whole number; traceable by torch.compile):
+    # denom = t * num_ffn + num_zc with t = tp / tq, cf = cp / cq
+    (cp, cq), (tp, tq) = _ratio(capacity_factor), _ratio(tau)
+    denom = tp * num_ffn + num_zc * tq  # times tq
+    ffn = max(1, -(-(cp * tp * num_assignments) // (cq * denom)))
+    zc = max(1, -(-(cp * tq * num_assignments) // (cq * denom)))
     return ffn, zc
 
 

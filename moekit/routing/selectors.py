@@ -10,7 +10,6 @@ Pure functions of scores; no parameters. Dim legend: T tokens, E experts, K slot
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch
@@ -18,9 +17,17 @@ import torch
 __all__ = ["select_topk", "limit_capacity", "select_expert_choice", "capacity", "token_count"]
 
 
-def _exact(value: float | Fraction) -> Fraction:
-    """``value`` as the decimal it is written as (``0.29`` is 29/100, not the nearest binary float)."""
-    return value if isinstance(value, Fraction) else Fraction(repr(float(value)))
+def _ratio(value: float | Fraction) -> tuple[int, int]:
+    """``value`` as the decimal it is written as, ``(numerator, denominator)`` (``0.29`` is 29/100, not the
+    nearest binary float). Plain integer arithmetic, so ``torch.compile`` traces it with symbolic token counts."""
+    if isinstance(value, Fraction):
+        return value.numerator, value.denominator
+    text = repr(float(value))
+    if "e" in text or "n" in text:  # 1e-05, inf, nan: rare; exact through Fraction
+        exact = Fraction(text)
+        return exact.numerator, exact.denominator
+    whole, _, decimals = text.partition(".")
+    return int(whole + decimals), 10 ** len(decimals)
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -29,13 +36,15 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     ``CF`` is read as the decimal it is written as (``1.1`` is 11/10, not the binary float just above it), and
     the product is rational, so ``capacity(100, 10, 1, 1.1) == 11`` where float arithmetic gives 12.
     """
-    return max(1, math.ceil(_exact(capacity_factor) * top_k * num_tokens / num_experts))
+    p, q = _ratio(capacity_factor)
+    return max(1, -(-(p * top_k * num_tokens) // (q * num_experts)))
 
 
 def token_count(fraction: float | Fraction, num_tokens: int) -> int:
     """``max(1, floor(fraction * num_tokens))`` computed exactly: how many of ``num_tokens`` a capacity
     ``fraction`` keeps (Mixture-of-Depths / Mixture-of-Recursions). ``0.29 * 100`` gives 29, not the float's 28."""
-    return max(1, math.floor(_exact(fraction) * num_tokens))
+    p, q = _ratio(fraction)
+    return max(1, (p * num_tokens) // q)
 
 
 def _group_mask(choice_TE: torch.Tensor, num_groups: int, topk_groups: int, group_score: str) -> torch.Tensor:
