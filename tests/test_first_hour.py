@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from moekit.training.checkpoint import read_state
+
 from moekit.cli.main import main
 from moekit.recipes import list_presets, load_preset
 from moekit.training import with_overrides
@@ -90,9 +92,9 @@ def test_resuming_a_spent_run_says_so_and_a_larger_budget_continues(tmp_path, ca
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "finished" in err and "step 3" in err and f"--resume --out {out} --train.max_steps=6" in err
-    assert json.loads((out / "state.json").read_text())["step"] == 3 and (out / "metrics.jsonl").read_text() == before
+    assert read_state(out)["step"] == 3 and (out / "metrics.jsonl").read_text() == before
     assert main(["train", "--resume", "--out", str(out), "--train.max_steps=6", "--no-progress"]) == 0
-    assert json.loads((out / "state.json").read_text())["step"] == 6
+    assert read_state(out)["step"] == 6
     assert json.loads((out / "summary.json").read_text())["step"] == 6
 
 

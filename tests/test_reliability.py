@@ -407,7 +407,7 @@ def test_resume_refuses_cleanly_and_writes_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny(**{"train.max_steps": "2"}), run, progress=False)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    fails_with(capsys, ["train", "--resume", "--out", str(run), "--data.source=text",
+    fails_with(capsys, ["train", "--resume", "--out", str(run), "--train.max_steps=4", "--data.source=text",
                         f"--data.path={tmp_path / 'nowhere'}"], "nowhere")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # config.json untouched
     empty = tmp_path / "empty"

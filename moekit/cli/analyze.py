@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -147,22 +148,30 @@ def _out_dir(args) -> Path:
     return Path("runs") / "analyze" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an output location that cannot be written, without creating anything."""
+    from .main import UsageError
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the analysis into {out} ({existing} is not writable); choose a writable --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.analysis import analyze, save_plots
     from moekit.cli.common import apply_threads
 
     apply_threads(args.threads)
     model, tokenizer = _load_model(args)  # first: a folder of the wrong kind fails before anything is written
-    out = _out_dir(args)
-    try:  # then, before the analysis: an unwritable folder fails at once, not after minutes of work
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from .main import UsageError
-        raise UsageError(f"cannot write the analysis into {out} ({e.strerror or e}); choose a writable --out") from None
-    model.to(_device(args.device))
-    texts = _texts(args)
+    texts = _texts(args)  # bad text files fail here, before anything is written
     if not texts:
         raise SystemExit("no text to analyse: the --text files are empty")
+    out = _out_dir(args)
+    _check_writable(out)  # before the analysis: an unwritable folder fails at once, not after minutes of work
+    model.to(_device(args.device))
     from moekit.training.metrics import Progress
     bar = Progress(len(texts), 0, enabled=not args.no_progress, unit="passage", desc="analyze ")
     try:
