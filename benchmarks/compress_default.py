@@ -2,7 +2,7 @@
 bits per parameter, and forward speed vs the float model.
 
 Trains the run once (``--train-seconds``, default 120 s: a reduced budget for a shared machine; the preset's own
-budget is 240 s), then runs the sweep of :data:`moekit.compression.runs.SWEEP_POINTS` (bits/byte on the
+budget is 240 s; the run is reused when the output folder already holds it), then runs the sweep of :data:`moekit.compression.runs.SWEEP_POINTS` (bits/byte on the
 validation split, expert bytes on disk and resident) and times a forward pass of a ``[4, 256]`` batch, float and
 compressed alternated (A B A B ...), reporting median ratios.
 
