@@ -197,6 +197,13 @@ class CompressedBank(nn.Module):
             bank.slot_to_stored_E.copy_(slot_to_stored_E)
         return bank
 
+    def _apply(self, fn, recurse=True):
+        """Move the shared codebook with the buffers (``.to(device)``)."""
+        out = super()._apply(fn, recurse)
+        if self.codebook is not None:
+            self.codebook = fn(self.codebook)
+        return out
+
     def grid(self, m: str, g: int) -> RowGrid:
         if self.spec.format == "int":
             return RowGrid("minmax", self.spec.bits, scale_R=getattr(self, f"{m}_scale")[g].float(),
