@@ -2,7 +2,7 @@
 bits per parameter, and forward speed vs the float model.
 
 Trains the run once (``--train-seconds``, default 120 s: a reduced budget for a shared machine; the preset's own
-budget is 240 s), then runs the sweep of :data:`moekit.compression.runs.SWEEP_POINTS` (bits/byte on the
+budget is 240 s; the run is reused when the output folder already holds it), then runs the sweep of :data:`moekit.compression.runs.SWEEP_POINTS` (bits/byte on the
 validation split, expert bytes on disk and resident) and times a forward pass of a ``[4, 256]`` batch, float and
 compressed alternated (A B A B ...), reporting median ratios.
 
@@ -53,24 +53,29 @@ def main() -> None:
     p.add_argument("--out", default="bench_out/compress")
     p.add_argument("--train-seconds", type=float, default=120.0)
     p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument("--speed-only", action="store_true", help="only the forward-speed ratios (reuses the run)")
     args = p.parse_args()
     out = Path(args.out)
     run_dir = out / "default"
     if not (run_dir / "state.json").exists():
         assert cli(["train", "--out", str(run_dir), "--no-progress", f"--train.max_seconds={args.train_seconds}",
                     "--train.threads=2"]) == 0
-    t0 = time.perf_counter()
-    rows = sweep_run(run_dir, out / "sweep", num_tokens=args.calibration_tokens)
-    sweep_s = time.perf_counter() - t0
-    print(format_table(rows))
+    rows, sweep_s = [], 0.0
+    if not args.speed_only:
+        t0 = time.perf_counter()
+        rows = sweep_run(run_dir, out / "sweep", num_tokens=args.calibration_tokens)
+        sweep_s = time.perf_counter() - t0
+        print(format_table(rows))
     cfg, _, _ = load_run(run_dir, "cpu")
     calib = calibration_tokens(cfg, load_data(cfg.data), args.calibration_tokens)
     speed = {}
-    for method, opts in (("rtn", {"bits": 8}), ("qmoe", {"bits": 1.5}), ("m-smoe", {"target_memory": 0.5})):
+    for method, opts in (("rtn", {"bits": 8}), ("rtn", {"bits": 4}), ("gptq", {"bits": 3}), ("qmoe", {"bits": 1.5}),
+                         ("d2moe-mwq", {"bits": 2, "levels": 2}), ("m-smoe", {"target_memory": 0.5})):
         speed[f"{method} {opts}"] = forward_ratio(run_dir, method, opts, calib)
         print(f"forward time {method} {opts} / float: {speed[f'{method} {opts}']:.2f}x (median of 5, alternated)")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "forward_time_ratio": speed,
-                                                  "sweep_seconds": sweep_s}, indent=2) + "\n")
+    name = "speed.json" if args.speed_only else "results.json"
+    (out / name).write_text(json.dumps({"rows": rows, "forward_time_ratio": speed, "sweep_seconds": sweep_s},
+                                       indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                      "bits_per_param": report.bits_per_param, "cos_mean": float(cos.mean()),
                      "cos_min": float(cos.min()), "cos_dense_mean": float(cos_dense.mean())})
         r = rows[-1]
-        print(f"{method:<16} {str(opts):<32} memory {r['memory_fraction']:.3f} ({r['bits_per_param']:.2f} bits/param)"
+        print(f"{method:<16} {opts!s:<32} memory {r['memory_fraction']:.3f} ({r['bits_per_param']:.2f} bits/param)"
               f"  cos mean {r['cos_mean']:.5f} min {r['cos_min']:.5f}  (to dense {r['cos_dense_mean']:.5f})",
               flush=True)
     if args.json:

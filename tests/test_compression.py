@@ -316,6 +316,14 @@ def test_bad_method_calibration_and_model_are_clear_errors():
         compress(tiny_lm(), "prune-frequency", tokens(), keep_experts=9)
     with pytest.raises(CompressionError, match="bits=5 is not supported"):
         compress(tiny_lm(), "rtn", tokens(), bits=5)
+    with pytest.raises(CompressionError, match="drop keep_experts"):
+        compress(tiny_lm(), "rtn", tokens(), keep_experts=4)
+    with pytest.raises(CompressionError, match="drop bits"):
+        compress(tiny_lm(), "m-smoe", tokens(), bits=4)
+    model = tiny_lm()
+    compress(model, "rtn", tokens(), bits=8)
+    with pytest.raises(CompressionError, match="layers.0.ffn is already compressed"):
+        compress(model, "gptq", tokens(), bits=4)
 
 
 # ---- the artefact --------------------------------------------------------------------------------------------

@@ -69,6 +69,9 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
 
     Returns:
         A :class:`CompressionReport`. The model's layers now hold :class:`~.bank.CompressedBank` experts.
+
+    Arguments are checked before any layer changes; an error raised while a layer is being compressed can leave
+    the model partly compressed, so reload it before trying again (``moekit compress`` writes nothing then).
     """
     m = get_method(method)
     opts = CompressOptions(bits=bits, keep_experts=keep_experts, target_memory=target_memory, **options)
@@ -77,6 +80,15 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
         raise CompressionError(f"{type(model).__name__} has no moekit MoE layers; train an MoE preset, or patch a "
                                f"transformers model first with moekit.hf.patch(model)")
     tokens_NS = check_calibration(calibration)
+    done = [name for name, moe in layers if isinstance(moe.experts, CompressedBank)]
+    if done:
+        raise CompressionError(f"{done[0]} is already compressed; compress the original model instead")
+    if m.kind == "quantise" and keep_experts is not None:
+        raise CompressionError(f"{method} quantises experts and keeps them all; drop keep_experts and give bits or "
+                               f"target_memory")
+    if m.kind == "reduce" and bits is not None:
+        raise CompressionError(f"{method} merges or drops experts and keeps float weights; drop bits and give "
+                               f"keep_experts or target_memory")
     report = CompressionReport(method, asdict(opts))
     for name, moe in layers:
         report.bytes_before += int(expert_float_bytes(moe))

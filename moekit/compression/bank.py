@@ -12,7 +12,8 @@ of a group at the one merged expert).
 Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only), ``w_up``, ``w_down``:
 
 - ``float``: ``m`` ``[G, R, C]`` float32.
-- ``int``: ``m_planes`` ``[G, P=bits, R, ceil(C/8)]`` uint8 (bit planes, :func:`~.quant.pack_bits`), per-row
+- ``int``: ``m_planes`` ``[G, P=bits, R, ceil(C/8)]`` uint8 (:func:`~.quant.pack_bits`: byte-packed codes for
+  1/2/4/8 bits, bit planes for 3/5/6/7), per-row
   ``m_scale``, ``m_zero`` ``[G, R]`` float16: ``w = (q - zero) * scale`` (RTN, GPTQ).
 - ``ternary``: ``m_planes`` ``[G, 2, R, ceil(C/8)]`` and per-row ``m_lo``, ``m_hi`` float16: codes 0/1/2 are
   ``lo / 0 / hi`` (QMoE).
@@ -195,6 +196,13 @@ class CompressedBank(nn.Module):
                 getattr(bank, name).copy_(t)
             bank.slot_to_stored_E.copy_(slot_to_stored_E)
         return bank
+
+    def _apply(self, fn, recurse=True):
+        """Move the shared codebook with the buffers (``.to(device)``)."""
+        out = super()._apply(fn, recurse)
+        if self.codebook is not None:
+            self.codebook = fn(self.codebook)
+        return out
 
     def grid(self, m: str, g: int) -> RowGrid:
         if self.spec.format == "int":

@@ -8,8 +8,8 @@ Dim legend: R rows (output channels), C columns (input channels), P bit planes.
 - QMoE's ternary rounding (spec §4): per row ``m- = min(min_R, 0)``, ``m+ = max(max_R, 0)``; ``w -> m+`` if
   ``w > m+/2``, ``m-`` if ``w < m-/2``, else 0. Codes 0, 1, 2 stand for ``m-``, 0, ``m+``.
 
-Codes are stored as ``b`` bit planes of 8 codes per byte (:func:`pack_bits`), so a b-bit matrix costs exactly
-``b`` bits per weight plus its per-row parameters.
+Codes are packed by :func:`pack_bits` (byte-packed for 1/2/4/8 bits, bit planes otherwise), so a b-bit matrix
+costs exactly ``b`` bits per weight (rows padded to a multiple of 8 codes) plus its per-row parameters.
 """
 
 from __future__ import annotations
@@ -111,10 +111,20 @@ def rtn(w_RC: torch.Tensor, bits: int) -> tuple[torch.Tensor, RowGrid]:
 
 
 def pack_bits(q_RC: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2^bits)`` into ``[bits, R, ceil(C/8)]`` uint8 bit planes (8 codes a byte)."""
+    """Pack integer codes in ``[0, 2^bits)`` into ``[bits, R, ceil(C/8)]`` uint8 (exactly ``bits`` bits a code).
+
+    Widths that divide 8 (1, 2, 4, 8) are byte-packed, ``8 / bits`` consecutive codes per byte (low bits first),
+    the row's bytes laid out over the ``bits`` slots: decoding is a few shifts, or nothing for 8 bits. Other
+    widths (3, 5, 6, 7) are stored as bit planes: slot ``p`` holds bit ``p`` of every code, 8 codes a byte.
+    """
     R, C = q_RC.shape
-    pad = (-C) % 8
-    q = torch.nn.functional.pad(q_RC.to(torch.int32), (0, pad))
+    nb = (C + 7) // 8
+    q = torch.nn.functional.pad(q_RC.to(torch.int32), (0, nb * 8 - C))
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        row_bytes = (q.view(R, -1, per) << shifts).sum(-1).to(torch.uint8)  # [R, bits * nb]
+        return row_bytes.view(R, bits, nb).permute(1, 0, 2).contiguous()
     shifts = torch.arange(8, dtype=torch.int32)
     planes = []
     for p in range(bits):
@@ -124,12 +134,19 @@ def pack_bits(q_RC: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed_PRc: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: int64 codes ``[R, cols]``."""
+    """Inverse of :func:`pack_bits` (the width is the number of slots ``P``): int64 codes ``[R, cols]``."""
     P, R, nbytes = packed_PRc.shape
-    shifts = torch.arange(8, dtype=torch.int32)
+    if 8 % P == 0:
+        row_bytes = packed_PRc.permute(1, 0, 2).reshape(R, P * nbytes)
+        if P == 8:
+            return row_bytes[:, :cols].long()
+        per = 8 // P
+        shifts = torch.arange(per, dtype=torch.uint8) * P
+        codes = (row_bytes[:, :, None] >> shifts) & (2 ** P - 1)
+        return codes.view(R, -1)[:, :cols].long()
+    shifts32 = torch.arange(8, dtype=torch.int32)
     b = packed_PRc.to(torch.int32)
     q = torch.zeros(R, nbytes * 8, dtype=torch.int32, device=packed_PRc.device)
     for p in range(P):
-        bits = ((b[p][:, :, None] >> shifts) & 1).view(R, -1)
-        q |= bits << p
+        q |= ((b[p][:, :, None] >> shifts32) & 1).view(R, -1) << p
     return q[:, :cols].long()
