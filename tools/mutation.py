@@ -20,15 +20,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # fast tests that exercise each package's behaviour (each subset runs in seconds)
 TESTS: dict[str, list[str]] = {
     "routing": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_guards.py",
                 "tests/test_config.py", "tests/test_variants_topp.py", "tests/test_variants_moepp.py",
-                "tests/test_variants_blockffn.py", "tests/test_variants_traps.py"],
+                "tests/test_variants_blockffn.py", "tests/test_variants_traps.py", "tests/test_variants_mumoe.py"],
     "ops": ["tests/test_engines.py", "tests/test_hf_core.py"],
     "dispatch": ["tests/test_engines.py", "tests/test_ep_units.py", "tests/test_hf_core.py"],
     "experts": ["tests/test_engines.py", "tests/test_hf_core.py", "tests/test_routing.py",
