@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from moekit import MoE, MoEConfig, Router, RouterConfig, RoutingContext
 from moekit.routing import limit_capacity, load_balancing_loss, select_topk
-from moekit.routing.blockffn import chunk_sparsity_loss, chunk_union_fraction, locality_loss
+from moekit.routing.blockffn import chunk_sparsity_loss, chunk_union_fraction, locality_loss, relu_router_weights
 from moekit.routing.heterogeneous import heterogeneous_balance_loss, heterogeneous_capacities, limit_capacity_per_expert
+from moekit.routing.topp import router_entropy, select_topp
 
 from .reference import assert_close
 
@@ -166,3 +167,111 @@ def test_blockffn_losses_defaults_and_short_sequences():
     assert chunk_union_fraction(active, 2) == pytest.approx(1 / 3)
     assert chunk_union_fraction(active, 4) == pytest.approx(2 / 3)
     assert math.isclose(chunk_union_fraction(torch.ones(2, 3, 5, dtype=torch.bool), 2).item(), 1.0)
+
+
+def test_jitter_multiplies_inputs_by_a_uniform_factor_in_training_only():
+    router = Router(1, 1, 1, RouterConfig(jitter_eps=0.5, aux_loss_coef=0.0))
+    with torch.no_grad():
+        router.weight.fill_(1.0)
+    x = torch.ones(4000, 1)
+    ratio = router.logits(x)[:, 0]
+    assert ratio.min() >= 0.5 and ratio.max() <= 1.5  # x * U(1 - eps, 1 + eps), not x / U(...)
+    assert ratio.min() < 0.6 and ratio.max() > 1.4 and abs(ratio.mean().item() - 1.0) < 0.03
+    router.eval()
+    assert torch.equal(router.logits(x)[:, 0], torch.ones(4000))
+    no_jitter = Router(1, 1, 1, RouterConfig(jitter_eps=0.0, aux_loss_coef=0.0))
+    assert torch.equal(no_jitter.logits(x), F.linear(x, no_jitter.weight))
+
+
+def test_router_logit_bias_default_layer_name_and_selection_bias_switch():
+    torch.manual_seed(0)
+    router = Router(6, 4, 2, RouterConfig(use_logit_bias=True, aux_loss_coef=0.1))
+    with torch.no_grad():
+        router.bias.copy_(torch.tensor([0.5, -0.5, 1.0, 0.0]))
+    x = torch.randn(5, 6)
+    assert_close(router.logits(x), x @ router.weight.t() + router.bias, "logits = W x + b")
+    ctx = RoutingContext()
+    router(x, ctx)
+    assert set(ctx.layer_losses) == {"moe"}  # the default layer name
+    plain = Router(6, 4, 2, RouterConfig(aux_loss_coef=0.0))  # a loaded bias is ignored unless asked for
+    with torch.no_grad():
+        plain.expert_bias.copy_(torch.tensor([100.0, 0.0, 0.0, 100.0]))
+    ids = plain(x).expert_ids_TK
+    assert torch.equal(ids, select_topk(plain.scores(plain.logits(x)), 2)[0])
+    used = Router(6, 4, 2, RouterConfig(aux_loss_coef=0.0, use_selection_bias=True))
+    used.load_state_dict(plain.state_dict())
+    assert torch.equal(used(x).expert_ids_TK.sort(-1).values, torch.tensor([[0, 3]] * 5))
+
+
+@pytest.mark.parametrize("num_groups,topk_groups,group_score", [(4, 2, "top2_sum"), (4, 2, "max"), (2, 1, "max")])
+def test_router_passes_every_selection_setting(num_groups, topk_groups, group_score):
+    torch.manual_seed(0)
+    cfg = RouterConfig(num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+                       norm_topk_prob=False, routed_scaling_factor=2.5, aux_loss_coef=0.0)
+    router = Router(6, 8, 3, cfg)
+    x = torch.randn(40, 6)
+    routing = router(x)
+    ids, w = select_topk(routing.scores_TE, 3, num_groups=num_groups, topk_groups=topk_groups,
+                         group_score=group_score, normalize=False, scale=2.5)
+    assert torch.equal(routing.expert_ids_TK, ids)
+    assert_close(routing.weights_TK, w, "raw probabilities times the scaling factor")
+    assert_close(routing.weights_TK, 2.5 * routing.scores_TE.gather(1, ids), "by hand")
+
+
+def test_select_topk_scale_and_default_groups():
+    p = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.3, 0.3, 0.1, 0.3]])
+    for scale in (2.0, 2.5, 0.5):
+        ids, w = select_topk(p, 2, normalize=False, scale=scale)
+        assert_close(w, scale * p.gather(1, ids), f"scale {scale}")
+    ids, _ = select_topk(torch.tensor([[0.3, 0.0, 0.29, 0.28]]), 2, num_groups=2)  # topk_groups defaults to 1
+    assert sorted(ids[0].tolist()) == [2, 3]  # group sums 0.3 vs 0.57: one group kept, not the best 2 experts
+
+
+def test_expert_choice_default_capacity_factor_is_one():
+    torch.manual_seed(0)
+    router = Router(6, 4, 2, RouterConfig(selector="expert_choice", aux_loss_coef=0.0))
+    routing = router(torch.randn(10, 6))
+    per_expert = (routing.expert_ids_TK >= 0).sum(0)
+    assert per_expert.tolist() == [5] * 4  # ceil(1.0 * K * T / E) = ceil(2 * 10 / 4) = 5 tokens each
+    r2 = Router(6, 4, 2, RouterConfig(selector="expert_choice", capacity_factor=0.5, aux_loss_coef=0.0))
+    assert (r2(torch.randn(10, 6)).expert_ids_TK >= 0).sum(0).tolist() == [3] * 4
+
+
+def test_aux_free_counts_accumulate_over_forwards():
+    router = Router(6, 4, 2, RouterConfig(bias_update_rate=0.1, aux_loss_coef=0.0))
+    x1, x2 = torch.randn(7, 6), torch.randn(5, 6)
+    c1 = torch.bincount(router(x1).expert_ids_TK.reshape(-1), minlength=4).float()
+    c2 = torch.bincount(router(x2).expert_ids_TK.reshape(-1), minlength=4).float()
+    assert torch.equal(router.pending_counts, c1 + c2)
+
+
+def test_load_balancing_loss_one_token_and_ragged_error():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    assert_close(load_balancing_loss(p, torch.tensor([[0]])), torch.tensor(3 * 0.7), "f = 1 for the only token")
+    with pytest.raises(ValueError, match="equal sequences"):
+        load_balancing_loss(torch.full((5, 3), 1 / 3), torch.zeros(5, 1, dtype=torch.long), num_sequences=2)
+
+
+def test_blockffn_router_weights_sum_and_rmsnorm():
+    logits = torch.tensor([[1.0, -1.0, 3.0, 0.0], [-1.0, -2.0, -3.0, -4.0]])
+    r, a = relu_router_weights(logits, None, "sum")
+    assert torch.equal(r, logits.clamp_min(0))
+    assert_close(a, torch.tensor([[0.25, 0.0, 0.75, 0.0], [0.0, 0.0, 0.0, 0.0]]), "r / sum r")
+    scale = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    _, a = relu_router_weights(logits, scale, "rmsnorm")
+    rms = torch.sqrt((torch.tensor([1.0, 0.0, 3.0, 0.0]) ** 2).mean() + 1e-6)
+    assert_close(a[0], torch.tensor([1.0, 0.0, 3.0, 0.0]) / rms * scale, "RMSNorm with scale")
+    assert torch.equal(a[1], torch.zeros(4))
+    _, a = relu_router_weights(logits, None, "rmsnorm")
+    assert_close(a[0], torch.tensor([1.0, 0.0, 3.0, 0.0]) / rms, "RMSNorm without scale")
+
+
+def test_select_topp_exact_ids_weights_and_width():
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.8, 0.05, 0.05], [0.3, 0.25, 0.25, 0.2]])
+    ids, w = select_topp(p, 0.6)
+    # token 0: 0.5 then 0.3 (0.5 <= 0.6) then 0.15 (0.8 > 0.6 stops); token 1: 0.8 alone; token 2: three
+    assert ids.tolist() == [[0, 1, -1], [1, -1, -1], [0, 1, 2]] or ids.tolist() == [[0, 1, -1], [1, -1, -1], [0, 2, 1]]
+    assert_close(w, p.gather(1, ids.clamp_min(0)) * (ids >= 0), "raw probabilities, 0 in empty slots")
+    assert ids.shape == (3, 3)  # K is the widest token's set, not E
+    h = router_entropy(p)
+    assert_close(h, -(p * p.log()).sum(-1).mean(), "mean over tokens of the entropy over experts")

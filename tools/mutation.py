@@ -2,6 +2,8 @@
 
     python tools/mutation.py routing ops            # the packages to run (default: all five)
     python tools/mutation.py routing --max-children 2 --work /tmp/moekit-mutation
+    python tools/mutation.py layers --only "moekit/layers/moe.py"   # a part of a package
+    python tools/mutation.py routing --survivors   # re-test the last run's survivors with the current tests
 
 For each package the repository (``moekit/``, ``tests/``, ``pyproject.toml``) is copied to ``WORK/PACKAGE``;
 there ``[tool.mutmut]`` is extended with ``only_mutate = ["moekit/PACKAGE/*"]`` and the package's fast test
@@ -46,7 +48,7 @@ def _toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def prepare(package: str, work: Path) -> Path:
+def prepare(package: str, work: Path, only: str | None = None) -> Path:
     dest = work / package
     if dest.exists():
         shutil.rmtree(dest)
@@ -57,12 +59,18 @@ def prepare(package: str, work: Path) -> Path:
     text = (ROOT / "pyproject.toml").read_text()
     config = tomllib.loads(text)["tool"]["mutmut"]
     block = ("\n[tool.mutmut]\n" + f"source_paths = {_toml_list(config['source_paths'])}\n"
-             + f"only_mutate = {_toml_list([f'moekit/{package}/*'])}\n"
+             + f"only_mutate = {_toml_list([only or f'moekit/{package}/*'])}\n"
              + f"pytest_add_cli_args = {_toml_list(config.get('pytest_add_cli_args', []))}\n"
              + f"pytest_add_cli_args_test_selection = {_toml_list(TESTS[package])}\n")
     text = re.sub(r"\n\[tool\.mutmut\]\n(?:[^\[].*\n|\n)*", "\n", text) + block
     (dest / "pyproject.toml").write_text(text)
     return dest
+
+
+def survivors(dest: Path) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results"], cwd=dest, capture_output=True,
+                         text=True).stdout
+    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
 
 
 def score(dest: Path) -> dict[str, int]:
@@ -81,12 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("packages", nargs="*", default=list(TESTS), choices=list(TESTS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/moekit-mutation"))
     parser.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--only", help="glob of the files to mutate (default: moekit/PACKAGE/*)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="copy the current tests into the last run's folder and re-run its survivors only")
     args = parser.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     for package in args.packages:
-        dest = prepare(package, args.work)
+        names: list[str] = []
+        if args.survivors:
+            dest = args.work / package
+            names = survivors(dest)
+            shutil.rmtree(dest / "tests")
+            shutil.copytree(ROOT / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.rmtree(dest / "mutants" / "tests", ignore_errors=True)
+            shutil.copytree(ROOT / "tests", dest / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dest = prepare(package, args.work, args.only)
         print(f"== {package}: mutmut in {dest}", flush=True)
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *names],
                        cwd=dest, env=env)
         counts = score(dest)
         judged = counts["killed"] + counts["survived"] + counts["timeout"]
