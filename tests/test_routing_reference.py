@@ -253,10 +253,13 @@ def test_load_balancing_loss_one_token_and_ragged_error():
 
 
 def test_blockffn_router_weights_sum_and_rmsnorm():
-    logits = torch.tensor([[1.0, -1.0, 3.0, 0.0], [-1.0, -2.0, -3.0, -4.0]])
+    logits = torch.tensor([[1.0, -1.0, 3.0, 0.0], [-1.0, -2.0, -3.0, -4.0], [2.0, -1.0, -1.0, 2.0]])
     r, a = relu_router_weights(logits, None, "sum")
     assert torch.equal(r, logits.clamp_min(0))
-    assert_close(a, torch.tensor([[0.25, 0.0, 0.75, 0.0], [0.0, 0.0, 0.0, 0.0]]), "r / sum r")
+    assert_close(a, torch.tensor([[0.25, 0.0, 0.75, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5]]),
+                 "r / sum r, per token")
+    tiny = torch.tensor([[1e-3, 0.0, 0.0, 0.0]])  # mean r^2 = 2.5e-7: the 1e-6 epsilon of the default RMSNorm shows
+    assert_close(relu_router_weights(tiny, None)[1], tiny * torch.rsqrt(torch.tensor(2.5e-7 + 1e-6)), "default")
     scale = torch.tensor([1.0, 2.0, 3.0, 4.0])
     _, a = relu_router_weights(logits, scale, "rmsnorm")
     rms = torch.sqrt((torch.tensor([1.0, 0.0, 3.0, 0.0]) ** 2).mean() + 1e-6)

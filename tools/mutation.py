@@ -29,14 +29,17 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 # fast tests that exercise each package's behaviour (each subset runs in seconds)
 TESTS: dict[str, list[str]] = {
-    "routing": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_guards.py",
+    "routing": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_routing_reference.py",
+                "tests/test_guards.py",
                 "tests/test_config.py", "tests/test_variants_topp.py", "tests/test_variants_moepp.py",
                 "tests/test_variants_blockffn.py", "tests/test_variants_traps.py", "tests/test_variants_mumoe.py"],
-    "ops": ["tests/test_engines.py", "tests/test_hf_core.py"],
-    "dispatch": ["tests/test_engines.py", "tests/test_ep_units.py", "tests/test_hf_core.py"],
-    "experts": ["tests/test_engines.py", "tests/test_hf_core.py", "tests/test_routing.py",
-                "tests/test_upcycle.py"],
+    "ops": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py"],
+    "dispatch": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_ep_units.py",
+                 "tests/test_hf_core.py"],
+    "experts": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py",
+                "tests/test_routing.py", "tests/test_upcycle.py"],
     "layers": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_engines.py",
+               "tests/test_routing_reference.py", "tests/test_router_learns.py",
                "tests/test_guards.py", "tests/test_config.py", "tests/test_variants_traps.py",
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_variants_*.py"))],
 }
@@ -56,21 +59,25 @@ def prepare(package: str, work: Path, only: str | None = None) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "moekit", dest / "moekit", ignore=ignore)
     shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
+    (dest / "pyproject.toml").write_text(_pyproject(package, only))
+    return dest
+
+
+def _pyproject(package: str, only: str | None) -> str:
     text = (ROOT / "pyproject.toml").read_text()
     config = tomllib.loads(text)["tool"]["mutmut"]
     block = ("\n[tool.mutmut]\n" + f"source_paths = {_toml_list(config['source_paths'])}\n"
              + f"only_mutate = {_toml_list([only or f'moekit/{package}/*'])}\n"
              + f"pytest_add_cli_args = {_toml_list(config.get('pytest_add_cli_args', []))}\n"
              + f"pytest_add_cli_args_test_selection = {_toml_list(TESTS[package])}\n")
-    text = re.sub(r"\n\[tool\.mutmut\]\n(?:[^\[].*\n|\n)*", "\n", text) + block
-    (dest / "pyproject.toml").write_text(text)
-    return dest
+    return re.sub(r"\n\[tool\.mutmut\]\n(?:[^\[].*\n|\n)*", "\n", text) + block
 
 
 def survivors(dest: Path) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results"], cwd=dest, capture_output=True,
-                         text=True).stdout
-    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=dest,
+                         capture_output=True, text=True).stdout
+    return [line.split(":")[0].strip() for line in out.splitlines()
+            if line.strip().endswith((": survived", ": no tests"))]
 
 
 def score(dest: Path) -> dict[str, int]:
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(ROOT / "tests", dest / "tests", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.rmtree(dest / "mutants" / "tests", ignore_errors=True)
             shutil.copytree(ROOT / "tests", dest / "mutants" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+            for folder in (dest, dest / "mutants"):
+                (folder / "pyproject.toml").write_text(_pyproject(package, args.only))
+            (dest / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # map the new tests to mutants
         else:
             dest = prepare(package, args.work, args.only)
         print(f"== {package}: mutmut in {dest}", flush=True)
