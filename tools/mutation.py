@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # fast tests that exercise each package's behaviour (each subset runs in seconds)
 TESTS: dict[str, list[str]] = {
     "routing": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_routing_reference.py",
+                "tests/test_router_config_errors.py",
                 "tests/test_guards.py",
                 "tests/test_config.py", "tests/test_variants_topp.py", "tests/test_variants_moepp.py",
                 "tests/test_variants_blockffn.py", "tests/test_variants_traps.py", "tests/test_variants_mumoe.py"],
