@@ -38,6 +38,7 @@ TESTS: dict[str, list[str]] = {
     "dispatch": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_ep_units.py",
                  "tests/test_hf_core.py"],
     "experts": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py",
+                "tests/test_experts_init.py",
                 "tests/test_routing.py", "tests/test_upcycle.py"],
     "layers": ["tests/test_routing.py", "tests/test_routing_exact.py", "tests/test_engines.py",
                "tests/test_routing_reference.py", "tests/test_router_learns.py",
