@@ -38,7 +38,7 @@ def _entry(rank: int, port: int, root: str, queue) -> None:
     init_from_env(1, timeout=timedelta(seconds=TIMEOUT_S))
     draw = trainer.train_batch
 
-    def train_batch(data, batch_size, context, seed, step, index):
+    def train_batch(data, batch_size, context, seed, step, index=0):
         if rank == KILLED and step == KILL_STEP:
             queue.put((rank, "killed", time.time()))
             os.kill(os.getpid(), signal.SIGKILL)

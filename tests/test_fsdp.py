@@ -12,24 +12,22 @@ Run: ``python -m pytest tests/test_fsdp.py -q``.
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
-import shutil
-
 import pytest
 import torch
-
 import torch.distributed as dist
 
 from moekit import RouterConfig, RoutingContext, update_expert_biases
 from moekit.cli.main import main
 from moekit.models import LanguageModel
-from moekit.routing import Router
 from moekit.parallel import build_mesh, init_from_env, is_fsdp, make_groups, memory_per_rank, run_local
 from moekit.recipes import load_preset
+from moekit.routing import Router
 from moekit.training import load_run, train, with_overrides
-from moekit.training.checkpoint import read_checkpoint
+from moekit.training.checkpoint import has_checkpoint, read_checkpoint, weights_path
 from moekit.training.distributed import Distributed
 from moekit.training.runs import read_run_config
 from moekit.training.sharded import export_full, import_full
@@ -194,7 +192,7 @@ def _assert_same_weights(run: Path, reference_run: Path) -> None:
 
 def test_sharded_checkpoint_from_4_processes_ep2_resumes_at_2_processes_ep1(ranks, root, reference):
     run = root / "sharded4-for2"
-    assert not (run / "model.safetensors").exists()  # nothing was gathered
+    assert not has_checkpoint(run)  # nothing was gathered
     assert len(list((run / "sharded").glob("*.distcp"))) == WORLD  # every rank wrote its part
     losses = run_local(_resume_worker, 2, str(run), timeout=240)[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-5)
@@ -229,7 +227,7 @@ def test_exported_sharded_checkpoint_equals_the_gathered_one_and_imports_back(ra
     # import back: the single-file checkpoint becomes a sharded one that exports to the same tensors
     shutil.rmtree(run / "sharded")
     import_full(run)
-    shutil.copy(run / "model.safetensors", root / "model-before.safetensors")
+    shutil.copy(weights_path(run), root / "model-before.safetensors")
     export_full(run)
     s3, model3, _, _ = read_checkpoint(run)
     assert s3["step"] == HALF
