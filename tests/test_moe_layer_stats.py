@@ -77,7 +77,7 @@ def test_layer_3d_input_is_batch_of_sequences_for_the_loss():
     (dict(use_shared_gate=True), "moe.use_shared_gate=True needs num_shared_experts >= 1"),
     (dict(activation="tanh"), "moe.activation='tanh' is not one of"),
     (dict(engine="fast"), "moe.engine='fast' is not one of"),
-    (dict(router={"top_k": 2}), "moe.router must be a RouterConfig"),
+    (dict(router={"top_k": 2}), "moe.router={'top_k': 2} is a dict, not RouterConfig"),
 ])
 def test_moe_config_errors_name_the_field(kwargs, words):
     with pytest.raises(ConfigError) as e:

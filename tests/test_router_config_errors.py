@@ -23,7 +23,7 @@ def test_bad_choice_names_router_field_and_allowed_values(field, value):
     (dict(routed_scaling_factor=0.0), "router.routed_scaling_factor=0.0 must be positive"),
     (dict(jitter_eps=1.0), "router.jitter_eps=1.0 must be < 1"),
     (dict(jitter_eps=1.5), "router.jitter_eps=1.5 must be < 1"),
-    (dict(norm_topk_prob="yes"), "router.norm_topk_prob='yes' must be true, false or unset"),
+    (dict(norm_topk_prob="yes"), "router.norm_topk_prob='yes' is a str, not bool | None"),
     (dict(topk_groups=3, num_groups=2), "router.topk_groups=3 must be in [1, num_groups=2]"),
 ])
 def test_bad_values_name_the_field(kwargs, words):
