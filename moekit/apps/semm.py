@@ -12,8 +12,9 @@ per sample and time step, broadcast over that expert's D channels. The baseline 
 network with ``R ≡ 1`` (a plain spiking MLP summing the same expert groups); moekit's top-k ``Router`` is not used
 because SEMM's router is by definition a spiking layer without softmax or top-k.
 
-Network: direct (analogue) input encoding repeated over T steps → ``SN(BN(Linear(64→H)))`` → SEMM block
-(H → D) → ``Linear(D→10)`` → logits averaged over the T steps (rate decoding), trained with cross-entropy.
+Network: direct (analogue) input encoding repeated over T steps → ``h = SN(BN(Linear(64→H)))`` → the spiking
+MLP with a residual shortcut as in a Spiking Transformer block, ``z = h + BN(Linear(SEMM(h)))`` (D → H) →
+``Linear(H→10)`` → logits averaged over the T steps (rate decoding), trained with cross-entropy.
 The spec's EMSA variant (experts as attention heads) is not built.
 
 Dims: T time steps, B samples, H input hidden width, E experts, D expert width, C classes.
@@ -133,7 +134,7 @@ class SEMMBlock(nn.Module):
 
 
 class SEMMNet(nn.Module):
-    """Digits classifier: input spiking layer → SEMM block → linear readout, logits averaged over T."""
+    """Digits classifier: input spiking layer → residual SEMM spiking MLP → linear readout, logits averaged over T."""
 
     def __init__(self, cfg: SEMMConfig, *, router: bool = True, in_dim: int = 64, num_classes: int = 10) -> None:
         super().__init__()
@@ -142,12 +143,16 @@ class SEMMNet(nn.Module):
         self.inp = _SpikingLinear(in_dim, cfg.hidden, lif)
         self.block = SEMMBlock(cfg.hidden, cfg.num_experts, cfg.expert_dim, router=router, tau=cfg.tau,
                                threshold=cfg.threshold, alpha=cfg.surrogate_alpha)
-        self.head = nn.Linear(cfg.expert_dim, num_classes)
+        self.proj = nn.Linear(cfg.expert_dim, cfg.hidden)
+        self.proj_bn = nn.BatchNorm1d(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, num_classes)
 
     def forward(self, x_BF: torch.Tensor, return_rates: bool = False):
         x_TBF = x_BF.unsqueeze(0).expand(self.time_steps, *x_BF.shape)
-        y_TBD, r_TBE, e_TBED = self.block(self.inp(x_TBF), return_parts=True)
-        logits_BC = self.head(y_TBD).mean(0)
+        h_TBH = self.inp(x_TBF)
+        y_TBD, r_TBE, e_TBED = self.block(h_TBH, return_parts=True)
+        z_TBH = h_TBH + self.proj_bn(self.proj(y_TBD).flatten(0, 1)).view_as(h_TBH)  # residual shortcut
+        logits_BC = self.head(z_TBH).mean(0)
         if return_rates:
             return logits_BC, {"router_rate": float(r_TBE.mean()), "expert_rate": float(e_TBED.mean()),
                                "mixture_nonzero": float((y_TBD != 0).float().mean())}
