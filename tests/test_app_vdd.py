@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit.apps.vdd import (GMMTeacher, MixturePolicy, VDDConfig, component_loss, evaluate, gating_loss,
-                             init_from_teacher, responsibilities, train)
+from moekit.apps.vdd import (
+    GMMTeacher,
+    MixturePolicy,
+    VDDConfig,
+    component_loss,
+    evaluate,
+    gating_loss,
+    init_from_teacher,
+    responsibilities,
+    train,
+)
 from moekit.configs import ConfigError
 
 
