@@ -107,5 +107,5 @@ def test_semm_learns_digits():
     """Behaviour: a short run classifies digits far above chance (broken spikes/surrogate stay near 0.1)."""
     pytest.importorskip("sklearn")
     m = train_eval(SEMMConfig(epochs=4), 0, router=True)
-    assert m["accuracy"] > 0.4, m
+    assert m["accuracy"] > 0.8, m
     assert 0 < m["router_rate"] < 1 and 0 < m["expert_rate"] < 1
