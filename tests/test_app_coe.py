@@ -73,3 +73,10 @@ def test_coe_beats_the_same_size_generalist():
     assert m["router_accuracy"] > 0.95, m
     assert m["coe"] > m["generalist"] + 0.01, m
     assert m["coe"] == pytest.approx(m["coe_oracle_router"], abs=0.02)
+
+
+def test_one_query_and_no_query():
+    coe = CompositionOfExperts(nn.Linear(4, 2), [_Const(1), _Const(2)], torch.tensor([1, 0]))
+    assert coe(torch.randn(1, 4)).shape == (1, 3)
+    with pytest.raises(ValueError, match="at least one query"):
+        coe(torch.randn(0, 4))

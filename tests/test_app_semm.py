@@ -109,3 +109,10 @@ def test_semm_learns_digits():
     m = train_eval(SEMMConfig(epochs=4), 0, router=True)
     assert m["accuracy"] > 0.8, m
     assert 0 < m["router_rate"] < 1 and 0 < m["expert_rate"] < 1
+
+
+def test_one_sample_one_step_in_eval():
+    torch.manual_seed(3)
+    net = SEMMNet(SEMMConfig(time_steps=1, hidden=8, num_experts=1, expert_dim=4)).eval()
+    out = net(torch.rand(1, 64))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()

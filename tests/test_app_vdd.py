@@ -93,3 +93,12 @@ def test_bad_settings():
         VDDConfig(score_noise=-1.0)
     with pytest.raises(ValueError, match="method"):
         train(VDDConfig(iterations=1), GMMTeacher(), 0, "adam")
+
+
+def test_single_component_responsibility_is_one():
+    torch.manual_seed(3)
+    m = MixturePolicy(1, 4)
+    s = torch.zeros(2)
+    mu, log_std = m.params(s)
+    r = responsibilities(mu, log_std, m.log_gating(s), torch.randn(2, 5, 2))
+    assert torch.equal(r, torch.zeros_like(r))  # log q̃ = log 1
