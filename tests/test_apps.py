@@ -16,7 +16,7 @@ from moekit.configs import ConfigError
 def test_list_names_the_apps(capsys):
     assert main(["app", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps"):
+    for name in ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe"):
         assert name in out
     assert {a.name for a in list_apps()} >= {"driftmoe"}
 

@@ -19,7 +19,7 @@ from ..configs import ConfigError
 __all__ = ["APP_MODULES", "AppSpec", "MissingExtra", "get_app", "list_apps", "register_app", "require"]
 
 # Modules that define applications (imported lazily by list_apps / get_app).
-APP_MODULES = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps")
+APP_MODULES = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe")
 
 _REGISTRY: dict[str, AppSpec] = {}
 
