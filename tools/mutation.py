@@ -44,7 +44,7 @@ TESTS: dict[str, list[str]] = {
                 "tests/test_config.py", "tests/test_variants_topp.py", "tests/test_variants_moepp.py",
                 "tests/test_variants_blockffn.py", "tests/test_variants_traps.py", "tests/test_variants_mumoe.py"],
     "ops": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py"],
-    "dispatch": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_ep_units.py",
+    "dispatch": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_ep_units.py", "tests/test_ep_threads.py",
                  "tests/test_hf_core.py"],
     "experts": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py",
                 "tests/test_experts_init.py",
