@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -95,7 +96,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, local_engine: str = "sorted",
-                routing_fn=None, hierarchy_node: int | None = None, grad: bool = True):
+                routing_fn=None, hierarchy_node: int | None = None, grad: bool = True, replicas: int = 1):
     """EP layer on ``W`` thread-ranks vs the single-process layer on all tokens: per rank, the differences."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=3, num_shared_experts=1, engine="reference")
@@ -111,7 +112,7 @@ def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, lo
     else:
         y_ref = ref(x_all)
     (y_ref * g_all).sum().backward()
-    world = _ThreadWorld(W)
+    world = _ThreadWorld(W * replicas)  # replicas > 1: DP copies of the EP group, each with its own group
     hier = None
     if hierarchy_node is not None:
         G, M = hierarchy_node, W // hierarchy_node
@@ -127,9 +128,15 @@ def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, lo
         assert shard.local_engine == "reference"  # the layer's own engine runs the local rows
         ep.experts.expert_shard = ExpertShard(group=None, rank_experts=shard.rank_experts, rank=r,
                                               local_engine=local_engine, hierarchy=shard.hierarchy)
+        assert ep.experts.expert_shard.received_L.dtype == torch.int64
 
-    def rank_fn(r: int) -> dict:
-        ep = eps[r]
+    if replicas > 1:  # DP copies of the EP group: thread i is EP rank i % W of group i // W
+        eps = [copy.deepcopy(ep) for _ in range(replicas) for ep in eps]
+        for i, ep in enumerate(eps):
+            ep.experts.expert_shard.group = _Group(tuple(range(i // W * W, i // W * W + W)))
+
+    def rank_fn(i: int) -> dict:
+        ep, r = eps[i], i % W
         lo, hi = sum(counts[:r]), sum(counts[:r + 1])
         x = x_all.detach()[lo:hi].clone().requires_grad_()
         with torch.set_grad_enabled(grad):
@@ -147,7 +154,7 @@ def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, lo
         return out
 
     results = world.run(rank_fn, monkeypatch)
-    if grad:  # expert gradients: each expert lives on one rank, which gets every rank's contribution
+    if grad and replicas == 1:  # expert gradients: each expert lives on one rank, which gets every rank's contribution
         for r, ep in enumerate(eps):
             local = list(ep.experts.expert_shard.local_experts)
             for name in ("w_gate", "w_up", "w_down"):
@@ -209,6 +216,31 @@ def test_alltoall_without_grad_runs_forward_only(monkeypatch):
     _assert_close(results)
 
 
+def test_alltoall_exchanges_within_its_expert_parallel_group_only(monkeypatch):
+    # 4 thread-ranks = 2 DP copies of an EP group of 2: each copy's exchange stays inside its group
+    results, eps, world, *_ = _layer_case(monkeypatch, W=2, E=4, counts=[3, 5], placement=[[0, 1, 3], [2]],
+                                          replicas=2)
+    _assert_close(results)
+    assert len(results) == 4 and {ranks for ranks in world.barriers} == {(0, 1), (2, 3)}
+
+
+def test_alltoall_with_the_auto_local_engine_and_time_accounting(monkeypatch):
+    start = time.perf_counter()
+    results, eps, *_ = _layer_case(monkeypatch, W=2, E=4, counts=[4, 2], placement=[[0, 2], [1, 3]],
+                                   local_engine="auto")
+    wall = time.perf_counter() - start
+    _assert_close(results)
+    for ep in eps:  # host time in the exchanges: positive, and within the test's own wall time
+        assert 0.0 < ep.experts.expert_shard.comm_seconds < wall
+
+
+def test_expert_shard_rejects_a_rank_outside_the_group():
+    for rank in (2, -1):
+        with pytest.raises(ValueError, match=rf"rank={rank} is not a rank of the group: rank_experts lists 2 ranks"):
+            ExpertShard(group=None, rank_experts=[[0], [1]], rank=rank)
+    assert ExpertShard(group=None, rank_experts=[[0], [1]], rank=1).local_experts == (1,)
+
+
 def test_hierarchical_exchange_layer_equals_single_process(monkeypatch):
     # 4 ranks as 2 nodes of 2: same result as the flat exchange, outputs and gradients
     results, *_ = _layer_case(monkeypatch, W=4, E=8, counts=[3, 0, 5, 2], placement=[[0, 7], [1, 2, 3], [4], [5, 6]],
@@ -247,8 +279,11 @@ def test_engine_errors_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match=r"engine 'alltoall' cannot run here: the alltoall engine needs a bank "
                                          r"sharded by moekit.parallel.shard_experts; use engine='auto'"):
         resolve_engine("alltoall", x, moe.experts)
-    with pytest.raises(ValueError, match=r"engine 'grouped_mm' cannot run here: .*(CPU|torch >= 2.8)"):
+    with pytest.raises(ValueError) as err:
         resolve_engine("grouped_mm", x, moe.experts)
+    assert str(err.value) == ("engine 'grouped_mm' cannot run here: grouped_mm is a loop of matmuls on CPU (no "
+                              "faster); it is chosen automatically only on CUDA; use engine='auto' or 'reference'")
     assert resolve_engine("auto", x, moe.experts).name != "alltoall"  # auto skips what cannot run
-    with pytest.raises(ValueError, match=r"local_engine='alltoall' would recurse; use 'auto', 'sorted' or"):
+    with pytest.raises(ValueError) as err:
         ExpertShard(group=None, rank_experts=[[0], [1]], rank=0, local_engine="alltoall")
+    assert str(err.value) == "local_engine='alltoall' would recurse; use 'auto', 'sorted' or 'reference'"
