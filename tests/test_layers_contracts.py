@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit import MoE, MoEConfig, Routing, RoutingContext
+from moekit import FeedForward, MoE, MoEConfig, Routing, RoutingContext
 from moekit.configs import ConfigError
 from moekit.layers import build_ffn
 from moekit.layers.moe import routing_stats
 from moekit.layers.attention.rope import apply_rope, rope_tables
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig
+from moekit.layers.variants.coe import ChainOfExperts, CoEConfig
 from moekit.layers.variants.drllm import DrLLMConfig
-from moekit.layers.variants.mod import MoDConfig
+from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPPConfig
 from moekit.layers.variants.mor import MoRConfig
 from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, TRMultilinear
@@ -148,3 +149,26 @@ def test_moe_layer_default_name_keys_its_statistics_and_losses():
 def test_moe_repr_names_its_shape():
     text = repr(MoE(MoEConfig(dim=6, hidden_dim=5, num_experts=3, top_k=2, num_shared_experts=1)))
     assert "dim=6, hidden_dim=5, num_experts=3, top_k=2, shared=1, engine=" in text
+
+
+def test_mod_threshold_eval_reports_the_fraction_under_the_layer_name():
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 16)
+    mod = MixtureOfDepths(8, MoDConfig(eval_mode="threshold"), name="l3").eval()
+    x = torch.randn(2, 6, 8)
+    ctx = RoutingContext(collect_stats=True)
+    with torch.no_grad():
+        mod(x, lambda h, ctx=None: ffn(h), ctx)
+        expected = (torch.nn.functional.linear(x, mod.router.weight)[..., 0].sigmoid() > 0.5).float().mean()
+    assert list(ctx.stats) == ["l3"]
+    torch.testing.assert_close(ctx.stats["l3"].extra["fraction_processed"], expected)
+
+
+def test_chain_of_experts_active_params_count_each_iteration():
+    D, F_, E, k = 8, 6, 4, 2
+    cfg = MoEConfig(dim=D, hidden_dim=F_, num_experts=E, top_k=k, num_shared_experts=1)
+    for C in (1, 2, 3):
+        coe = ChainOfExperts(cfg, CoEConfig(num_iterations=C))
+        router = sum(p.numel() for p in coe.routers[0].parameters())
+        assert router >= D * E
+        assert coe.active_params() == C * (router + k * 3 * D * F_ + 3 * D * F_)  # SwiGLU: 3 D F per expert
