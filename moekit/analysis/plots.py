@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from .routing import RoutingReport
@@ -27,7 +28,7 @@ def _pyplot():
 
 
 def load_heatmap(plt, rows: list[list[float]], names: list[str], title: str, path: Path,
-                 dead: list[tuple[int, int]] = ()) -> None:
+                 dead: Sequence[tuple[int, int]] = ()) -> None:
     """Heatmap of per-expert load relative to uniform, one row per layer (rows may differ in length)."""
     from matplotlib.ticker import MaxNLocator
     width = max(len(r) for r in rows)

@@ -181,7 +181,7 @@ def _coactivation(ids_TK: torch.Tensor, E: int) -> torch.Tensor:
 def _top_tokens(ids_TK: torch.Tensor, tokens_T: torch.Tensor, E: int, decode: Callable[[int], str],
                 per_expert: int, min_count: int) -> dict[int, list[tuple[str, int, int]]]:
     occurrences = Counter(tokens_T.tolist())
-    pairs = Counter()
+    pairs: Counter[tuple[int, int]] = Counter()
     for k in range(ids_TK.shape[1]):
         valid = ids_TK[:, k] >= 0
         pairs.update(zip(ids_TK[valid, k].tolist(), tokens_T[valid].tolist()))
@@ -214,5 +214,6 @@ def summarize(trace: RoutingTrace, decode: Callable[[int], str] | None = None, p
             token_entropy=float(torch.cat(trace.entropy[name]).mean()),
             dead_experts=[int(e) for e in torch.nonzero(counts_E == 0).flatten()],
             coactivation_EE=_coactivation(ids_TK, E),
-            top_tokens=_top_tokens(ids_TK, tokens_T, E, decode, per_expert, min_count) if aligned else {}))
+            top_tokens=_top_tokens(ids_TK, tokens_T, E, decode, per_expert, min_count)
+            if aligned and tokens_T is not None else {}))
     return RoutingReport(layers)

@@ -52,7 +52,7 @@ def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_siz
         progress: called as ``progress(passages done, passages)`` after each forward pass.
     """
     cfg = getattr(model, "config", None)
-    vocab = getattr(cfg, "vocab_size", None) or getattr(model, "vocab_size", 256)
+    vocab = getattr(cfg, "vocab_size", None) or getattr(model, "vocab_size", None) or 256
     context = getattr(cfg, "context", None) or getattr(cfg, "max_position_embeddings", None)
     max_length = min(max_length, context) if isinstance(context, int) else max_length
     ids, decode = (_tokenize(tokenizer, texts, max_length) if tokenizer is not None
@@ -64,7 +64,7 @@ def analyze(model: nn.Module, texts: Sequence[str], *, tokenizer=None, batch_siz
         else:
             forward = lambda x, m: model(x)  # noqa: E731
     device = next(model.parameters()).device
-    state = {"mask": None}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
     was_training = model.training
     model.eval()
     try:

@@ -68,7 +68,7 @@ class SecretMoE(nn.Module):
         F_, D = teacher.w_up.shape
         check(F_ % num_experts == 0, f"the teacher's hidden size {F_} does not split into {num_experts} experts")
         student = cls(D, num_experts, F_ // num_experts, num_experts)
-        assert teacher.w_gate is not None and student.router.full is not None
+        assert teacher.w_gate is not None and student.router.full is not None and student.experts.w_gate is not None
         with torch.no_grad():
             student.router.full.weight.zero_()
             student.experts.w_gate.copy_(teacher.w_gate.view(num_experts, -1, D))

@@ -55,6 +55,7 @@ def _transformers_block(moe: MoE, implementation: str) -> nn.Module | None:
                         num_experts_per_tok=c.top_k, router_jitter_noise=0.0)
     cfg._experts_implementation = implementation
     block = MixtralSparseMoeBlock(cfg)
+    assert moe.experts.w_gate is not None  # a gated (SwiGLU) bank, as Mixtral's
     with torch.no_grad():
         block.gate.weight.copy_(moe.router.weight)
         block.experts.gate_up_proj.copy_(torch.cat([moe.experts.w_gate, moe.experts.w_up], dim=1))
@@ -108,9 +109,9 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
 
     candidates: dict[str, nn.Module] = {"dense-equivalent": dense}
     for engine in engines:
-        m = MoE(dataclasses.replace(cfg, engine=engine)).to(device)
-        m.load_state_dict(moe.state_dict())
-        candidates[f"moekit-{engine}"] = m
+        layer = MoE(dataclasses.replace(cfg, engine=engine)).to(device)
+        layer.load_state_dict(moe.state_dict())
+        candidates[f"moekit-{engine}"] = layer
     for impl in ("eager", "grouped_mm"):
         block = _transformers_block(moe, impl)
         if block is not None:
@@ -139,7 +140,11 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
     for n, m in candidates.items():
         xg = x.detach().requires_grad_(True)
         peak = peak_memory(fwd_bwd(m), device)
-        memory[n] = peak if peak is not None else saved_activation_bytes(lambda m=m, xg=xg: m(xg), m)
+
+        def forward_once(m: nn.Module = m, xg: torch.Tensor = xg) -> torch.Tensor:
+            return m(xg)
+
+        memory[n] = peak if peak is not None else saved_activation_bytes(forward_once, m)
     base = "dense-equivalent"
     rows = {n: {"forward_s": forward[n], "train_s": train[n], "memory_bytes": memory[n],
                 "forward_ratio": forward[n] / forward[base], "train_ratio": train[n] / train[base],

@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -66,10 +67,10 @@ class ArmResult:
 
 def _arm_result(study: Study, arm: str, outcomes: list[RunOutcome]) -> ArmResult:
     done = [o for o in outcomes if o.finished]
-    sums = [o.summary for o in done]
+    sums = [cast(dict, o.summary) for o in done]  # finished runs have a summary
     first = sums[0] if sums else {}
     peaks = [o.peak_rss_mb for o in done if o.peak_rss_mb is not None]
-    layers = [o.routing or o.summary.get("layers") or {} for o in done]
+    layers = [o.routing or s.get("layers") or {} for o, s in zip(done, sums)]
     cvs = [v for v in (_layer_mean(s, "load_cv") for s in layers) if v is not None]
     metrics = {}
     for key in study.metrics:
@@ -84,7 +85,7 @@ def _arm_result(study: Study, arm: str, outcomes: list[RunOutcome]) -> ArmResult
         steps=[s["step"] for s in sums], tokens=[s["tokens"] for s in sums],
         tokens_per_s=mean_sd([s["tokens_per_s"] for s in sums]), peak_rss_mb=max(peaks) if peaks else None,
         load_cv=statistics.fmean(cvs) if cvs else None, metrics=metrics,
-        per_seed_bpb={o.spec.seed: o.summary["val_bpb"] for o in done})
+        per_seed_bpb={o.spec.seed: s["val_bpb"] for o, s in zip(done, sums)})
 
 
 def aggregate(study: Study, outcomes: list[RunOutcome]) -> list[ArmResult]:

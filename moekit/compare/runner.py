@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from ..training.checkpoint import has_checkpoint, read_json, write_json
 from ..training.metrics import Progress, read_metrics
@@ -128,7 +129,7 @@ class _Display:
         self.active.discard(spec.folder)
         self.done[spec.folder] = spec.config.train.max_steps if self.by_steps else 1
         if outcome.finished:
-            s = outcome.summary
+            s = cast(dict, outcome.summary)  # finished runs have a summary
             self.bar.write(f"{how} {spec.arm} seed {spec.seed}: val loss {s['val_loss']:.4f}, "
                            f"{s['val_bpb']:.4f} bits/byte, {s['step']} steps ({outcome.folder.name})")
         else:
@@ -178,7 +179,11 @@ def _run_pool(todo: list[RunSpec], out_dir: Path, workers: int, outcomes: dict[s
               display: _Display) -> None:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     display.workers = workers
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+    if sys.version_info >= (3, 11):  # a fresh process per run
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
+    else:  # Python 3.10 has no max_tasks_per_child (TypeError): workers are reused across runs
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    with pool:
         futures = {pool.submit(_train_one, spec, str(out_dir), True): spec for spec in todo}
         pending = set(futures)
         try:

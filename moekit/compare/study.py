@@ -193,7 +193,7 @@ def study_from_dict(data: dict[str, Any], name: str, source: str = "", quick: bo
         check("name" in a, f"study {name!r}: arm {i} has no name")
         arms.append(Arm(name=str(a["name"]), preset=a.get("preset"),
                         overrides=flatten_overrides(a.get("overrides", {}), f"arms.{a['name']}.overrides")))
-    fields = dict(
+    fields: dict[str, Any] = dict(
         name=name, description=str(data.get("description", "")), claim=str(data.get("claim", "")),
         base=str(data.get("base", "default")), reference=data.get("reference"),
         seeds=tuple(int(s) for s in data.get("seeds", (0, 1, 2))),

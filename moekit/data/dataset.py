@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -56,7 +57,7 @@ def _raw_texts(cfg: DataConfig) -> tuple[bytes, bytes, str]:
     tr_budget = None if budget is None else int(budget * (1 - cfg.val_fraction))
     va_budget = None if budget is None else max(1, int(budget * cfg.val_fraction))
     if cfg.source in ("stdlib", "mixture", "text"):
-        files = (text_files(cfg.path, cfg.max_files) if cfg.source == "text"
+        files = (text_files(cast(str, cfg.path), cfg.max_files) if cfg.source == "text"  # checked by DataConfig
                  else stdlib_files(cfg.max_files))
         if cfg.source == "text" and len(files) == 1:  # one file: its tail is the validation part
             data = read_files(files, budget)
@@ -83,7 +84,7 @@ def load_data(cfg: DataConfig) -> TokenData:
     tokenizer = get_tokenizer(cfg.tokenizer)
     if cfg.source == "hf":
         from .hf import hf_documents
-        train_docs, val_docs = hf_documents(cfg.path, cfg.hf_split, cfg.hf_text_field, cfg.val_fraction,
+        train_docs, val_docs = hf_documents(cast(str, cfg.path), cfg.hf_split, cfg.hf_text_field, cfg.val_fraction,
                                             cfg.max_files)
         train_b = "\n".join(train_docs).encode("utf-8")[: cfg.max_bytes]
         val_b = "\n".join(val_docs).encode("utf-8")[: cfg.max_bytes]

@@ -43,7 +43,8 @@ def hf_documents(path: str, split: str, text_field: str, val_fraction: float,
                           f"columns: {ds.column_names}")
     rows = ds[text_field] if max_files is None else ds.select(range(min(max_files, len(ds))))[text_field]
     threshold = round(val_fraction * 10_000)
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for i, text in enumerate(rows):
         if not isinstance(text, str):
             raise ConfigError(f"row {i} of column {text_field!r} in {path!r} is a {type(text).__name__}, not text; "

@@ -69,12 +69,14 @@ class ExpertShard:
         if self.local_engine == "alltoall":
             raise ValueError("local_engine='alltoall' would recurse; use 'auto', 'sorted' or 'reference'")
         W, L = self.world_size, self.max_local
+        if not 0 <= self.rank < W:
+            raise ValueError(f"rank={self.rank} is not a rank of the group: rank_experts lists {W} ranks "
+                             f"(0..{W - 1}); give this process's rank within the expert-parallel group")
         slot_E = torch.empty(len(flat), dtype=torch.int64)
         for r, experts in enumerate(self.rank_experts):
             slot_E[list(experts)] = r * L + torch.arange(len(experts))
         self.slot_E = slot_E  # global expert -> owner * L + local index
         self.received_L = torch.zeros(len(self.local_experts), dtype=torch.int64)
-        assert 0 <= self.rank < W
 
     @property
     def world_size(self) -> int:

@@ -10,6 +10,7 @@ the residual, dropout and LayerNorm of ``BertOutput`` run unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ __all__ = ["ffn_layers", "dense_ffn", "calibration_inputs", "upcycle_bert", "sen
 _ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
 
 
-def ffn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def ffn_layers(model: nn.Module) -> list[tuple[str, Any]]:  # transformers' BertLayer
     """``(name, layer)`` of every BERT layer whose FFN is still dense."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(getattr(m, "intermediate", None), nn.Module)
@@ -30,7 +31,7 @@ def ffn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear)]
 
 
-def dense_ffn(layer: nn.Module, hidden_act: str) -> DenseFFN:
+def dense_ffn(layer: Any, hidden_act: str) -> DenseFFN:  # transformers' BertLayer
     """The layer's FFN as a :class:`DenseFFN` (views of the layer's weights, no copy)."""
     if hidden_act not in _ACTIVATIONS:
         raise ValueError(f"hidden_act={hidden_act!r} has no moekit activation; supported: {sorted(_ACTIVATIONS)}")
@@ -52,7 +53,7 @@ def calibration_inputs(model: nn.Module, tokenizer, texts: Sequence[str], *, bat
     """The FFN input of every layer on ``texts``, padding removed: one ``[N, D]`` tensor per layer."""
     layers = ffn_layers(model)
     store: list[list[torch.Tensor]] = [[] for _ in layers]
-    state = {}
+    state: dict[str, torch.Tensor] = {}
 
     def hook(i):
         return lambda module, args: store[i].append(args[0][state["mask"]])
@@ -79,7 +80,8 @@ def upcycle_bert(model: nn.Module, num_experts: int, top_k: int, *, method: str 
         calib_inputs: per-layer FFN inputs (see :func:`calibration_inputs`); required by ``split``.
         split: how ``split`` groups neurons: ``coactivation`` clustering or ``random``.
     """
-    hidden_act = model.config.hidden_act
+    hf_config: Any = model.config  # transformers' BertConfig
+    hidden_act = hf_config.hidden_act
     layers = ffn_layers(model)
     if not layers:
         raise ValueError(f"no dense BERT FFN found in {type(model).__name__}")
@@ -88,7 +90,9 @@ def upcycle_bert(model: nn.Module, num_experts: int, top_k: int, *, method: str 
                          f"get them with moekit.hf.bert.calibration_inputs(model, tokenizer, texts)")
     for i, (name, layer) in enumerate(layers):
         ffn = dense_ffn(layer, hidden_act)
+        new: nn.Module
         if method == "split":
+            assert calib_inputs is not None  # checked above
             new = moefy(ffn, calib_inputs[i], num_experts, top_k, method=split, seed=seed, engine=engine,
                         name=f"{name}.ffn")
         elif method == "upcycle":

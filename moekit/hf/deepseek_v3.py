@@ -9,7 +9,7 @@ with ``use_selection_bias``), packed ``experts.*``, ``shared_experts.{gate,up,do
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from ..layers import MoEConfig
 from ..routing import RouterConfig
@@ -17,7 +17,7 @@ from .adapter import Adapter, register_adapter
 from .layouts import gated_activation, mlp_to_hf, mlp_to_moekit, packed_experts_to_hf, packed_experts_to_moekit
 
 
-def moe_config(block: nn.Module) -> MoEConfig:
+def moe_config(block: Any) -> MoEConfig:  # a transformers block
     gate, experts = block.gate, block.experts
     F = experts.intermediate_dim
     shared = block.shared_experts.intermediate_size

@@ -11,8 +11,9 @@ The block returns ``(hidden, router_scores_TK)``; the patched block does too.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
 
 from ..experts.activations import CLAMP_ALPHA, CLAMP_LIMIT
 from ..layers import MoEConfig
@@ -20,7 +21,7 @@ from ..routing import RouterConfig
 from .adapter import Adapter, ConversionError, register_adapter
 
 
-def moe_config(block: nn.Module) -> MoEConfig:
+def moe_config(block: Any) -> MoEConfig:  # a transformers block
     router, experts = block.router, block.experts
     if (experts.alpha, experts.limit) != (CLAMP_ALPHA, CLAMP_LIMIT):
         raise ConversionError(f"gpt_oss: swiglu_alpha={experts.alpha}, swiglu_limit={experts.limit}; moekit's "

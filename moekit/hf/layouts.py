@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..experts import Activation
 from .adapter import ConversionError, join_halves, split_halves
 
 __all__ = ["packed_experts_to_moekit", "packed_experts_to_hf", "mlp_to_moekit", "mlp_to_hf", "gated_activation"]
@@ -44,7 +45,7 @@ def mlp_to_hf(mk: Tensors, hf_prefix: str, mk_prefix: str = "shared_experts.") -
             hf_prefix + "down_proj.weight": mk[mk_prefix + "w_down"]}
 
 
-def gated_activation(hidden_act: str, where: str) -> str:
+def gated_activation(hidden_act: str, where: str) -> Activation:
     """moekit's name for a gated expert ``act(gate) * up`` with HF activation ``hidden_act``."""
     if hidden_act in ("silu", "swish"):
         return "swiglu"

@@ -8,8 +8,7 @@ moekit's ``jitter_eps`` jitters the router's input only (Switch), so a non-zero 
 from __future__ import annotations
 
 import warnings
-
-from torch import nn
+from typing import Any
 
 from ..layers import MoEConfig
 from ..routing import RouterConfig
@@ -17,7 +16,7 @@ from .adapter import Adapter, register_adapter
 from .layouts import gated_activation, packed_experts_to_hf, packed_experts_to_moekit
 
 
-def moe_config(block: nn.Module) -> MoEConfig:
+def moe_config(block: Any) -> MoEConfig:  # a transformers block
     gate, experts = block.gate, block.experts
     if block.jitter_noise > 0:
         warnings.warn("Mixtral router_jitter_noise > 0: moekit jitters the router input only, transformers "

@@ -180,7 +180,7 @@ def _reset_recorder_hooks(model: nn.Module) -> None:
             if getattr(hook, "__qualname__", "").startswith("install_output_capuring_hook"):
                 del m._forward_hooks[key]
         if getattr(m, "_output_capturing_hooks_installed", False):
-            m._output_capturing_hooks_installed = False
+            m._output_capturing_hooks_installed = False  # type: ignore[assignment]  # transformers' flag
 
 
 def to_moekit(model: nn.Module, engine: str = "auto", *, copy: bool = False) -> dict[str, MoE]:

@@ -9,8 +9,7 @@ transformers names: ``gate.weight``, ``experts.gate_up_proj``, ``experts.down_pr
 from __future__ import annotations
 
 from dataclasses import replace
-
-from torch import nn
+from typing import Any
 
 from ..layers import MoEConfig
 from .adapter import Adapter, register_adapter
@@ -18,7 +17,7 @@ from .layouts import mlp_to_hf, mlp_to_moekit, packed_experts_to_hf, packed_expe
 from .qwen3_moe import softmax_topk_config
 
 
-def moe_config(block: nn.Module) -> MoEConfig:
+def moe_config(block: Any) -> MoEConfig:  # a transformers block
     base = softmax_topk_config(block, "qwen2_moe")
     return replace(base, num_shared_experts=1, shared_hidden_dim=block.shared_expert.intermediate_size,
                    use_shared_gate=True)

@@ -6,7 +6,7 @@ Layers listed in ``mlp_only_layers`` (or off the ``decoder_sparse_step``) are de
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from ..layers import MoEConfig
 from ..routing import RouterConfig
@@ -14,7 +14,7 @@ from .adapter import Adapter, register_adapter
 from .layouts import gated_activation, packed_experts_to_hf, packed_experts_to_moekit
 
 
-def softmax_topk_config(block: nn.Module, where: str) -> MoEConfig:
+def softmax_topk_config(block: Any, where: str) -> MoEConfig:  # a transformers block
     """Config of a block with a ``gate`` (softmax top-k, optional renormalisation) and packed experts."""
     gate, experts = block.gate, block.experts
     return MoEConfig(

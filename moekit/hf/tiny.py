@@ -7,6 +7,8 @@ routing of transformers' 0.02 initialisation, where float rounding could flip ne
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,7 +21,7 @@ def _config(arch: str, *, dim: int, hidden_dim: int, num_experts: int, top_k: in
             vocab_size: int, num_heads: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=dim, num_attention_heads=num_heads,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=dim, num_attention_heads=num_heads,
                   num_key_value_heads=max(1, num_heads // 2), num_hidden_layers=num_layers,
                   max_position_embeddings=256, router_aux_loss_coef=0.02, tie_word_embeddings=False)
     head_dim = dim // num_heads

@@ -13,6 +13,7 @@ cut back to this rank's shard. Without sharded layers these reduce to ``state_di
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -40,10 +41,10 @@ def gather_experts(local_L: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
 
 
 def _expert_keys(model: nn.Module) -> dict[str, ExpertShard]:
-    keys = {}
+    keys: dict[str, ExpertShard] = {}
     for prefix, bank in sharded_banks(model):
         for name, _ in bank.named_parameters(recurse=False):
-            keys[f"{prefix}.{name}" if prefix else name] = bank.expert_shard
+            keys[f"{prefix}.{name}" if prefix else name] = cast(ExpertShard, bank.expert_shard)
     return keys
 
 

@@ -49,7 +49,8 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
     if not groups.is_distributed:
         return
     expert = is_expert_parameter(model)
-    replicated, experts = [], []
+    replicated: list[torch.Tensor] = []
+    experts: list[torch.Tensor] = []
     for name, p in model.named_parameters():
         if not p.requires_grad or isinstance(p, DTensor):  # FSDP2 shards: already reduce-scattered
             continue

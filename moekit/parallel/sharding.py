@@ -105,7 +105,7 @@ def shard_experts(
             raise ValueError(f"placement for {name!r} covers {shard.num_experts} experts, the layer has "
                              f"{num_experts}")
         bank = _local_bank(moe.experts, shard.local_experts)
-        bank.expert_shard = shard
+        bank.expert_shard = shard  # type: ignore[assignment]  # a plain attribute, not a tensor or module
         moe.experts = bank
         setattr(moe, attr, dataclasses.replace(config, engine="alltoall"))
     return model

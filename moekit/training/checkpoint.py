@@ -214,7 +214,7 @@ def _read_current(run_dir: Path, read: Callable[[Path], T]) -> T:
     return read(_current(run_dir))
 
 
-def _check_finite(tensors: Mapping[str, torch.Tensor], what: str, step: int) -> None:
+def _check_finite(tensors: Mapping[str, torch.Tensor], what: str, step: int | None) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"refusing to save step {step}: {what} tensor {name!r} holds NaN or inf; the "
@@ -313,7 +313,9 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors with one entry per shared storage, and ``{dropped name: kept name}`` (as ``save_model`` does)."""
-    kept, aliases, seen = {}, {}, {}
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     for name in sorted(tensors):
         t = tensors[name]
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())

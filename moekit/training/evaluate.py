@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +46,14 @@ def _merge(acc: dict[str, list], stats: dict[str, LayerStats]) -> None:
 def _combined(parts: list[LayerStats]) -> LayerStats:
     """One layer's statistics over several batches; variant statistics (``extra``) are averaged."""
     keys = {k for p in parts for k in p.extra}
-    extra = {k: sum(float(p.extra[k]) for p in parts if k in p.extra) / sum(k in p.extra for p in parts)
-             for k in keys}
-    return LayerStats(counts_E=sum(p.counts_E for p in parts), num_slots=sum(p.num_slots for p in parts),
-                      num_dropped=sum(p.num_dropped for p in parts),
-                      token_entropy=sum(p.token_entropy for p in parts) / len(parts), bias_E=parts[-1].bias_E,
-                      extra=extra)
+    extra: dict[str, torch.Tensor | float] = {
+        k: sum(float(p.extra[k]) for p in parts if k in p.extra) / sum(k in p.extra for p in parts) for k in keys}
+    # sums of tensors (``parts`` is never empty), typed ``Tensor | int`` by the builtin sum
+    return LayerStats(counts_E=cast(torch.Tensor, sum(p.counts_E for p in parts)),
+                      num_slots=sum(p.num_slots for p in parts),
+                      num_dropped=cast(torch.Tensor, sum(p.num_dropped for p in parts)),
+                      token_entropy=cast(torch.Tensor, sum(p.token_entropy for p in parts)) / len(parts),
+                      bias_E=parts[-1].bias_E, extra=extra)
 
 
 @torch.no_grad()
@@ -64,9 +67,11 @@ def evaluate(model: nn.Module, data: TokenData, *, batch_size: int, num_batches:
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    loss_sum, tokens, stats = 0.0, 0, {}
+    loss_sum, tokens = 0.0, 0
+    stats: dict[str, list[LayerStats]] = {}
+    model_config: Any = model.config
     try:
-        for x_BS, y_BS in val_batches(data, batch_size, model.config.context, num_batches):
+        for x_BS, y_BS in val_batches(data, batch_size, model_config.context, num_batches):
             x_BS, y_BS = x_BS.to(device), y_BS.to(device)
             with autocast(device, dtype):
                 logits_BSV, ctx = model(x_BS, RoutingContext(collect_stats=True))

@@ -14,7 +14,8 @@ __all__ = ["build_optimizer", "learning_rate"]
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter, arXiv 1711.05101); matrices and stacks decay, gains and biases do not."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)

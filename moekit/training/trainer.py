@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,8 +108,9 @@ class TrainResult:
 def call_on_step(model: nn.Module, step: int) -> None:
     """The train-step hook: ``module.on_step(step)`` for every module that has one (``step`` steps are done)."""
     for module in model.modules():
-        if callable(getattr(module, "on_step", None)):
-            module.on_step(step)
+        on_step = getattr(module, "on_step", None)
+        if callable(on_step):
+            on_step(step)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenData, cfg: RunConfig, step: int,
@@ -182,7 +184,8 @@ class _StopFlag:
     SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
 
     def __init__(self) -> None:
-        self.requested, self.by = False, None
+        self.requested = False
+        self.by: str | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -346,7 +349,7 @@ class _Run:
         train_batch(self.data, 1, cfg.model.context, tc.seed, 0)
         next(val_batches(self.data, 1, cfg.model.context, 1))
         self.peak = measure_matmul_peak(self.device)
-        self.state = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
         if resume:
             self.state = par.load(out_dir, self.model, self.optimizer)
             call_on_step(self.model, self.state["step"])  # hooks that keep state re-derive it from the step
@@ -360,7 +363,8 @@ class _Run:
         self.session_start = (self.state["step"], self.state["elapsed"])
         self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
-        self.val, self.load_cv = None, None
+        self.val: dict[str, Any] | None = None
+        self.load_cv = None
         c = self.counts
         self.bar.write(f"{cfg.name}: {c.total_params:,} params ({c.active_params:,} active), "
                        f"{c.flops_per_token / 1e6:.1f} MFLOP/token; data: {self.data.description}; "
@@ -507,6 +511,7 @@ class _Run:
 
     def _finish(self) -> TrainResult:
         state, val, counts = self.state, self.val, self.counts
+        assert val is not None  # the loop evaluates before it finishes
         tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0
         # tokens/s counts every rank's tokens; the measured peak is one device's
         mfu = counts.flops_per_token * tokens_per_s / (self.peak * self.par.world_size)
