@@ -19,6 +19,10 @@ Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only),
   ``lo / 0 / hi`` (QMoE).
 - ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_counts``
   ``[G*R]`` int16 (codes in each row; their prefix sums locate a row's stream) and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
+- ``tunstall-fit``: as ``tunstall``, but each matrix has its own dictionary grown from its measured symbol
+  frequencies, ``m_probs`` ``[9]`` float32 (the dictionary is regrown from them, not stored), rows are coded in
+  segments of ``gcd(R, 16)`` rows, and only per-expert code counts ``m_ncodes`` ``[G]`` int32 are stored:
+  segment boundaries follow from the codeword lengths.
 - ``nested`` (D²MoE's MWQ, :mod:`.mwq`): ``m_planes`` ``[G, bits + levels, R, ceil(C/8)]`` (the base code's
   planes, then one sign plane per residual level), per-group ``m_scale``, ``m_zero`` ``[G, R, N]`` and
   ``m_rscale`` ``[G, levels, R, N]`` float16 (``N = ceil(C / group_size)``). ``active_levels`` picks how many
@@ -41,7 +45,7 @@ from .quant import RowGrid, pack_bits, unpack_bits
 
 __all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
 
-FORMATS = ("float", "int", "ternary", "tunstall", "nested")
+FORMATS = ("float", "int", "ternary", "tunstall", "tunstall-fit", "nested")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +59,8 @@ class BankSpec:
         activation: the experts' activation.
         use_bias: whether the projections carry biases.
         format: one of :data:`FORMATS`.
-        bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall``, 32 for ``float``.
-        num_codes: for ``tunstall``, the length of each matrix's code stream.
+        bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall`` / ``tunstall-fit``, 32 for ``float``.
+        num_codes: for ``tunstall`` / ``tunstall-fit``, the length of each matrix's code stream.
         levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
     """
 
@@ -107,6 +111,10 @@ class BankSpec:
             if self.format == "tunstall":
                 out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
                 out[f"{m}_counts"] = ((G * R,), torch.int16)
+            elif self.format == "tunstall-fit":
+                out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
+                out[f"{m}_ncodes"] = ((G,), torch.int32)
+                out[f"{m}_probs"] = ((9,), torch.float32)
             else:
                 out[f"{m}_planes"] = ((G, self.bits, R, (C + 7) // 8), torch.uint8)
             names = ("scale", "zero") if self.format == "int" else ("lo", "hi")
@@ -213,6 +221,12 @@ class CompressedBank(nn.Module):
     def codes(self, m: str, g: int) -> torch.Tensor:
         """Integer codes ``[R, C]`` of matrix ``m`` of stored expert ``g`` (quantised formats)."""
         R, C = self.spec.matrices()[m]
+        if self.spec.format == "tunstall-fit":
+            from .codec import codebook_for, decode_matrix
+            ncodes = getattr(self, f"{m}_ncodes").long()
+            start = int(ncodes[:g].sum())
+            stream = getattr(self, f"{m}_codes")[start:start + int(ncodes[g])]
+            return decode_matrix(stream, R, C, codebook_for(getattr(self, f"{m}_probs").cpu()))
         if self.spec.format == "tunstall":
             from .codec import decode_rows
             counts = getattr(self, f"{m}_counts").long()

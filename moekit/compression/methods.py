@@ -44,6 +44,8 @@ class CompressOptions:
         target_memory: fraction of the float expert bytes to aim for; sets ``bits`` or ``keep_experts``
             when those are not given.
         codec: QMoE only: entropy-code the ternary weights (Tunstall-style, lossless).
+        fit_codebook: QMoE's codec: grow each matrix's dictionary from its measured symbol frequencies
+            (``tunstall-fit``) instead of the paper's fixed P(0) = 0.885 one (``tunstall``).
         percdamp: GPTQ damping (QMoE: 0.1).
         max_tokens_per_expert: cap on each expert's calibration tokens (None: all routed tokens).
         seed: for the random baseline.
@@ -58,6 +60,7 @@ class CompressOptions:
     keep_experts: int | None = None
     target_memory: float | None = None
     codec: bool = True
+    fit_codebook: bool = True
     percdamp: float = 0.1
     max_tokens_per_expert: int | None = None
     seed: int = 0
@@ -251,7 +254,7 @@ def _apply_qmoe(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> N
         from .codec import to_tunstall
         packed = moe.experts
         assert isinstance(packed, CompressedBank)
-        coded = to_tunstall(packed)
+        coded = to_tunstall(packed, fit=opts.fit_codebook)
         # the dictionary assumes QMoE's ~88% zeros; where the codes are denser it would grow them: keep the smaller
         if coded.stored_bytes() < packed.stored_bytes():
             install_bank(moe, coded)
