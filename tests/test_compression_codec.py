@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from moekit import MoEConfig
 from moekit.compression import artifact, codec
 from moekit.compression.api import compress
 from moekit.compression.codec import (
@@ -22,7 +23,6 @@ from moekit.compression.codec import (
     to_tunstall,
 )
 from moekit.models import LanguageModel, ModelConfig
-from moekit import MoEConfig
 from moekit.training.checkpoint import CheckpointError
 
 
