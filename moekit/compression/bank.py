@@ -147,6 +147,7 @@ class CompressedBank(nn.Module):
 
     codebook: torch.Tensor | None = None  # set by the loader for ``tunstall`` banks (shared by every layer)
     active_levels: int | None = None  # ``nested`` banks: residual planes used (None: all)
+    matmul: str = "dequantize"  # ``int`` banks: "int8" runs torch._int_mm on int8 activations (inference only)
     slot_to_stored_E: torch.Tensor
 
     def __init__(self, spec: BankSpec) -> None:
@@ -264,12 +265,30 @@ class CompressedBank(nn.Module):
         return out
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
-        """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights."""
+        """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights (or, for an ``int``
+        bank with ``matmul = "int8"`` when no gradient is needed, through :mod:`.int8mm`)."""
+        if self.matmul == "int8" and self.spec.format == "int" and not (torch.is_grad_enabled() and
+                                                                         x_TD.requires_grad):
+            return self._expert_int8(x_TD, e)
         w = self.weights(e)
         dtype = x_TD.dtype
         h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
         h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
         return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    def _expert_int8(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        from .int8mm import int8_linear, shifted_codes
+        g, bits = int(self.slot_to_stored_E[e]), self.spec.bits
+
+        def linear(x: torch.Tensor, m: str, bias: str) -> torch.Tensor:
+            w8 = shifted_codes(self.codes(m, g), bits)
+            b = self._buffers.get(bias)
+            return int8_linear(x, w8, bits, getattr(self, f"{m}_scale")[g], getattr(self, f"{m}_zero")[g],
+                               None if b is None else b[g])
+
+        h_up = linear(x_TD, "w_up", "b_up")
+        h_gate = linear(x_TD, "w_gate", "b_gate") if self.gated else None
+        return linear(hidden(self.activation, h_gate, h_up), "w_down", "b_down")
 
     @classmethod
     def from_mwq(cls, mats: Mapping[str, list], slot_to_stored_E: torch.Tensor, *, activation: str,

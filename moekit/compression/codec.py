@@ -109,12 +109,12 @@ def _trie(sym_p: tuple[float, ...], num_codes: int = NUM_CODES) -> tuple[torch.T
     par, sym, dep = torch.tensor(parent), torch.tensor(symbol), torch.tensor(depth)
     book = torch.zeros(len(leaf_nodes), 1 + MAX_SYMBOLS, dtype=torch.uint8)
     book[:, 0] = dep[leaf_nodes].to(torch.uint8)
-    node, pos = leaf_nodes.clone(), dep[leaf_nodes].clone()  # walk every leaf up to the root at once
+    at, pos = leaf_nodes.clone(), dep[leaf_nodes].clone()  # walk every leaf up to the root at once
     rows = torch.arange(len(leaf_nodes))
     while bool((pos > 0).any()):
         live = pos > 0
-        book[rows[live], pos[live]] = sym[node[live]].to(torch.uint8)
-        node = torch.where(live, par[node].clamp_min(0), node)
+        book[rows[live], pos[live]] = sym[at[live]].to(torch.uint8)
+        at = torch.where(live, par[at].clamp_min(0), at)
         pos = torch.where(live, pos - 1, pos)
     return child, leaf_id, book
 
