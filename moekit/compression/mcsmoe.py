@@ -35,6 +35,9 @@ __all__ = ["LowRankSparseLinear", "compress_expert", "kept_fraction"]
 class LowRankSparseLinear(nn.Module):
     """``y = L (R x) + (S ⊙ mask_O) x`` for a weight ``W [O, I]`` (no bias; biases stay with the expert)."""
 
+    mask_O: torch.Tensor
+    importance_OI: torch.Tensor
+
     def __init__(self, w_OI: torch.Tensor, rank: int) -> None:
         super().__init__()
         L, R, S = lowrank_sparse_init(w_OI.detach().float(), rank)
@@ -93,7 +96,8 @@ def compress_expert(w: dict[str, torch.Tensor], x_TD: torch.Tensor, activation: 
     """
     if not 0 < final_threshold <= 1:
         raise ValueError(f"final_threshold={final_threshold} must be in (0, 1]; the README uses 0.10")
-    mats = {m: LowRankSparseLinear(w[m], rank) for m in ("w_gate", "w_up", "w_down") if m in w}
+    mats: dict[str, LowRankSparseLinear] = {m: LowRankSparseLinear(w[m], rank)
+                                            for m in ("w_gate", "w_up", "w_down") if m in w}
 
     def run(x: torch.Tensor) -> torch.Tensor:
         h_up = mats["w_up"](x) + w.get("b_up", 0)
