@@ -19,6 +19,10 @@ Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only),
   ``lo / 0 / hi`` (QMoE).
 - ``tunstall``: the ternary codes entropy-coded (:mod:`.codec`): ``m_codes`` ``[N]`` int16, ``m_counts``
   ``[G*R]`` int16 (codes in each row; their prefix sums locate a row's stream) and ``m_lo``, ``m_hi``; the codebook is shared by the whole model.
+- ``tunstall-fit``: as ``tunstall``, but each matrix has its own dictionary grown from its measured symbol
+  frequencies, ``m_probs`` ``[9]`` float32 (the dictionary is regrown from them, not stored), rows are coded in
+  segments of ``gcd(R, 16)`` rows, and only per-expert code counts ``m_ncodes`` ``[G]`` int32 are stored:
+  segment boundaries follow from the codeword lengths.
 - ``nested`` (D²MoE's MWQ, :mod:`.mwq`): ``m_planes`` ``[G, bits + levels, R, ceil(C/8)]`` (the base code's
   planes, then one sign plane per residual level), per-group ``m_scale``, ``m_zero`` ``[G, R, N]`` and
   ``m_rscale`` ``[G, levels, R, N]`` float16 (``N = ceil(C / group_size)``). ``active_levels`` picks how many
@@ -41,7 +45,7 @@ from .quant import RowGrid, pack_bits, unpack_bits
 
 __all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
 
-FORMATS = ("float", "int", "ternary", "tunstall", "nested")
+FORMATS = ("float", "int", "ternary", "tunstall", "tunstall-fit", "nested")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +59,8 @@ class BankSpec:
         activation: the experts' activation.
         use_bias: whether the projections carry biases.
         format: one of :data:`FORMATS`.
-        bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall``, 32 for ``float``.
-        num_codes: for ``tunstall``, the length of each matrix's code stream.
+        bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall`` / ``tunstall-fit``, 32 for ``float``.
+        num_codes: for ``tunstall`` / ``tunstall-fit``, the length of each matrix's code stream.
         levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
     """
 
@@ -107,6 +111,10 @@ class BankSpec:
             if self.format == "tunstall":
                 out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
                 out[f"{m}_counts"] = ((G * R,), torch.int16)
+            elif self.format == "tunstall-fit":
+                out[f"{m}_codes"] = (((self.num_codes or {})[m],), torch.int16)
+                out[f"{m}_ncodes"] = ((G,), torch.int32)
+                out[f"{m}_probs"] = ((9,), torch.float32)
             else:
                 out[f"{m}_planes"] = ((G, self.bits, R, (C + 7) // 8), torch.uint8)
             names = ("scale", "zero") if self.format == "int" else ("lo", "hi")
@@ -139,6 +147,7 @@ class CompressedBank(nn.Module):
 
     codebook: torch.Tensor | None = None  # set by the loader for ``tunstall`` banks (shared by every layer)
     active_levels: int | None = None  # ``nested`` banks: residual planes used (None: all)
+    matmul: str = "dequantize"  # ``int`` banks: "int8" runs torch._int_mm on int8 activations (inference only)
     slot_to_stored_E: torch.Tensor
 
     def __init__(self, spec: BankSpec) -> None:
@@ -213,6 +222,12 @@ class CompressedBank(nn.Module):
     def codes(self, m: str, g: int) -> torch.Tensor:
         """Integer codes ``[R, C]`` of matrix ``m`` of stored expert ``g`` (quantised formats)."""
         R, C = self.spec.matrices()[m]
+        if self.spec.format == "tunstall-fit":
+            from .codec import codebook_for, decode_matrix
+            ncodes = getattr(self, f"{m}_ncodes").long()
+            start = int(ncodes[:g].sum())
+            stream = getattr(self, f"{m}_codes")[start:start + int(ncodes[g])]
+            return decode_matrix(stream, R, C, codebook_for(getattr(self, f"{m}_probs").cpu()))
         if self.spec.format == "tunstall":
             from .codec import decode_rows
             counts = getattr(self, f"{m}_counts").long()
@@ -250,12 +265,30 @@ class CompressedBank(nn.Module):
         return out
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
-        """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights."""
+        """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights (or, for an ``int``
+        bank with ``matmul = "int8"`` when no gradient is needed, through :mod:`.int8mm`)."""
+        if self.matmul == "int8" and self.spec.format == "int" and not (torch.is_grad_enabled() and
+                                                                         x_TD.requires_grad):
+            return self._expert_int8(x_TD, e)
         w = self.weights(e)
         dtype = x_TD.dtype
         h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
         h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
         return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    def _expert_int8(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        from .int8mm import int8_linear, shifted_codes
+        g, bits = int(self.slot_to_stored_E[e]), self.spec.bits
+
+        def linear(x: torch.Tensor, m: str, bias: str) -> torch.Tensor:
+            w8 = shifted_codes(self.codes(m, g), bits)
+            b = self._buffers.get(bias)
+            return int8_linear(x, w8, bits, getattr(self, f"{m}_scale")[g], getattr(self, f"{m}_zero")[g],
+                               None if b is None else b[g])
+
+        h_up = linear(x_TD, "w_up", "b_up")
+        h_gate = linear(x_TD, "w_gate", "b_gate") if self.gated else None
+        return linear(hidden(self.activation, h_gate, h_up), "w_down", "b_down")
 
     @classmethod
     def from_mwq(cls, mats: Mapping[str, list], slot_to_stored_E: torch.Tensor, *, activation: str,

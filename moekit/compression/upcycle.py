@@ -21,12 +21,13 @@ G = F / E neurons per split expert.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts import FeedForward, hidden
+from ..experts import Activation, FeedForward, hidden
 from ..layers import MoE, MoEConfig
 from ..routing import RouterConfig
 from ..types import Routing, RoutingContext
@@ -88,6 +89,7 @@ def _fill_bank(moe: MoE, ffn: DenseFFN, groups_EG: torch.Tensor | None, with_dow
         if bank.w_gate is not None:
             bank.w_gate.copy_(pick(ffn.w_gate, 0))
         if bank.use_bias:
+            assert bank.b_up is not None and bank.b_down is not None, "a bank with use_bias has its biases"
             zeros_F, zeros_D = ffn.w_up.new_zeros(ffn.hidden_dim), ffn.w_up.new_zeros(ffn.dim)
             bank.b_up.copy_(pick(ffn.b_up if ffn.b_up is not None else zeros_F, 0))
             if bank.b_gate is not None:
@@ -109,7 +111,7 @@ def sparse_upcycle(ffn: DenseFFN, num_experts: int, top_k: int, *, noise_std: fl
     """
     router = router or RouterConfig(norm_topk_prob=True)
     cfg = MoEConfig(dim=ffn.dim, hidden_dim=ffn.hidden_dim, num_experts=num_experts, top_k=top_k,
-                    activation=ffn.activation, use_ffn_bias=_has_bias(ffn), engine=engine, router=router)
+                    activation=cast(Activation, ffn.activation), use_ffn_bias=_has_bias(ffn), engine=engine, router=router)
     moe = MoE(cfg, name=name).to(ffn.w_up.device, ffn.w_up.dtype)
     _fill_bank(moe, ffn, None, with_down_bias=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -222,7 +224,9 @@ class SplitFFN(nn.Module):
         ones = Routing(expert_ids_TK=routing.expert_ids_TK, weights_TK=(routing.expert_ids_TK >= 0).to(x.dtype),
                        scores_TE=routing.scores_TE, logits_TE=routing.logits_TE)
         y_TD = self.moe.combine(x_TD, ones, ctx)
-        return (y_TD if self.b_down is None else y_TD + self.b_down).view(x.shape)
+        b_down = self.b_down
+        assert b_down is None or isinstance(b_down, torch.Tensor)
+        return (y_TD if b_down is None else y_TD + b_down).view(x.shape)
 
 
 def split_ffn(ffn: DenseFFN, groups_EG: torch.Tensor, top_k: int, *,
@@ -233,7 +237,7 @@ def split_ffn(ffn: DenseFFN, groups_EG: torch.Tensor, top_k: int, *,
     if not torch.equal(flat, torch.arange(ffn.hidden_dim, device=flat.device)):
         raise ValueError(f"groups_EG must partition the {ffn.hidden_dim} neurons exactly once each")
     E, G = groups_EG.shape
-    cfg = MoEConfig(dim=ffn.dim, hidden_dim=G, num_experts=E, top_k=top_k, activation=ffn.activation,
+    cfg = MoEConfig(dim=ffn.dim, hidden_dim=G, num_experts=E, top_k=top_k, activation=cast(Activation, ffn.activation),
                     use_ffn_bias=_has_bias(ffn), engine=engine,
                     router=RouterConfig(use_logit_bias=True, norm_topk_prob=False, aux_loss_coef=0.0))
     moe = MoE(cfg, name=name).to(ffn.w_up.device, ffn.w_up.dtype)
@@ -241,6 +245,7 @@ def split_ffn(ffn: DenseFFN, groups_EG: torch.Tensor, top_k: int, *,
     with torch.no_grad():
         w, b = router if router is not None else (torch.zeros(E, ffn.dim), torch.zeros(E))
         moe.router.weight.copy_(w)
+        assert moe.router.bias is not None, "the split router has a logit bias"
         moe.router.bias.copy_(b)
     return SplitFFN(moe, ffn.b_down)
 
