@@ -78,7 +78,7 @@ def test_finetune_bad_input_is_one_line_and_writes_nothing(base_run, tmp_path, c
                "only train.* and data.*")
     fails_with(capsys, ["finetune", str(tmp_path / "missing"), "--method", "lora", "--out", str(out)],
                "does not exist")
-    fails_with(capsys, ["finetune", "--method", "lora"], "finetune needs RUN, --out")
+    fails_with(capsys, ["finetune", "--method", "lora"], "finetune needs RUN or --hf PATH, --out")
     assert not out.exists()
 
 
