@@ -27,8 +27,8 @@ from torch import nn
 from ..configs import ConfigError
 from ..models import ModelConfig
 from ..types import RoutingContext
-from .api import Adapters, apply
-from .finetune import FinetuneResult
+from .api import Adapters
+from .finetune import Companion, FinetuneResult, apply_all
 
 __all__ = ["HFCausalLM", "finetune_hf", "hf_model_config", "load_hf_causal_lm", "model_from_record"]
 
@@ -120,7 +120,7 @@ def model_from_record(record: dict[str, Any], config: ModelConfig) -> HFCausalLM
 
 def finetune_hf(path: str | Path, out_dir: str | Path, method: str, *, targets: list[str] | None = None,
                 options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, resume: bool = False,
-                progress: bool = True) -> FinetuneResult:
+                progress: bool = True, companions: list[Companion] | None = None) -> FinetuneResult:
     """Train ``method`` adapters on the frozen transformers causal LM in folder ``path`` into run folder ``out_dir``.
 
     Args:
@@ -128,6 +128,7 @@ def finetune_hf(path: str | Path, out_dir: str | Path, method: str, *, targets: 
             (``hf.model.layers.0.self_attn.q_proj``), so suffixes such as ``q_proj`` are the usual choice.
         overrides: dotted ``train.*`` / ``data.*`` overrides of the ``dense`` preset's training and data settings,
             and ``model.context`` (default ``min(128, max_position_embeddings)``).
+        companions: further ``(method, targets, options)`` applied after ``method`` on other modules.
     """
     from ..recipes import load_preset
     from ..training import train, with_overrides
@@ -161,7 +162,8 @@ def finetune_hf(path: str | Path, out_dir: str | Path, method: str, *, targets: 
     record = {"path": str(path), "config": hc.to_dict()}
     tf = _transformers()
     with torch.device("meta"):  # every adapter check (method, options, targets, ranks) before anything is written
-        probe = apply(HFCausalLM(tf.AutoModelForCausalLM.from_config(hc), cfg.model), method, targets, **options)
+        probe = apply_all(HFCausalLM(tf.AutoModelForCausalLM.from_config(hc), cfg.model), method, targets, options,
+                          companions)
     if probe.num_trainable() == 0:
         raise ConfigError(f"nothing to train: {method} with {options} on {probe.names} has no trainable parameter")
     if not resume and adapters_path(out_dir).exists():
@@ -172,7 +174,7 @@ def finetune_hf(path: str | Path, out_dir: str | Path, method: str, *, targets: 
         return HFCausalLM(load_hf_causal_lm(path), config)
 
     def prepare(model: nn.Module) -> None:
-        handle = apply(model, method, targets, **options)
+        handle = apply_all(model, method, targets, options, companions)
         holder["adapters"] = handle
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -182,4 +184,4 @@ def finetune_hf(path: str | Path, out_dir: str | Path, method: str, *, targets: 
     result = train(cfg, out_dir, resume=resume, progress=progress, prepare_model=prepare, build_model=build)
     handle = holder["adapters"]
     handle.save(adapters_path(out_dir))
-    return FinetuneResult(result, method, handle.num_trainable(), adapters_path(out_dir))
+    return FinetuneResult(result, handle.method, handle.num_trainable(), adapters_path(out_dir))

@@ -22,6 +22,10 @@ def register(subparsers) -> None:
     p.add_argument("--hf", metavar="PATH", help="fine-tune a local transformers causal-LM folder instead of a run")
     p.add_argument("--method", help="adapter method (see --list)")
     p.add_argument("--targets", help="comma-separated module names, suffixes or globs (default: the method's own)")
+    p.add_argument("--companion", metavar="METHOD", help="a second method on other modules, e.g. lora beside "
+                   "mixlora (options as --companion.key=value)")
+    p.add_argument("--companion-targets", metavar="LIST", help="the companion's comma-separated targets (default: "
+                   "its own)")
     p.add_argument("--out", metavar="DIR", help="the fine-tuning run folder")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
     p.add_argument("--list", action="store_true", help="print the adapter methods and exit")
@@ -42,15 +46,22 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise UsageError(f"finetune needs {', '.join(missing)}: moekit finetune RUN|--hf PATH --method NAME --out DIR "
                          f"(methods: moekit finetune --list)")
-    if args.method not in adapters.available():
-        raise UsageError(f"unknown adapter method {args.method!r}; choose one of {adapters.available()}")
+    for given in (args.method, args.companion):
+        if given is not None and given not in adapters.available():
+            raise UsageError(f"unknown adapter method {given!r}; choose one of {adapters.available()}")
     from ..adapters.finetune import finetune
     from ..adapters.hf_finetune import finetune_hf
     overrides = dict(args.overrides or {})
     options = {k[len("adapter."):]: overrides.pop(k) for k in list(overrides) if k.startswith("adapter.")}
+    companion_options = {k[len("companion."):]: overrides.pop(k) for k in list(overrides)
+                         if k.startswith("companion.")}
+    if (companion_options or args.companion_targets) and not args.companion:
+        raise UsageError("--companion.* options and --companion-targets need --companion METHOD")
     targets = [t for t in args.targets.split(",") if t] if args.targets else None
+    companion_targets = [t for t in args.companion_targets.split(",") if t] if args.companion_targets else None
+    companions = [(args.companion, companion_targets, companion_options)] if args.companion else None
     result = (finetune_hf if args.hf else finetune)(args.hf or args.run, args.out, args.method, targets=targets,
                                                     options=options, overrides=overrides, resume=args.resume,
-                                                    progress=not args.no_progress)
+                                                    progress=not args.no_progress, companions=companions)
     print(f"{result.method}: {result.trainable_params:,} trainable parameters; adapters in {result.adapter_file}")
     return 0
