@@ -342,3 +342,24 @@ def test_mixlora_with_a_companion_lora_on_attention_saves_loads_and_merges(tmp_p
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapter." not in n)
     handle.remove()
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_one_method_file_without_groups_still_loads(tmp_path):
+    """Files written before several methods per model existed have no ``groups`` header field."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model = tiny_lm()
+    handle = adapters.apply(model, "lora", rank=2)
+    randomize(handle)
+    x = tokens()
+    want, _ = model(x)
+    header = {k: v for k, v in handle.header().items() if k != "groups"}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in handle.state_dict().items()}, str(path), metadata=header)
+    with safe_open(str(path), framework="pt") as f:
+        assert "groups" not in f.metadata()
+    read = adapters.read_header(path)
+    assert [g["method"] for g in read["groups"]] == ["lora"]
+    fresh = tiny_lm()
+    adapters.load(fresh, path)
+    torch.testing.assert_close(fresh(x)[0], want)
