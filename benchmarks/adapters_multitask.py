@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/adapters_multitask")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default="adapters_multitask.json")
+    p.add_argument("--preset", default="dense", choices=("dense", "default"),
+                   help="the base: dense, or default (MoE; 8 experts x 128, top-2: the dense FFN's active width)")
     args = p.parse_args()
     work = Path(args.work)
     base = work / "base"
@@ -120,8 +122,10 @@ def main() -> None:
              "--model.dense_hidden_dim=256", "--train.batch_size=16", "--train.max_seconds=none",
              "--train.eval_every=0", "--train.eval_batches=4", "--train.device=cpu", "--train.threads=1",
              "--data.max_bytes=2000000"]
+    if args.preset == "default":
+        small.append("--model.moe.hidden_dim=128")
     if not (base / "summary.json").exists():
-        assert cli(["train", "--preset", "dense", "--out", str(base), "--no-progress",
+        assert cli(["train", "--preset", args.preset, "--out", str(base), "--no-progress",
                     f"--train.max_steps={args.pretrain_steps}", *small]) == 0
     cfg = read_run_config(base)
     with torch.device("meta"):

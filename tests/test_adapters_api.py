@@ -284,3 +284,82 @@ def test_mos_shares_pools_across_layers_and_merges(tmp_path):
     torch.testing.assert_close(fresh(x)[0], adapted)
     merged = adapters.merge(model)
     torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_mixlora_with_a_companion_lora_on_attention_saves_loads_and_merges(tmp_path):
+    """MixLoRA on the FFNs plus plain LoRA on the attention projections (spec §15) in one model: both train, the
+    file holds both groups, load rebuilds both, and merge(method='lora') folds only the companion."""
+    model = tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = tokens()
+    adapters.apply(model, "mixlora", targets=["ffn"], num_experts=2, top_k=1, rank=2)
+    handle = adapters.apply(model, "lora", targets=["w_qkv", "w_out"], rank=2)
+    assert handle is adapters.adapters_of(model) and handle.method == "mixlora+lora"
+    assert [g.method for g in handle.groups] == ["mixlora", "lora"] and len(handle.names) == 6
+    randomize(handle)
+    # each group changes the output: removing either one's update moves it
+    full, _ = model(x)
+    lora_B = [w.adapter.lora_B for w in handle.groups[1].wrappers.values()]
+    saved_B = [b.detach().clone() for b in lora_B]
+    with torch.no_grad():
+        for b in lora_B:
+            b.zero_()
+    without_lora, _ = model(x)
+    with torch.no_grad():
+        for b, s in zip(lora_B, saved_B, strict=True):
+            b.copy_(s)
+    assert (full - without_lora).abs().max() > 1e-4
+    # gradients reach both groups, and nothing else trains
+    logits, ctx = model(x, RoutingContext())
+    (logits.square().mean() + ctx.total_loss()).backward()
+    for g in handle.groups:
+        grads = [p.grad for w in g.wrappers.values() for p in w.adapter.parameters() if p.requires_grad]
+        assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads), g.method
+    trainable = {id(p) for p in handle.parameters()}
+    assert all(id(p) in trainable for p in model.parameters() if p.requires_grad)
+    # one file, both groups; a fresh model reads it back to the same outputs
+    path = adapters.save(model, tmp_path / "both.safetensors")
+    header = adapters.read_header(path)
+    assert header["method"] == "mixlora+lora" and [g["method"] for g in header["groups"]] == ["mixlora", "lora"]
+    fresh = tiny_lm()
+    loaded = adapters.load(fresh, path)
+    assert loaded.method == "mixlora+lora"
+    torch.testing.assert_close(fresh(x)[0], full)
+    with pytest.raises(ValueError, match="holds 'mixlora\\+lora' adapters, not 'rank1'"):
+        adapters.load(tiny_lm(), path, method="rank1")
+    # a module already adapted is refused, by either method
+    with pytest.raises(ValueError, match="already has lora adapters"):
+        adapters.apply(model, "dynmole", targets=["w_qkv"])
+    with pytest.raises(ValueError, match="already has mixlora adapters"):
+        adapters.apply(model, "mixlora", targets=["ffn"])
+    # merging everything is refused (MixLoRA routes); merging the companion folds it and keeps MixLoRA
+    with pytest.raises(ValueError, match="cannot be folded.*method=..."):
+        adapters.merge(model)
+    adapters.merge(model, method="lora")
+    assert handle.method == "mixlora" and isinstance(model.layers[0].attn.w_qkv, nn.Linear)
+    assert not torch.equal(model.layers[0].attn.w_qkv.weight, before["layers.0.attn.w_qkv.weight"])
+    torch.testing.assert_close(model(x)[0], full, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".adapter." not in n)
+    handle.remove()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_one_method_file_without_groups_still_loads(tmp_path):
+    """Files written before several methods per model existed have no ``groups`` header field."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model = tiny_lm()
+    handle = adapters.apply(model, "lora", rank=2)
+    randomize(handle)
+    x = tokens()
+    want, _ = model(x)
+    header = {k: v for k, v in handle.header().items() if k != "groups"}
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in handle.state_dict().items()}, str(path), metadata=header)
+    with safe_open(str(path), framework="pt") as f:
+        assert "groups" not in f.metadata()
+    read = adapters.read_header(path)
+    assert [g["method"] for g in read["groups"]] == ["lora"]
+    fresh = tiny_lm()
+    adapters.load(fresh, path)
+    torch.testing.assert_close(fresh(x)[0], want)

@@ -78,7 +78,7 @@ def test_finetune_bad_input_is_one_line_and_writes_nothing(base_run, tmp_path, c
                "only train.* and data.*")
     fails_with(capsys, ["finetune", str(tmp_path / "missing"), "--method", "lora", "--out", str(out)],
                "does not exist")
-    fails_with(capsys, ["finetune", "--method", "lora"], "finetune needs RUN, --out")
+    fails_with(capsys, ["finetune", "--method", "lora"], "finetune needs RUN or --hf PATH, --out")
     assert not out.exists()
 
 
@@ -98,3 +98,29 @@ def test_router_only_regime_trains_the_routers_alone(base_run, tmp_path):
                                                                           "train_router_only": True},
                       overrides={"train.max_steps": 2}, progress=False)
     assert result.trainable_params == 4 * 2 * 32  # four projections, a 2 x 32 router each
+
+
+def test_finetune_with_a_companion_method_trains_both_and_eval_reads_them(base_run, tmp_path, capsys):
+    """MixLoRA on the FFNs plus a companion LoRA on the attention (§15), through the CLI and the trainer."""
+    out = tmp_path / "pair"
+    assert main(["finetune", str(base_run), "--method", "mixlora", "--targets", "ffn", "--adapter.num_experts=2",
+                 "--adapter.rank=2", "--companion", "lora", "--companion-targets", "w_qkv",
+                 "--companion.rank=2", "--out", str(out), "--no-progress", "--data.source=arithmetic",
+                 "--train.max_steps=3", "--train.lr=0.05"]) == 0
+    assert "mixlora+lora:" in capsys.readouterr().out
+    header = adapters.read_header(adapters_path(out))
+    assert [(g["method"], g["config"]["rank"]) for g in header["groups"]] == [("mixlora", 2), ("lora", 2)]
+    _, model, state = load_run(out, "cpu")
+    handle = adapters.adapters_of(model)
+    assert state["step"] == 3 and handle.method == "mixlora+lora"
+    trained = handle.state_dict()
+    for group in handle.groups:  # both groups learned: some B (zero at the start) moved
+        assert any(k.startswith(tuple(n + "." for n in group.names)) and "lora_B" in k and v.abs().sum() > 0
+                   for k, v in trained.items()), group.method
+    assert main(["eval", str(out)]) == 0
+    fails_with(capsys, ["finetune", str(base_run), "--method", "lora", "--companion", "nope", "--out",
+                        str(tmp_path / "x")], "unknown adapter method 'nope'")
+    fails_with(capsys, ["finetune", str(base_run), "--method", "lora", "--companion.rank=2", "--out",
+                        str(tmp_path / "x")], "need --companion METHOD")
+    fails_with(capsys, ["finetune", str(base_run), "--method", "lora", "--companion", "dynmole", "--out",
+                        str(tmp_path / "x")], "already has lora adapters")

@@ -141,6 +141,55 @@ def test_lora_mixer_hard_soft_routing_and_router_only_regime():
     assert {n for n, p in regime2.named_parameters() if p.requires_grad} == {"router.weight"}
 
 
+def test_lora_mixer_preserve_loss_is_zero_at_the_anchor_scaled_by_beta_and_reaches_only_experts_in_c(tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(num_experts=4, top_k=2, rank=2, balance_coef=0.0, preserve_experts=[0, 2])
+    mixer = LoRAMixer(10, 6, LoRAMixerConfig(**cfg, preserve_coef=0.5)).train()
+    x = torch.randn(5, 10)
+    ctx = RoutingContext()
+    mixer(x, ctx)
+    assert ctx.losses["preserve_loss"].item() == 0.0  # at initialisation
+    with torch.no_grad():
+        mixer.experts.lora_A.add_(torch.randn_like(mixer.experts.lora_A))
+        mixer.experts.lora_B.add_(torch.randn_like(mixer.experts.lora_B))
+    dA = (mixer.experts.lora_A - mixer.anchor_A).square().flatten(1).sum(1)
+    dB = (mixer.experts.lora_B - mixer.anchor_B).square().flatten(1).sum(1)
+    want = 0.5 * float((dA + dB)[[0, 2]].sum().detach())  # by hand: experts 0 and 2 only
+    ctx = RoutingContext()
+    mixer(x, ctx)
+    assert math.isclose(ctx.losses["preserve_loss"].item(), want, rel_tol=1e-5)
+    double = LoRAMixer(10, 6, LoRAMixerConfig(**cfg, preserve_coef=1.0)).train()
+    double.load_state_dict(mixer.state_dict())  # the anchors are saved with the adapter
+    ctx2 = RoutingContext()
+    double(x, ctx2)
+    assert math.isclose(ctx2.losses["preserve_loss"].item(), 2 * want, rel_tol=1e-5)  # the coefficient is applied
+    mixer.zero_grad()
+    ctx.losses["preserve_loss"].backward()
+    gA = mixer.experts.lora_A.grad.abs().flatten(1).sum(1)
+    gB = mixer.experts.lora_B.grad.abs().flatten(1).sum(1)
+    assert (gA[[0, 2]] > 0).all() and (gB[[0, 2]] > 0).all()
+    assert (gA[[1, 3]] == 0).all() and (gB[[1, 3]] == 0).all() and mixer.router.weight.grad is None
+    mixer.set_anchor()  # e.g. after loading pre-trained experts
+    ctx = RoutingContext()
+    mixer(x, ctx)
+    assert ctx.losses["preserve_loss"].item() == 0.0
+    with pytest.raises(ValueError, match="preserve_experts"):
+        LoRAMixerConfig(num_experts=4, preserve_coef=1.0, preserve_experts=[4])
+    # through the library: anchors go into the adapter file and a loaded model has the same loss
+    model = nn.Sequential(nn.Linear(10, 6))
+    handle = adapters.apply(model, "lora_mixer", ["0"], num_experts=4, top_k=2, rank=2, preserve_coef=0.5,
+                            preserve_experts=[1])
+    assert {"0.anchor_A", "0.anchor_B"} <= set(handle.state_dict())
+    with torch.no_grad():
+        handle.wrappers["0"].adapter.experts.lora_B.add_(1.0)
+    path = adapters.save(model, tmp_path / "mixer.safetensors")
+    fresh = nn.Sequential(nn.Linear(10, 6))
+    fresh.load_state_dict({k.replace(".base", ""): v for k, v in model.state_dict().items() if "adapter" not in k})
+    adapters.load(fresh, path)
+    loss = fresh[0].adapter.preserve_loss()
+    assert math.isclose(loss.item(), 6 * 2, rel_tol=1e-6)  # expert 1's B moved by 1 in each of its 6x2 entries
+
+
 def test_lora_mixer_losses():
     E = 4
     uniform = torch.full((8, E), 1 / E)

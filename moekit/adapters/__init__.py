@@ -2,13 +2,14 @@
 
 ``apply(model, method, targets=..., **config)`` injects adapters in place and freezes the rest; ``state_dict``,
 ``save``, ``load`` hold only adapter and router tensors (safetensors with a header naming method, config and the
-adapted shapes); ``merge`` folds a single-adapter result (LoRA, MHR-μ) back into the base weights. Methods:
-see :func:`available` and ``docs/adapters.md``.
+adapted shapes); ``merge`` folds a single-adapter result (LoRA, MHR-μ) back into the base weights. Several methods
+may sit on disjoint modules of one model (apply again). Methods: see :func:`available` and ``docs/adapters.md``.
 """
 
 from .api import (
                   FORMAT,
                   AdapterError,
+                  AdapterGroup,
                   Adapters,
                   adapters_of,
                   apply,
@@ -35,6 +36,7 @@ __all__ = [
                   "AdaptedFFN",
                   "AdaptedLinear",
                   "AdapterError",
+                  "AdapterGroup",
                   "Adapters",
                   "DynMoLE",
                   "DynMoLEConfig",

@@ -24,7 +24,20 @@ from ..training.runs import read_run_config
 from ..training.trainer import TrainResult
 from .api import Adapters, apply
 
-__all__ = ["FinetuneResult", "finetune"]
+__all__ = ["Companion", "FinetuneResult", "apply_all", "finetune"]
+
+# A second method on other modules of the same model (e.g. LoRA on the attention beside MixLoRA on the FFNs, §15):
+# (method, targets or None for the method's defaults, options).
+Companion = tuple[str, list[str] | None, dict[str, Any]]
+
+
+def apply_all(model: nn.Module, method: str, targets: list[str] | None, options: dict[str, Any],
+              companions: list[Companion] | None = None) -> Adapters:
+    """Apply ``method`` and then every companion (each on modules the earlier ones left alone)."""
+    handle = apply(model, method, targets, **options)
+    for other, other_targets, other_options in companions or []:
+        handle = apply(model, other, other_targets, **other_options)
+    return handle
 
 
 @dataclass
@@ -39,11 +52,12 @@ class FinetuneResult:
 
 def finetune(base_run: str | Path, out_dir: str | Path, method: str, *, targets: list[str] | None = None,
              options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, resume: bool = False,
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, companions: list[Companion] | None = None) -> FinetuneResult:
     """Train ``method`` adapters on the frozen model of ``base_run`` into ``out_dir``.
 
     Args:
         targets, options: as for :func:`moekit.adapters.apply`.
+        companions: further ``(method, targets, options)`` applied after ``method`` on other modules.
         overrides: dotted ``train.*`` / ``data.*`` overrides of the base run's config (the model is the base's).
     """
     options = dict(options or {})
@@ -56,7 +70,7 @@ def finetune(base_run: str | Path, out_dir: str | Path, method: str, *, targets:
     cfg = with_overrides(read_run_config(base_run), overrides)
     read_state(base_run)  # a base run without a complete checkpoint fails here, before anything is written
     with torch.device("meta"):  # every adapter check (method, options, targets, ranks) before anything is written
-        probe = apply(LanguageModel(cfg.model), method, targets, **options)
+        probe = apply_all(LanguageModel(cfg.model), method, targets, options, companions)
     if probe.num_trainable() == 0:
         raise ConfigError(f"nothing to train: {method} with {options} on {probe.names} has no trainable parameter")
     if not resume and adapters_path(out_dir).exists():
@@ -65,7 +79,7 @@ def finetune(base_run: str | Path, out_dir: str | Path, method: str, *, targets:
 
     def prepare(model: nn.Module) -> None:
         load_checkpoint(base_run, model)
-        handle = apply(model, method, targets, **options)
+        handle = apply_all(model, method, targets, options, companions)
         holder["adapters"] = handle
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -74,4 +88,4 @@ def finetune(base_run: str | Path, out_dir: str | Path, method: str, *, targets:
     result = train(cfg, out_dir, resume=resume, progress=progress, prepare_model=prepare)
     handle = holder["adapters"]
     handle.save(adapters_path(out_dir))
-    return FinetuneResult(result, method, handle.num_trainable(), adapters_path(out_dir))
+    return FinetuneResult(result, handle.method, handle.num_trainable(), adapters_path(out_dir))

@@ -12,7 +12,10 @@ plain top-k weights. ``inference_top_k`` switches to another k in eval mode (one
 inference). Routing Specialisation Loss ``L_RSL = balance_coef * sum_i p̄_i f̄_i + s * entropy_coef * E_x[H(p)]``
 with ``s = +1`` (``entropy_sign='intent'``: minimising makes routing peaked, as the text intends) or ``-1``
 (``'paper'``: the printed sign). ``train_router_only`` is regime (ii): frozen experts, only the router trains.
-Not done: ``L_preserve`` (keeping pre-trained experts near their initial weights).
+``L_preserve = preserve_coef * sum_{i in C} (||A_i - A_i^(0)||^2 + ||B_i - B_i^(0)||^2)`` keeps the experts of
+``C = preserve_experts`` (None: all) near anchors ``A^(0), B^(0)``: persistent buffers (so saved in the adapter file
+and kept across a resume), taken at construction and again by :meth:`LoRAMixer.set_anchor` (call it after loading
+pre-trained experts). Choice: θ_i is expert i's (A_i, B_i) pair; the paper's "adaptive" weighting is not known.
 
 **DynMoLE** (code mikecovlee/DynMoLE @9354b27): ``p = softmax(W_r x)``; keep the sorted prefix whose cumulative
 probability is <= ``top_p`` and at least ``keep_top_k`` experts; if the normalised Tsallis entropy
@@ -52,7 +55,8 @@ def _check_common(method: str, num_experts: int, top_k: int, rank: int, alpha: f
 class LoRAMixerConfig:
     """Attributes: num_experts, top_k, rank, alpha, dropout; hard_soft (straight-through top-k);
     inference_top_k (eval-mode k, None = top_k); balance_coef (alpha of L_RSL); entropy_coef (lambda);
-    entropy_sign ('intent' | 'paper'); train_router_only (regime ii)."""
+    entropy_sign ('intent' | 'paper'); train_router_only (regime ii); preserve_coef (beta of L_preserve, 0 = off);
+    preserve_experts (the set C, None = every expert)."""
 
     num_experts: int = 4
     top_k: int = 2
@@ -65,9 +69,17 @@ class LoRAMixerConfig:
     entropy_coef: float = 0.0
     entropy_sign: Literal["intent", "paper"] = "intent"
     train_router_only: bool = False
+    preserve_coef: float = 0.0
+    preserve_experts: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_common("lora_mixer", self.num_experts, self.top_k, self.rank, self.alpha, self.dropout)
+        check(self.preserve_coef >= 0, f"lora_mixer.preserve_coef={self.preserve_coef} must be >= 0 (beta of "
+              f"L_preserve; 0 disables it)")
+        check(self.preserve_experts is None or (len(self.preserve_experts) > 0 and all(
+              isinstance(i, int) and 0 <= i < self.num_experts for i in self.preserve_experts)),
+              f"lora_mixer.preserve_experts={self.preserve_experts!r} must be None (all experts) or a non-empty "
+              f"list of expert indices in [0, {self.num_experts})")
         check(self.inference_top_k is None or 1 <= self.inference_top_k <= self.num_experts,
               f"lora_mixer.inference_top_k={self.inference_top_k} must be in [1, num_experts={self.num_experts}]")
         check_choice("lora_mixer", "entropy_sign", self.entropy_sign, ("intent", "paper"))
@@ -85,6 +97,10 @@ def rsl_balance(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
 class LoRAMixer(LinearAdapter):
     """Routed LoRA experts serially inside a projection (LoRA-Mixer)."""
 
+    anchor_A: torch.Tensor  # [E, R, I], buffers present when preserve_coef > 0
+    anchor_B: torch.Tensor  # [E, O, R]
+    preserve_mask: torch.Tensor  # [E] bool, the set C
+
     def __init__(self, in_features: int, out_features: int, config: LoRAMixerConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -94,9 +110,30 @@ class LoRAMixer(LinearAdapter):
         if c.train_router_only:
             self.experts.requires_grad_(False)
         self.dropout = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+        if c.preserve_coef > 0:
+            self.register_buffer("anchor_A", self.experts.lora_A.detach().clone())
+            self.register_buffer("anchor_B", self.experts.lora_B.detach().clone())
+            keep_E = torch.zeros(c.num_experts, dtype=torch.bool)
+            keep_E[list(range(c.num_experts)) if c.preserve_experts is None else c.preserve_experts] = True
+            self.register_buffer("preserve_mask", keep_E, persistent=False)
+
+    def set_anchor(self) -> None:
+        """Take the experts' current (A, B) as the anchors of ``L_preserve`` (e.g. after loading pre-trained ones)."""
+        if self.config.preserve_coef > 0:
+            with torch.no_grad():
+                self.anchor_A.copy_(self.experts.lora_A)
+                self.anchor_B.copy_(self.experts.lora_B)
+
+    def preserve_loss(self) -> torch.Tensor:
+        """``sum_{i in C} ||A_i - A_i^(0)||^2 + ||B_i - B_i^(0)||^2`` (unscaled; 0 at the anchors)."""
+        dA_E = (self.experts.lora_A - self.anchor_A).square().flatten(1).sum(1)
+        dB_E = (self.experts.lora_B - self.anchor_B).square().flatten(1).sum(1)
+        return ((dA_E + dB_E) * self.preserve_mask).sum()
 
     def forward(self, x_TI: torch.Tensor, ctx: RoutingContext | None = None, layer: str = "lora_mixer") -> torch.Tensor:
         c = self.config
+        if ctx is not None and c.preserve_coef > 0:
+            ctx.add_loss("preserve_loss", c.preserve_coef * self.preserve_loss(), layer)
         logits_TE = self.router.logits(x_TI)
         probs_TE = logits_TE.softmax(-1)
         k = c.inference_top_k if (not self.training and c.inference_top_k is not None) else c.top_k

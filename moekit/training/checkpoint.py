@@ -59,6 +59,7 @@ __all__ = [
     "checkpoint_dir",
     "clean_checkpoints",
     "has_checkpoint",
+    "hf_base_path",
     "load_checkpoint",
     "optimizer_state_by_name",
     "read_checkpoint",
@@ -82,6 +83,11 @@ T = TypeVar("T")
 def adapters_path(run_dir: str | os.PathLike) -> Path:
     """The adapter file of a fine-tuning run (``moekit finetune``): its header says which adapters the model has."""
     return Path(run_dir) / "adapters.safetensors"
+
+
+def hf_base_path(run_dir: str | os.PathLike) -> Path:
+    """The file of a ``moekit finetune --hf`` run naming the transformers model folder its frozen base comes from."""
+    return Path(run_dir) / "hf_base.json"
 
 
 class CheckpointError(ConfigError):

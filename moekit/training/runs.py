@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from ..configs import ConfigError
 from ..data import load_data
 from ..models import LanguageModel
-from .checkpoint import CONFIG_FILE, CheckpointError, adapters_path, load_checkpoint, read_json
+from .checkpoint import CONFIG_FILE, CheckpointError, adapters_path, hf_base_path, load_checkpoint, read_json
 from .config import RunConfig, run_config_from_dict
 from .evaluate import evaluate, resolve_device
 
@@ -33,7 +34,11 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, LanguageModel, dict]:
     """``(config, model with the checkpoint's weights, in eval mode, training state)`` of a run folder."""
     cfg = read_run_config(run_dir)
-    model = LanguageModel(cfg.model)
+    if hf_base_path(run_dir).is_file():  # moekit finetune --hf: a transformers model behind the same interface
+        from ..adapters.hf_finetune import model_from_record
+        model = cast(LanguageModel, model_from_record(read_json(hf_base_path(run_dir)), cfg.model))
+    else:
+        model = LanguageModel(cfg.model)
     from ..compression.artifact import is_compressed_run, load_compressed_into
     if is_compressed_run(run_dir):  # written by moekit compress: experts stored merged / pruned / quantised
         state = load_compressed_into(Path(run_dir), model)

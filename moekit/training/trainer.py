@@ -42,7 +42,7 @@ from torch import nn
 from ..configs import ConfigError, to_dict
 from ..data import TokenData, load_data, train_batch, val_batches
 from ..layers.step_hook import training_step_hook
-from ..models import LanguageModel, count
+from ..models import LanguageModel, ModelConfig, count
 from ..parallel import ParallelGroups, has_sharded, read_sharded_info
 from ..routing import update_expert_biases
 from ..types import RoutingContext
@@ -240,7 +240,8 @@ def spent_budget(cfg: RunConfig, state: dict) -> str | None:
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
           progress: bool = True, tensorboard: bool = False,
-          prepare_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
+          prepare_model: Callable[[nn.Module], None] | None = None,
+          build_model: Callable[[ModelConfig], nn.Module] | None = None) -> TrainResult:
     """Train ``cfg`` into ``out_dir`` (or continue the checkpoint there with ``resume=True``).
 
     Args:
@@ -252,6 +253,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
         prepare_model: called on the freshly built model before the optimizer is made (and before a resumed
             checkpoint is loaded), e.g. to load pre-trained weights and inject adapters; only parameters that
             still require gradients are trained.
+        build_model: builds the model instead of ``LanguageModel(cfg.model)`` (e.g. a transformers model behind
+            the same ``model(x_BS, ctx) -> (logits_BSV, ctx)`` interface, whose ``config`` is ``cfg.model``).
 
     Under torchrun (or with ``cfg.parallel.ep_size > 1``, which needs it) every process calls this; rank 0
     writes the folder and prints, and the other ranks' results carry no metrics records.
@@ -297,7 +300,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_st
             torch.set_num_threads(cfg.train.threads)
         try:
             run = _Run(cfg, out_dir, resume, progress, par, tensorboard,  # data, model, checkpoint:
-                       prepare_model)  # may still refuse
+                       prepare_model, build_model)  # may still refuse
             wrote = True
 
             def start_writing() -> None:
@@ -325,13 +328,14 @@ class _Run:
     """The state of one training invocation: model, optimizer, data, bookkeeping."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, par: Distributed,
-                 tensorboard: bool = False, prepare_model: Callable[[nn.Module], None] | None = None) -> None:
+                 tensorboard: bool = False, prepare_model: Callable[[nn.Module], None] | None = None,
+                 build_model: Callable[[ModelConfig], nn.Module] | None = None) -> None:
         tc = cfg.train
         self.cfg, self.out_dir, self.par = cfg, out_dir, par
         self.show = progress and par.is_main
         self.device = par.device(resolve_device(tc.device))
         torch.manual_seed(tc.seed)  # the same on every rank: identical full weights before sharding
-        self.model = LanguageModel(cfg.model).to(self.device)
+        self.model = (build_model or LanguageModel)(cfg.model).to(self.device)
         if prepare_model is not None:
             prepare_model(self.model)
             if not any(p.requires_grad for p in self.model.parameters()):
