@@ -267,3 +267,10 @@ class ExpertCache:
 
     def new_request(self) -> None:
         self.policy.new_request()
+
+    def before_layer(self, layer: int, counts: dict[int, int]) -> None:
+        """Called before an offloaded layer runs, with its activated experts ``{expert: tokens}`` (a hook for
+        caches that schedule by layer, such as the bit-nested one; nothing here)."""
+
+    def after_layer(self, layer: int) -> None:
+        """Called after an offloaded layer ran (a hook, see :meth:`before_layer`)."""

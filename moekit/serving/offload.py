@@ -138,7 +138,9 @@ class OffloadedExpertBank(nn.Module):
     def __init__(self, bank: ExpertBank, layer: int, offload: Offload) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden_dim = bank.num_experts, bank.dim, bank.hidden_dim
-        self.activation, self.use_bias, self.gated = bank.activation, bank.use_bias, bank.gated
+        self.activation, self.gated = bank.activation, bank.gated
+        self.use_bias = getattr(bank, "use_bias", False)  # a CompressedBank keeps it in its spec; expert() reads
+        # whichever biases the cache hands back
         self.layer = layer
         self._offload = [offload]  # a list, so that nn.Module does not register it as a child
 
@@ -170,8 +172,9 @@ def _offload_supports(x: torch.Tensor, bank) -> str | None:
 def offload_engine(x_TD: torch.Tensor, routing: Routing, bank: OffloadedExpertBank) -> torch.Tensor:
     """The reference loop over the experts present in ``routing``, fetching each through the cache."""
     ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.to(x_TD.dtype)
-    present = sorted(int(e) for e in torch.unique(ids_TK[ids_TK >= 0]).tolist())
-    bank.offload.before_layer(bank.layer, present, x_TD)
+    used, counts = torch.unique(ids_TK[ids_TK >= 0], return_counts=True)
+    present = [int(e) for e in used.tolist()]  # torch.unique sorts: ascending ids, as the reference engine
+    bank.offload.before_layer(bank.layer, present, x_TD, dict(zip(present, counts.tolist(), strict=True)))
     y_TD = torch.zeros_like(x_TD)
     for e in present:
         token_idx, slot_idx = torch.nonzero(ids_TK == e, as_tuple=True)
@@ -205,9 +208,11 @@ class Offload:
     def num_layers(self) -> int:
         return len(self.moes)
 
-    def before_layer(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> None:
+    def before_layer(self, layer: int, experts: list[int], x_TD: torch.Tensor,
+                     counts: dict[int, int] | None = None) -> None:
         if layer == 0 and self._step:
             self._flush()
+        self.cache.before_layer(layer, counts if counts is not None else dict.fromkeys(experts, 1))
         predicted = self._predict_next(layer, x_TD) if layer + 1 < self.num_layers else []
         if self.record:
             self._step.append({"experts": experts, "predicted": predicted})
@@ -225,6 +230,7 @@ class Offload:
 
     def after_layer(self, layer: int) -> None:
         self.cache.pinned = set()  # pins guard prefetches only; demand loads may evict anything but themselves
+        self.cache.after_layer(layer)
         if layer == self.num_layers - 1:
             self._flush()
 
@@ -314,7 +320,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
-        moe.config = dataclasses.replace(moe.config, engine="offload")  # type: ignore[arg-type]
+        moe.config = dataclasses.replace(moe.config, engine="offload")
     model = model.to(target).eval()
     return cfg, model, offload
 
