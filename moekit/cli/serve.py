@@ -33,6 +33,8 @@ def register(subparsers) -> None:
                    help="expert cache policy when offloading")
     p.add_argument("--prefetch", default="none", choices=[c for c in PREFETCHERS if c != "affinity"],
                    help="expert prefetcher when offloading")
+    p.add_argument("--async-prefetch", action="store_true",
+                   help="copy prefetched experts on a background thread (a side stream on CUDA)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
     p.set_defaults(func=run)
 
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from ..serving import load_offloaded
             cfg, model, _ = load_offloaded(args.run, args.expert_memory, args.policy, prefetch=args.prefetch,
-                                           device=args.device, record=False)
+                                           device=args.device, record=False, asynchronous=args.async_prefetch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     tokenizer = get_tokenizer(cfg.data.tokenizer)

@@ -24,9 +24,13 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .background import BackgroundLoader
 
 __all__ = [
     "POLICIES",
@@ -181,7 +185,8 @@ class CacheStats:
     def __init__(self) -> None:
         self.hits = self.misses = self.prefetches = self.prefetch_hits = 0
         self.bytes_moved = 0
-        self.load_seconds = 0.0
+        self.load_seconds = 0.0  # spent loading on the caller's thread (issuing, for background prefetches)
+        self.wait_seconds = 0.0  # spent waiting for background prefetches that had not arrived
 
     @property
     def hit_rate(self) -> float:
@@ -191,7 +196,7 @@ class CacheStats:
     def as_dict(self) -> dict[str, Any]:
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate,
                 "prefetches": self.prefetches, "prefetch_hits": self.prefetch_hits,
-                "bytes_moved": self.bytes_moved, "load_seconds": self.load_seconds}
+                "bytes_moved": self.bytes_moved, "load_seconds": self.load_seconds, "wait_seconds": self.wait_seconds}
 
 
 Weights = dict[str, torch.Tensor]
@@ -205,11 +210,15 @@ class ExpertCache:
         policy: a :class:`Policy` (which expert to evict).
         loader: reads one expert's weights (e.g. from a memory-mapped safetensors file).
         nbytes: bytes of one expert, ``nbytes(key)``.
+        background: a :class:`~moekit.serving.background.BackgroundLoader`: prefetches are copied on its thread
+            (the eviction that makes room still happens when the prefetch is issued); demand loads stay inline.
     """
 
     def __init__(self, capacity_bytes: int, policy: Policy, loader: Callable[[Key], Weights],
-                 nbytes: Callable[[Key], int]) -> None:
+                 nbytes: Callable[[Key], int], background: BackgroundLoader | None = None) -> None:
         self.capacity_bytes, self.policy, self.loader, self.nbytes = capacity_bytes, policy, loader, nbytes
+        self.background = background
+        self.pending: dict[Key, Future] = {}  # prefetches still being copied in the background
         self.resident: dict[Key, Weights] = {}
         self.used_bytes = 0
         self.prefetched: set[Key] = set()  # loaded ahead and not yet used
@@ -223,6 +232,9 @@ class ExpertCache:
                 return False
             victim = self.policy.victim(candidates)
             del self.resident[victim]
+            dropped = self.pending.pop(victim, None)
+            if dropped is not None:
+                dropped.cancel()
             self.prefetched.discard(victim)
             self.used_bytes -= self.nbytes(victim)
             self.policy.evict(victim)
@@ -236,7 +248,11 @@ class ExpertCache:
         if not self._make_room(size, key, prefetching):
             return None  # a prefetch that would evict what the running layer needs is dropped
         start = time.perf_counter()
-        weights = self.loader(key)
+        if prefetching and self.background is not None:
+            self.pending[key] = self.background.submit(key)
+            weights: Weights = {}  # filled in when a demand access waits for it
+        else:
+            weights = self.loader(key)
         self.stats.load_seconds += time.perf_counter() - start
         self.stats.bytes_moved += size
         self.resident[key] = weights
@@ -255,6 +271,12 @@ class ExpertCache:
             self.stats.hits += 1
             if key in self.prefetched:
                 self.stats.prefetch_hits += 1
+            future = self.pending.pop(key, None)
+            if future is not None:
+                assert self.background is not None
+                start = time.perf_counter()
+                weights = self.resident[key] = self.background.wait(future)
+                self.stats.wait_seconds += time.perf_counter() - start
         self.prefetched.discard(key)
         self.policy.access(key)
         return weights

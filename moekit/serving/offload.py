@@ -14,7 +14,8 @@ Prefetch (Mixtral-offloading / Pre-gated MoE, spec §11): before layer ``l`` run
 router scores layer ``l``'s FFN input and its top-k experts are loaded ahead (``prefetch="router"``), or the
 experts that most often followed this layer's experts in a profiled trace (``prefetch="affinity"``). On the CPU
 the load is synchronous (a copy out of the page cache). With ``device="cuda"`` the cache holds the experts on
-the GPU and the file stays in host memory; the copies are synchronous too (no side stream yet).
+the GPU and the file stays in host memory. With ``asynchronous=True`` prefetches are copied on a background
+thread (and a CUDA side stream) while the layer computes (:mod:`.background`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..training.checkpoint import CheckpointError, read_state, weights_path
 from ..training.config import RunConfig
 from ..training.runs import read_run_config
 from ..types import Routing
+from .background import BackgroundLoader
 from .cache import ExpertCache, Key, Policy, make_policy
 
 __all__ = ["PREFETCHERS", "ExpertStore", "Offload", "OffloadedExpertBank", "load_offloaded", "open_store", "parse_budget"]
@@ -280,7 +282,8 @@ def open_store(run_dir: str | Path) -> ExpertStore:
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
                    prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
-                   device: str = "cpu", record: bool = True) -> tuple[RunConfig, LanguageModel, Offload]:
+                   device: str = "cpu", record: bool = True, asynchronous: bool = False
+                   ) -> tuple[RunConfig, LanguageModel, Offload]:
     """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
 
     Args:
@@ -290,6 +293,8 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
         prefetch: ``none``, ``router`` (next layer's router) or ``affinity`` (needs ``affinity``).
         device: where the non-expert weights and the computation live.
         record: keep the trace of expert accesses (``Offload.trace``; off for long-running servers).
+        asynchronous: copy prefetched experts on a background thread (and, on CUDA, a side stream) while the
+            current layer computes (:mod:`moekit.serving.background`); outputs are the same bits.
     """
     cfg = read_run_config(run_dir)
     state = read_state(Path(run_dir))
@@ -316,7 +321,8 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     def load(key: Key) -> dict[str, torch.Tensor]:  # the cache lives where the computation runs
         return {n: t.to(target) for n, t in store.load(key).items()}
 
-    cache = ExpertCache(budget, policy, load, store.nbytes)
+    background = BackgroundLoader(store.load, target) if asynchronous else None
+    cache = ExpertCache(budget, policy, load, store.nbytes, background)
     offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
