@@ -31,7 +31,8 @@ def register(subparsers) -> None:
                    help="offload experts: budget as a share ('25%%') or bytes ('64MiB'); default: all resident")
     p.add_argument("--policy", default="lru", choices=[c for c in POLICIES if c != "belady"],
                    help="expert cache policy when offloading")
-    p.add_argument("--prefetch", default="none", choices=[c for c in PREFETCHERS if c != "affinity"],
+    p.add_argument("--prefetch", default="none",
+                   choices=[c for c in PREFETCHERS if c not in ("affinity", "m2r2")],
                    help="expert prefetcher when offloading")
     p.add_argument("--async-prefetch", action="store_true",
                    help="copy prefetched experts on a background thread (a side stream on CUDA)")

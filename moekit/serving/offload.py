@@ -45,7 +45,7 @@ from .cache import ExpertCache, Key, Policy, make_policy
 
 __all__ = ["PREFETCHERS", "ExpertStore", "Offload", "OffloadedExpertBank", "load_offloaded", "open_store", "parse_budget"]
 
-PREFETCHERS = ("none", "router", "affinity")
+PREFETCHERS = ("none", "router", "affinity", "m2r2")
 _PROJ = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
@@ -190,16 +190,20 @@ class Offload:
     """The offloading state of one model: store, cache, prefetcher, and the trace of accesses.
 
     ``trace`` holds one entry per forward pass: per offloaded layer ``{"experts": [...], "predicted": [...]}``,
-    where ``predicted`` is the next layer's router's top-k on this layer's input (recorded whatever the live
-    prefetcher, so that the simulator can replay it).
+    where ``predicted`` is the next layer's router's top-k on this layer's input (on M2R2's fast state with
+    ``prefetch="m2r2"``), recorded whatever the live prefetcher, so that the simulator can replay it.
     """
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, moes: list[MoE], prefetch: str = "none",
-                 affinity: dict[Key, list[int]] | None = None, record: bool = True) -> None:
+                 affinity: dict[Key, list[int]] | None = None, record: bool = True,
+                 accelerators: nn.Module | None = None) -> None:
         if prefetch not in PREFETCHERS:
             raise ValueError(f"unknown prefetcher {prefetch!r}; choose one of {', '.join(PREFETCHERS)}")
         if prefetch == "affinity" and affinity is None:
             raise ValueError("prefetch='affinity' needs an affinity table (moekit.serving.trace.affinity_table)")
+        if prefetch == "m2r2" and accelerators is None:
+            raise ValueError("prefetch='m2r2' needs trained accelerators (moekit.serving.m2r2.train_accelerators)")
+        self.accelerators = accelerators
         self.store, self.cache, self.moes, self.prefetch = store, cache, moes, prefetch
         self.affinity = affinity or {}
         self.record = record
@@ -219,7 +223,7 @@ class Offload:
         if self.record:
             self._step.append({"experts": experts, "predicted": predicted})
         self.cache.pinned = {(layer, e) for e in experts}
-        if self.prefetch == "router":
+        if self.prefetch in ("router", "m2r2"):
             targets = predicted
         elif self.prefetch == "affinity":
             targets = sorted({f for e in experts for f in self.affinity.get((layer, e), [])})
@@ -243,6 +247,8 @@ class Offload:
 
     @torch.no_grad()
     def _predict_next(self, layer: int, x_TD: torch.Tensor) -> list[int]:
+        if self.prefetch == "m2r2" and self.accelerators is not None:  # M2R2: the router on the fast stream
+            x_TD = self.accelerators(layer, x_TD)
         routing = self.moes[layer + 1].route(x_TD)
         ids = routing.expert_ids_TK
         return sorted(int(e) for e in torch.unique(ids[ids >= 0]).tolist())
@@ -282,15 +288,16 @@ def open_store(run_dir: str | Path) -> ExpertStore:
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
                    prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
-                   device: str = "cpu", record: bool = True, asynchronous: bool = False
-                   ) -> tuple[RunConfig, LanguageModel, Offload]:
+                   device: str = "cpu", record: bool = True, asynchronous: bool = False,
+                   accelerators: nn.Module | None = None) -> tuple[RunConfig, LanguageModel, Offload]:
     """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
 
     Args:
         run_dir: a run folder written by ``moekit train``.
         expert_memory: the budget for resident experts: ``"25%"`` of all experts, or bytes.
         policy: ``lru``, ``lfu``, ``activation`` or a :class:`Policy` (``belady`` needs its future).
-        prefetch: ``none``, ``router`` (next layer's router) or ``affinity`` (needs ``affinity``).
+        prefetch: ``none``, ``router`` (next layer's router), ``affinity`` (needs ``affinity``) or ``m2r2`` (the
+            next router on M2R2's fast state; needs ``accelerators`` from :func:`moekit.serving.m2r2.train_accelerators`).
         device: where the non-expert weights and the computation live.
         record: keep the trace of expert accesses (``Offload.trace``; off for long-running servers).
         asynchronous: copy prefetched experts on a background thread (and, on CUDA, a side stream) while the
@@ -323,7 +330,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
 
     background = BackgroundLoader(store.load, target) if asynchronous else None
     cache = ExpertCache(budget, policy, load, store.nbytes, background)
-    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
+    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record, accelerators)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
         moe.config = dataclasses.replace(moe.config, engine="offload")
