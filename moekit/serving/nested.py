@@ -17,8 +17,9 @@ Per MoE layer, with the layer's activated experts and their token counts known:
 2. *Upgrade* (after the layer ran, where a real system overlaps it with the next layer's compute): the same
    experts' higher planes up to ``max_levels`` are loaded in HEBF order, but only into free space or space freed
    from residual planes of strictly colder experts; bases are never evicted to upgrade.
-3. *Eviction* (the D²MoE memory-budget rule): the victim is always the top plane of an unpinned resident expert,
-   residual planes before any base, then the coldest expert first, then least recently used. So low-bit bases,
+3. *Eviction* (the D²MoE memory-budget rule): the victim is always the top plane of an unpinned resident expert:
+   planes above the ``miss_levels`` prefix before any plane an expert needs to run (with ``miss_levels=0``: residual
+   planes before any base), then the coldest expert first, then least recently used. So the low-bit prefixes,
    shared by every request, tend to stay resident, and the hottest experts keep the most planes.
 
 *Choices made* (the spec gives the order but not the bookkeeping): an expert's heat is its count of routed tokens
@@ -161,11 +162,13 @@ class NestedExpertCache(ExpertCache):
         miss_levels: residual planes loaded before a missing expert runs (0: served from the base alone).
         max_levels: the most residual planes an expert ever runs with (default: all stored).
         prior: ``{key: heat}`` profiled from earlier traffic; optional.
-        keep_bases: upgrades never evict a base (D²MoE: the low-bit planes all requests share stay resident);
-            False lets an upgrade evict colder experts' bases too (residual planes still go first), so that under a
-            tight budget the hottest experts reach full precision at the cost of more (low-bit) misses.
+        keep_bases: upgrades never evict a plane of the ``miss_levels`` prefix (D²MoE: the low-bit planes all
+            requests share stay resident); False lets an upgrade evict colder experts' prefixes too (higher planes
+            still go first), so that under a tight budget the hottest experts reach full precision at the cost of
+            more (low-bit) misses.
 
-    Counters (``stats``): ``hits`` / ``misses`` (the expert's base was / was not resident when its layer asked),
+    Counters (``stats``): ``hits`` / ``misses`` (the expert's planes ``0..miss_levels`` were / were not all resident
+    when its layer asked: a miss needs a load before it can run),
     ``low_bit`` (accesses that ran with fewer than ``max_levels`` residual planes: a miss served at the low-bit
     prefix, or an expert not yet upgraded), ``bytes_moved``, ``plane_loads``; ``levels_served`` sums the residual
     planes each access ran with.
@@ -216,14 +219,18 @@ class NestedExpertCache(ExpertCache):
     def resident(self, value: dict[Key, Weights]) -> None:  # the base class assigns an empty dict
         pass
 
+    def _required(self, key: Key) -> bool:
+        """Whether ``key``'s top resident plane is one it needs to run (at or below ``miss_levels``)."""
+        return len(self.planes[key]) - 1 <= self.miss_levels
+
     def _evict_top(self, protect: set[Key], colder_than: float | None = None) -> bool:
-        """Free the top plane of the best victim; ``colder_than``: only residual planes of colder experts."""
-        cands = [k for k, p in self.planes.items() if k not in protect
-                 and (colder_than is None or ((len(p) > 1 or not self.keep_bases)
+        """Free the top plane of the best victim; ``colder_than``: only planes of colder experts (upgrades)."""
+        cands = [k for k in self.planes if k not in protect
+                 and (colder_than is None or ((not self._required(k) or not self.keep_bases)
                                               and self.heat.get(k, 0.0) < colder_than))]
         if not cands:
             return False
-        victim = min(cands, key=lambda k: (len(self.planes[k]) == 1, self.heat.get(k, 0.0), self.last_use.get(k, -1)))
+        victim = min(cands, key=lambda k: (self._required(k), self.heat.get(k, 0.0), self.last_use.get(k, -1)))
         k = len(self.planes[victim]) - 1
         self.planes[victim].pop()
         if not self.planes[victim]:
@@ -269,7 +276,7 @@ class NestedExpertCache(ExpertCache):
         keys = [(layer, e) for e in counts]
         for key in keys:
             self.heat[key] = self.heat.get(key, 0.0) + counts[key[1]]
-        self._missed = {key for key in keys if key not in self.planes}
+        self._missed = {key for key in keys if self.levels_of(key) < self.miss_levels}
         self.pinned = set(keys)
         self._layer, self._layer_counts = layer, dict(counts)
         self._schedule(layer, list(counts), self.miss_levels, set(keys), colder=False)
@@ -283,7 +290,7 @@ class NestedExpertCache(ExpertCache):
 
     def get(self, key: Key) -> Weights:
         """The expert's float weights at the precision resident now (a demand access)."""
-        if key in self._missed or key not in self.planes:
+        if key in self._missed or self.levels_of(key) < self.miss_levels:
             self.stats.misses += 1
             self._missed.discard(key)
         else:
