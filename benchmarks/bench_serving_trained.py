@@ -86,9 +86,9 @@ def sim_table(fit, router_tr, m2r2_tr) -> list[dict]:
     kw = dict(bandwidth=25e9, compute_seconds=1e-3)
     for share in BUDGETS:
         cap = int(total * share)
-        for policy in ("lru", "lfu", "activation", "activation+prior", "belady"):
-            name = "activation" if policy.startswith("activation") else policy
-            pri = prior if policy == "activation+prior" else None
+        for policy in ("lru", "lfu", "activation", "activation+prior", "reuse", "reuse+prior", "belady"):
+            name = policy.split("+")[0]
+            pri = prior if policy.endswith("+prior") else None
             for pf, tr, sim_pf in (("none", router_tr, "none"), ("router", router_tr, "router"),
                                    ("m2r2", m2r2_tr, "router"), ("affinity", router_tr, "affinity"),
                                    ("oracle", router_tr, "oracle")):
@@ -104,14 +104,19 @@ def sim_table(fit, router_tr, m2r2_tr) -> list[dict]:
         for r in rows:
             if r["budget"] == share:
                 r["gap_belady_oracle"], r["gap_belady_demand"] = opt - r["hit_rate"], demand - r["hit_rate"]
+                same = next(q["hit_rate"] for q in rows if q["budget"] == share and q["policy"] == "belady"
+                            and q["prefetch"] == r["prefetch"])
+                r["gap_belady_same_prefetch"] = same - r["hit_rate"]
     return rows
 
 
-def speed(run: Path, seqs, repeats: int) -> dict:
+def speed(run: Path, seqs, repeats: int, acc) -> dict:
     _, resident, _ = load_run(run, "cpu")
     models = {"resident": (resident, None)}
-    for name, asynchronous in (("sync", False), ("async", True)):
-        _, m, off = load_offloaded(run, "25%", "lfu", prefetch="router", record=False, asynchronous=asynchronous)
+    for name, policy, prefetch, asynchronous in (("sync", "lfu", "router", False), ("async", "lfu", "router", True),
+                                                 ("reuse_m2r2", "reuse", "m2r2", False)):
+        _, m, off = load_offloaded(run, "25%", policy, prefetch=prefetch, record=False, asynchronous=asynchronous,
+                                   accelerators=acc)
         models[name] = (m, off)
     times: dict[str, list[float]] = {k: [] for k in models}
     for name, (m, off) in models.items():
@@ -127,7 +132,10 @@ def speed(run: Path, seqs, repeats: int) -> dict:
     out["sync_over_resident"] = statistics.median(r / s for r, s in zip(times["resident"], times["sync"], strict=True))
     out["async_over_resident"] = statistics.median(r / a for r, a in zip(times["resident"], times["async"],
                                                                         strict=True))
+    out["reuse_m2r2_over_resident"] = statistics.median(r / a for r, a in zip(times["resident"],
+                                                                              times["reuse_m2r2"], strict=True))
     out["wait_seconds_async"] = models["async"][1].cache.stats.wait_seconds
+    out["hit_rates"] = {k: off.cache.stats.hit_rate for k, (_, off) in models.items() if off is not None}
     return out
 
 
@@ -169,12 +177,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench_serving_trained.json")
     parser.add_argument("--run", default=None, help="reuse a trained run folder (skip training)")
+    parser.add_argument("--keep", default=None, help="train into this folder (kept) instead of a temporary one")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = with_overrides(load_preset("default"), {**MODEL, "train.max_steps": args.steps})
         t0 = time.perf_counter()
-        run = Path(args.run) if args.run else train(cfg, Path(tmp) / "run", progress=False).out_dir
+        run = Path(args.run) if args.run else train(cfg, Path(args.keep or Path(tmp) / "run"), progress=False).out_dir
         train_seconds = time.perf_counter() - t0
         data = load_data(cfg.data)
         print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
@@ -196,8 +205,9 @@ def main() -> None:
         for r in sims:
             print(f"sim {r['budget']:6.3f} {r['policy']:>16} {r['prefetch']:>8} hit {r['hit_rate']:.3f} "
                   f"gap(belady+oracle) {100 * r['gap_belady_oracle']:5.1f} gap(belady) "
-                  f"{100 * r['gap_belady_demand']:5.1f} recall {r['recall']:.2f}", flush=True)
-        sp = speed(run, val_seqs, args.repeats)
+                  f"{100 * r['gap_belady_demand']:5.1f} gap(belady, same prefetch) "
+                  f"{100 * r['gap_belady_same_prefetch']:5.1f} recall {r['recall']:.2f}", flush=True)
+        sp = speed(run, val_seqs, args.repeats, acc)
         print("speed", sp, flush=True)
         nest = nested(run, data, val_seqs[:3])
         for r in nest:

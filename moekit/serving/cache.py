@@ -11,6 +11,8 @@ Policies (the expert-offloading part of the MoE-inference survey, spec ``compres
   current request (reset by :meth:`Policy.new_request`) plus a prior activation frequency profiled from earlier
   traffic (optional). *Choice made* (the spec gives no formula): ties break towards evicting the expert whose
   layer comes furthest ahead in the layer cycle (so experts of the next layers stay), then least recent.
+- ``reuse``: a live approximation of Belady: the expected distance to the next use, from the layer order of
+  decoding and each expert's estimated probability of use (:class:`ReusePolicy`).
 - ``belady``: Belady's optimum (MIN): evict the resident expert whose next use lies furthest in the future.
   It needs the future: an offline trace, or the plan of a pre-gating router (Read-ME lookahead caching, §12).
 
@@ -36,6 +38,7 @@ __all__ = [
     "POLICIES",
     "ActivationAwarePolicy",
     "BeladyPolicy",
+    "ReusePolicy",
     "CacheStats",
     "ExpertCache",
     "Key",
@@ -127,6 +130,56 @@ class ActivationAwarePolicy(Policy):
         return (self.request_count.get(key, 0) + self.prior.get(key, 0.0), -ahead, self.last_use.get(key, -1))
 
 
+class ReusePolicy(Policy):
+    """A live approximation of Belady: evict the expert whose *expected* next use lies furthest ahead.
+
+    Decoding visits the layers in a cycle, so an expert of layer ``l`` can next be used ``ahead`` layers from now
+    (1 for the next layer, ``L`` for the layer that is running or just ran) and, if it is not used then, whole
+    cycles later. With ``p`` its estimated probability of use per visit of its layer (its activation count over
+    the layer's visits, smoothed towards a profiled prior, or towards ``top_k / E`` equivalents of 1 / E), the
+    expected distance is ``ahead + L · (1 − p) / p`` layers (a geometric number of missed cycles). *Our design*
+    (the spec names only LRU/LFU/activation-aware and Belady): MoE-Infinity's activation counts turned into a
+    reuse distance, so that the layer order of decoding enters the choice as it does for Belady.
+
+    Args:
+        num_layers: offloaded layers ``L``.
+        num_experts: experts per layer (for the uninformed estimate ``1 / E``).
+        prior: ``{key: probability of use per visit}`` profiled from earlier traffic; optional.
+        strength: pseudo-visits the prior (or ``1 / E``) counts for.
+    """
+
+    name = "reuse"
+
+    def __init__(self, num_layers: int = 1, num_experts: int = 8, prior: dict[Key, float] | None = None,
+                 strength: float = 4.0) -> None:
+        super().__init__()
+        self.num_layers, self.num_experts, self.strength = max(1, num_layers), max(1, num_experts), strength
+        self.prior = dict(prior or {})
+        self.count: dict[Key, int] = defaultdict(int)
+        self.visits: dict[int, int] = defaultdict(int)
+        self.current_layer = -1
+
+    def access(self, key: Key) -> None:
+        super().access(key)
+        if key[0] != self.current_layer:
+            self.visits[key[0]] += 1
+            self.current_layer = key[0]
+        self.count[key] += 1
+
+    def expected_distance(self, key: Key) -> float:
+        layer = key[0]
+        ahead = (layer - self.current_layer - 1) % self.num_layers + 1
+        p0 = self.prior.get(key, 1.0 / self.num_experts)
+        p = (self.count.get(key, 0) + self.strength * p0) / (self.visits.get(layer, 0) + self.strength)
+        p = min(max(p, 1e-6), 1.0)
+        return ahead + self.num_layers * (1.0 - p) / p
+
+    def score(self, key: Key) -> tuple:
+        # ties (equally likely experts of one layer) evict the most recent: the engine runs a layer's experts in
+        # ascending order, so the one used last is, in a loop, the one needed last (as Belady would choose)
+        return (-self.expected_distance(key), -self.last_use.get(key, -1))
+
+
 class BeladyPolicy(Policy):
     """Belady's MIN over a known future of demand accesses ``future[i]`` (the i-th access, 0-based).
 
@@ -159,11 +212,11 @@ class BeladyPolicy(Policy):
         return (-self.next_use(key), self.last_use.get(key, -1))
 
 
-POLICIES = ("lru", "lfu", "activation", "belady")
+POLICIES = ("lru", "lfu", "activation", "reuse", "belady")
 
 
 def make_policy(name: str, *, num_layers: int = 1, future: Sequence[Key] | None = None,
-                prior: dict[Key, float] | None = None) -> Policy:
+                prior: dict[Key, float] | None = None, num_experts: int = 8) -> Policy:
     """A fresh policy by name; ``belady`` needs ``future``."""
     if name == "lru":
         return LRUPolicy()
@@ -171,6 +224,8 @@ def make_policy(name: str, *, num_layers: int = 1, future: Sequence[Key] | None 
         return LFUPolicy()
     if name == "activation":
         return ActivationAwarePolicy(num_layers, prior)
+    if name == "reuse":
+        return ReusePolicy(num_layers, num_experts, prior)
     if name == "belady":
         if future is None:
             raise ValueError("policy 'belady' needs the future accesses (a trace or a pre-gating plan); use "

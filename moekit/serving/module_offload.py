@@ -72,7 +72,7 @@ def offload_module(model: nn.Module, path: str | Path, expert_memory: str | int 
     store = ExpertStore(path, [name for name, _ in layers])
     assert store.expert_bytes == per_expert
     if isinstance(policy, str):
-        policy = make_policy(policy, num_layers=len(layers))
+        policy = make_policy(policy, num_layers=len(layers), num_experts=max(m.config.num_experts for _, m in layers))
 
     def load(key):
         return {n: t.to(device) for n, t in store.load(key).items()}

@@ -322,7 +322,7 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     _load_resident(model, store, {f"{name}.experts." for name, _ in layers})
     budget = parse_budget(expert_memory, store.total_bytes, max(store.expert_bytes))
     if isinstance(policy, str):
-        policy = make_policy(policy, num_layers=len(layers))
+        policy = make_policy(policy, num_layers=len(layers), num_experts=max(m.config.num_experts for _, m in layers))
     target = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def load(key: Key) -> dict[str, torch.Tensor]:  # the cache lives where the computation runs

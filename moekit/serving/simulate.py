@@ -79,7 +79,8 @@ def simulate(trace: Trace, policy: str, prefetcher: str, capacity_bytes: int, *,
         raise ValueError(f"bandwidth={bandwidth} must be > 0 and compute_seconds={compute_seconds} >= 0")
     future = trace.accesses()
     nbytes = trace.expert_bytes
-    cache = ExpertCache(capacity_bytes, make_policy(policy, num_layers=trace.num_layers, future=future, prior=prior),
+    cache = ExpertCache(capacity_bytes, make_policy(policy, num_layers=trace.num_layers, future=future, prior=prior,
+                                                    num_experts=max(trace.num_experts, default=1)),
                         lambda k: {}, lambda k: nbytes[k[0]])
     table = affinity if affinity is not None else (affinity_table(trace) if prefetcher == "affinity" else {})
     now = io_free = stall = 0.0
