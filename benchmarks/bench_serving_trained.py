@@ -184,9 +184,9 @@ def main() -> None:
         cfg = with_overrides(load_preset("default"), {**MODEL, "train.max_steps": args.steps})
         t0 = time.perf_counter()
         run = Path(args.run) if args.run else train(cfg, Path(args.keep or Path(tmp) / "run"), progress=False).out_dir
-        train_seconds = time.perf_counter() - t0
+        train_seconds = None if args.run else time.perf_counter() - t0
         data = load_data(cfg.data)
-        print(f"trained {args.steps} steps in {train_seconds:.0f} s", flush=True)
+        print(f"trained {args.steps} steps in {train_seconds} s", flush=True)
         fit_seqs = windows(data.train, args.seqs, args.length, seed=1)
         val_seqs = windows(data.val, args.seqs, args.length, seed=2)
         _, resident, _ = load_run(run, "cpu")

@@ -136,7 +136,9 @@ def test_reuse_policy_matches_belady_on_a_cyclic_decode_trace_where_lru_thrashes
 def test_reuse_policy_evicts_the_unlikely_and_the_far_ahead_first():
     from moekit.serving.cache import ReusePolicy
 
-    p = ReusePolicy(num_layers=4, num_experts=8)
+    with pytest.raises(ValueError, match="decay"):
+        ReusePolicy(decay=0.0)
+    p = ReusePolicy(num_layers=4, num_experts=8, decay=1.0)
     for _ in range(10):  # ten decode steps: layer l uses expert 0 always, expert 1 every other step
         for layer in range(4):
             p.access((layer, 0))
@@ -147,3 +149,16 @@ def test_reuse_policy_evicts_the_unlikely_and_the_far_ahead_first():
     assert p.victim([(2, 0), (2, 1), (2, 5)]) == (2, 5)  # never used: furthest expected use
     assert p.victim([(2, 0), (1, 0), (3, 0)]) == (1, 0)  # equally likely: the layer that just ran goes
     assert p.expected_distance((2, 0)) < p.expected_distance((2, 1))
+
+
+def test_reuse_policy_decay_weighs_recent_tokens():
+    from moekit.serving.cache import ReusePolicy
+
+    old, fresh = ReusePolicy(num_layers=1, num_experts=4, decay=0.5), ReusePolicy(num_layers=1, num_experts=4, decay=1.0)
+    for p in (old, fresh):
+        for step in range(12):  # expert 0 for 8 visits, then expert 1 for 4; a second layer in between
+            p.access((0, 0 if step < 8 else 1))
+            p.access((1, 3))
+    # counting every visit, expert 0 (8 uses) looks likelier than expert 1 (4 recent uses); with decay, the reverse
+    assert fresh.victim([(0, 0), (0, 1)]) == (0, 1)
+    assert old.victim([(0, 0), (0, 1)]) == (0, 0)
