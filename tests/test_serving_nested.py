@@ -176,3 +176,41 @@ def test_budget_of_one_expert_still_serves_exactly_at_the_miss_prefix():
     t = _tokens(n=2, s=7)
     assert torch.equal(_logits(m, t), _logits(model, t))  # biases and gelu experts, one expert resident at a time
     assert off.cache.max_used <= one and off.cache.stats.misses > 0
+
+
+@pytest.fixture(scope="module")
+def nested_run(tmp_path_factory):
+    from moekit.compression.runs import compress_run
+
+    from .serving_util import make_run
+    base = make_run(tmp_path_factory.mktemp("nested") / "run", **{"model.moe.hidden_dim": 16})
+    out = base.parent / "mwq"
+    compress_run(base, "d2moe-mwq", out, num_tokens=256, bits=2, levels=2, group_size=8)
+    return base, out
+
+
+def test_compressed_run_offloaded_from_its_file_equals_the_loaded_run(nested_run):
+    from moekit.serving.nested import load_offloaded_nested
+    from moekit.training import load_run
+
+    base, out = nested_run
+    _, resident, _ = load_run(out, "cpu")
+    for block in resident.layers:
+        block.ffn.config = dataclasses.replace(block.ffn.config, engine="reference")
+    t = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+    _, model, off = load_offloaded_nested(out, "100%", miss_levels=2)
+    assert torch.equal(_logits(model, t), _logits(resident, t))
+    assert not any(".experts." in n for n, _ in model.named_buffers())  # the planes live in the file only
+    _, low, off = load_offloaded_nested(out, "30%", miss_levels=0, prefetch="router")
+    _logits(low, t)
+    assert off.cache.max_used <= off.cache.capacity_bytes and off.cache.stats.low_bit > 0
+    with pytest.raises(ValueError, match="not a compressed run"):
+        load_offloaded_nested(base)
+
+
+def test_serve_cli_takes_a_bit_nested_run_and_refuses_a_tiny_budget(nested_run, capsys):
+    pytest.importorskip("uvicorn")
+    from moekit.cli.main import main
+
+    assert main(["serve", str(nested_run[1]), "--expert-memory", "1", "--miss-levels", "1"]) == 2
+    assert "smaller than one expert" in capsys.readouterr().err
