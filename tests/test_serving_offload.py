@@ -174,3 +174,41 @@ def test_cuda_side_stream_prefetch_equals_synchronous(run):
     assert off.cache.background is not None and off.cache.background.stream is not None
     with torch.no_grad():
         assert torch.equal(async_model(tokens.cuda())[0], sync_model(tokens.cuda())[0])
+
+
+def _preset_run(path, preset):
+    from moekit.configs import to_dict
+    from moekit.models import LanguageModel
+    from moekit.recipes import load_preset
+    from moekit.training import with_overrides
+    from moekit.training.checkpoint import CONFIG_FILE, write_checkpoint, write_json
+
+    cfg = with_overrides(load_preset(preset), {"model.dim": 32, "model.num_layers": 3, "model.num_heads": 2,
+                                               "model.context": 32})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    path.mkdir(parents=True)
+    write_json(path / CONFIG_FILE, to_dict(cfg))
+    write_checkpoint(path, model.state_dict(), {}, {"step": 0})
+    return path
+
+
+@pytest.mark.parametrize("preset", ["topp", "gmoe", "pr-moe", "smoe-dropout", "blockffn"])
+def test_variants_wrapping_a_plain_moe_offload_with_the_same_bits(tmp_path, preset):
+    run = _preset_run(tmp_path / preset, preset)
+    _, resident, _ = load_run(run, "cpu")
+    for m in resident.modules():
+        if isinstance(m, MoE):
+            m.config = dataclasses.replace(m.config, engine="reference")
+    _, model, off = load_offloaded(run, "50%", "lru", prefetch="router")
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], resident(tokens)[0])
+    assert off.num_layers >= 1 and off.cache.stats.misses > 0
+    assert not any(".experts.w_" in n for n, _ in model.named_parameters())
+
+
+def test_variants_with_their_own_expert_modules_are_refused_with_a_message(tmp_path):
+    run = _preset_run(tmp_path / "coe", "coe")
+    with pytest.raises(ValueError, match="outside plain MoE layers"):
+        load_offloaded(run, "50%")

@@ -258,8 +258,9 @@ class Offload:
 
 
 def _offloadable(model: LanguageModel) -> list[tuple[str, MoE]]:
-    return [(name, ffn) for name, ffn in model.sparse_layers()
-            if isinstance(ffn, MoE) and type(ffn.experts) is ExpertBank]
+    """Every plain :class:`MoE` with an ExpertBank, in depth order, also inside a variant that wraps one (top-p,
+    GMoE, PR-MoE, SMoE-Dropout, BlockFFN hold theirs as ``.moe``)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and type(m.experts) is ExpertBank]
 
 
 @contextlib.contextmanager
