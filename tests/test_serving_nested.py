@@ -190,7 +190,7 @@ def nested_run(tmp_path_factory):
 
 
 def test_compressed_run_offloaded_from_its_file_equals_the_loaded_run(nested_run):
-    from moekit.serving.nested import load_offloaded_nested
+    from moekit.serving.nested_run import load_offloaded_nested
     from moekit.training import load_run
 
     base, out = nested_run

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if args.expert_memory is None:
             cfg, model, _ = load_run(args.run, args.device)
         elif is_compressed_run(args.run):
-            from ..serving.nested import load_offloaded_nested
+            from ..serving.nested_run import load_offloaded_nested
             cfg, model, _ = load_offloaded_nested(args.run, args.expert_memory, miss_levels=args.miss_levels,
                                                   prefetch=args.prefetch, record=False)
         else:
