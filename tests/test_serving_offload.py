@@ -212,3 +212,18 @@ def test_variants_with_their_own_expert_modules_are_refused_with_a_message(tmp_p
     run = _preset_run(tmp_path / "coe", "coe")
     with pytest.raises(ValueError, match="outside plain MoE layers"):
         load_offloaded(run, "50%")
+
+
+@pytest.mark.parametrize("policy,prefetch", [("lru", "router"), ("lfu", "router"), ("reuse", "router"),
+                                             ("activation", "none")])
+def test_live_cache_counts_equal_the_simulator_replaying_its_trace(run, policy, prefetch):
+    from moekit.serving.simulate import simulate
+    from moekit.serving.trace import trace_of
+
+    _, model, off = load_offloaded(run, "34%", policy, prefetch=prefetch)
+    prompt = torch.tensor([[5, 40, 99, 7, 61]])
+    generate(model, prompt, 14)
+    sim = simulate(trace_of(off), policy, prefetch, off.cache.capacity_bytes)
+    s = off.cache.stats
+    assert (s.hits, s.misses, s.bytes_moved) == (sim.hits, sim.accesses - sim.hits, sim.bytes_moved)
+    assert s.misses > 0 and (prefetch == "none" or s.prefetch_hits > 0)

@@ -151,7 +151,14 @@ class OffloadedExpertBank(nn.Module):
         return self._offload[0]
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
-        w = self.offload.cache.get((self.layer, e))
+        return self.run_expert(x_TD, self.fetch(e))
+
+    def fetch(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s weights through the cache (a demand access)."""
+        return self.offload.cache.get((self.layer, e))
+
+    def run_expert(self, x_TD: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The expert with weights ``w`` on ``x_TD`` (as ExpertBank.expert)."""
         dev = x_TD.device
         h_up = F.linear(x_TD, w["w_up"].to(dev), _opt(w, "b_up", dev))
         h_gate = F.linear(x_TD, w["w_gate"].to(dev), _opt(w, "b_gate", dev)) if self.gated else None
@@ -172,15 +179,23 @@ def _offload_supports(x: torch.Tensor, bank) -> str | None:
 
 @register_engine("offload", priority=-1, supports=_offload_supports)
 def offload_engine(x_TD: torch.Tensor, routing: Routing, bank: OffloadedExpertBank) -> torch.Tensor:
-    """The reference loop over the experts present in ``routing``, fetching each through the cache."""
+    """The reference loop over the experts present in ``routing``, fetching each through the cache.
+
+    All of the layer's experts are fetched (demand loads) before the next layer's prefetch is issued and before
+    any of them computes, the order the simulator replays; so a demand load never evicts a fresh prefetch, and an
+    asynchronous prefetch overlaps this layer's compute. Holding the fetched weights can briefly exceed a budget
+    smaller than the layer's experts together (the cache's accounting still evicts them).
+    """
     ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.to(x_TD.dtype)
     used, counts = torch.unique(ids_TK[ids_TK >= 0], return_counts=True)
     present = [int(e) for e in used.tolist()]  # torch.unique sorts: ascending ids, as the reference engine
     bank.offload.before_layer(bank.layer, present, x_TD, dict(zip(present, counts.tolist(), strict=True)))
+    fetched = {e: bank.fetch(e) for e in present}
+    bank.offload.prefetch_next(bank.layer)
     y_TD = torch.zeros_like(x_TD)
     for e in present:
         token_idx, slot_idx = torch.nonzero(ids_TK == e, as_tuple=True)
-        out = bank.expert(x_TD[token_idx], e)
+        out = bank.run_expert(x_TD[token_idx], fetched[e])
         y_TD = y_TD.index_add(0, token_idx, weights_TK[token_idx, slot_idx, None] * out)
     bank.offload.after_layer(bank.layer)
     return y_TD
@@ -209,6 +224,7 @@ class Offload:
         self.record = record
         self.trace: list[list[dict]] = []
         self._step: list[dict] = []
+        self._targets: list[Key] = []
 
     @property
     def num_layers(self) -> int:
@@ -229,10 +245,14 @@ class Offload:
             targets = sorted({f for e in experts for f in self.affinity.get((layer, e), [])})
         else:
             targets = []
-        if layer + 1 < self.num_layers:
-            self.cache.pinned |= {(layer + 1, e) for e in targets}
-            for e in targets:
-                self.cache.prefetch((layer + 1, e))
+        self._targets = [(layer + 1, e) for e in targets] if layer + 1 < self.num_layers else []
+
+    def prefetch_next(self, layer: int) -> None:
+        """Issue the prefetches :meth:`before_layer` chose, once the layer's own experts are fetched."""
+        self.cache.pinned |= set(self._targets)  # a prefetch never evicts these or the running layer's experts
+        for key in self._targets:
+            self.cache.prefetch(key)
+        self._targets = []
 
     def after_layer(self, layer: int) -> None:
         self.cache.pinned = set()  # pins guard prefetches only; demand loads may evict anything but themselves
