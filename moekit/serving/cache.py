@@ -149,7 +149,7 @@ class ReusePolicy(Policy):
         decay: each visit of a layer multiplies its experts' counts and its visit count by ``decay`` first, so
             that recent tokens weigh more (consecutive tokens of a text reuse experts); 1 keeps every visit.
             *Choice made*: 0.5, the best of {1, 0.9, 0.7, 0.5, 0.3} in the simulator on held-out text of a trained
-            run (``benchmarks/bench_serving_trained.py``; 1 was 10–30 points worse than LRU there).
+            run (``benchmarks/bench_serving_trained.py``; 1 was 1–19 points worse than LRU there).
     """
 
     name = "reuse"
