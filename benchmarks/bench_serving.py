@@ -88,6 +88,31 @@ def speed(run: Path, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
+def async_speed(run: Path, tokens: int, repeats: int, budget: str = "25%") -> dict:
+    """Resident vs synchronous vs background-thread prefetch (``lfu`` + router) at ``budget``: A B C rotation,
+    one prompt at a time, medians of the paired ratios."""
+    _, resident, _ = load_run(run, "cpu")
+    models = {"resident": resident}
+    for name, asynchronous in (("sync", False), ("async", True)):
+        models[name] = load_offloaded(run, budget, "lfu", prefetch="router", record=False,
+                                      asynchronous=asynchronous)[1]
+    for m in models.values():
+        decode(m, 2)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for p in PROMPTS:
+            for name, m in models.items():
+                times[name].append(decode(m, tokens, p))
+    out = {f"{k}_tok_s": tokens / statistics.median(v) for k, v in times.items()}
+    out["async_over_sync"] = statistics.median(s / a for s, a in zip(times["sync"], times["async"], strict=True))
+    out["sync_over_resident"] = statistics.median(r / s for r, s in zip(times["resident"], times["sync"], strict=True))
+    out["async_over_resident"] = statistics.median(r / a for r, a in zip(times["resident"], times["async"],
+                                                                        strict=True))
+    out["pairs"] = len(times["sync"])
+    print("async prefetch", out, flush=True)
+    return out
+
+
 def _status(field: str) -> float:
     """A field of /proc/self/status in MB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -146,7 +171,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", default="bench_serving.json")
-    parser.add_argument("--parts", default="speed,rss,sim", help="which measurements (comma-separated)")
+    parser.add_argument("--parts", default="speed,rss,sim", help="which measurements (comma-separated; also 'async')")
     parser.add_argument("--rss-child", nargs=2, metavar=("RUN", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -163,7 +188,8 @@ def main() -> None:
                   "threads": 1,
                   "speed": speed(run, args.tokens, args.repeats) if "speed" in parts else None,
                   "memory_mb": peak_rss(run, args.tokens) if "rss" in parts else None,
-                  "simulated": simulated(run, args.tokens) if "sim" in parts else []}
+                  "simulated": simulated(run, args.tokens) if "sim" in parts else [],
+                  "async": async_speed(run, args.tokens, args.repeats) if "async" in parts else None}
     for r in result["simulated"]:
         if r["prefetcher"] in ("none", "router", "oracle"):
             print(f"sim {r['budget']:>6} {r['policy']:>10} {r['prefetcher']:>8}  hit {r['hit_rate']:.3f}  "

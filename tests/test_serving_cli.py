@@ -7,6 +7,7 @@ import torch
 
 from moekit.cli.main import main
 from moekit.data import get_tokenizer
+from moekit.serving.cache import POLICIES
 from moekit.serving.decoding import scmoe_generate
 from moekit.training import load_run
 
@@ -26,7 +27,7 @@ def test_serve_sim_records_replays_and_reports(run, tmp_path, capsys):
     assert "6 passes x 3 layers" in table and sum(line.split()[1] == "belady" for line in table.splitlines()[2:]) == 4
     assert main(["serve-sim", str(run), "--trace", str(trace), "--budgets", "25%", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 4 * 4
+    assert len(rows) == len(POLICIES) * 4  # every policy x prefetcher
     lru = next(r for r in rows if r["policy"] == "lru" and r["prefetcher"] == "none")
     belady = next(r for r in rows if r["policy"] == "belady" and r["prefetcher"] == "none")
     assert belady["hit_rate"] >= lru["hit_rate"]

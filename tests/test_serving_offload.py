@@ -2,6 +2,7 @@
 resident model's outputs; budgets are parsed and checked; policies evict as defined."""
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -128,3 +129,101 @@ def test_offloaded_moe_layers_use_the_offload_engine(run):
     _, model, _ = load_offloaded(run, "50%")
     moes = [f for _, f in model.sparse_layers() if isinstance(f, MoE)]
     assert moes and all(m.config.engine == "offload" for m in moes)
+
+
+@pytest.mark.parametrize("budget,policy,prefetch", [("25%", "lru", "router"), ("12.5%", "activation", "router"),
+                                                    ("50%", "lfu", "router")])
+def test_background_prefetch_gives_the_same_bits_and_counts_as_synchronous(run, budget, policy, prefetch):
+    """The CPU twin of the CUDA side-stream path: same code, the copies on a worker thread."""
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    prompt = torch.tensor([[5, 40, 99, 7]])
+    _, sync_model, sync = load_offloaded(run, budget, policy, prefetch=prefetch)
+    _, async_model, off = load_offloaded(run, budget, policy, prefetch=prefetch, asynchronous=True)
+    with torch.no_grad():
+        want, _ = sync_model(tokens)
+        got, _ = async_model(tokens)
+    assert torch.equal(got, want)
+    assert torch.equal(generate(async_model, prompt, 12), generate(sync_model, prompt, 12))
+    a, s = off.cache.stats, sync.cache.stats
+    assert (a.hits, a.misses, a.prefetches, a.prefetch_hits, a.bytes_moved) == \
+        (s.hits, s.misses, s.prefetches, s.prefetch_hits, s.bytes_moved)
+    assert a.prefetches > 0 and off.cache.background is not None
+    assert off.cache.background.worker_threads and threading.get_ident() not in off.cache.background.worker_threads
+    assert off.cache.used_bytes <= off.cache.capacity_bytes
+    off.cache.background.close()
+
+
+def test_background_prefetch_evicted_before_use_is_dropped_and_reloaded(run):
+    _, _, off = load_offloaded(run, "100%", "lru", asynchronous=True)
+    cache, size = off.cache, max(off.store.expert_bytes)
+    cache.capacity_bytes = size  # room for one expert: a second prefetch evicts the first one while in flight
+    cache.prefetch((0, 1))
+    cache.prefetch((0, 2))
+    assert (0, 1) not in cache.pending and (0, 1) not in cache.resident
+    w = cache.get((0, 2))
+    assert cache.stats.prefetch_hits == 1 and torch.equal(w["w_up"], off.store.load((0, 2))["w_up"])
+    w1 = cache.get((0, 1))  # a demand miss: loaded again inline
+    assert cache.stats.misses == 1 and torch.equal(w1["w_up"], off.store.load((0, 1))["w_up"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_side_stream_prefetch_equals_synchronous(run):
+    tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    _, sync_model, _ = load_offloaded(run, "25%", "lru", prefetch="router", device="cuda")
+    _, async_model, off = load_offloaded(run, "25%", "lru", prefetch="router", device="cuda", asynchronous=True)
+    assert off.cache.background is not None and off.cache.background.stream is not None
+    with torch.no_grad():
+        assert torch.equal(async_model(tokens.cuda())[0], sync_model(tokens.cuda())[0])
+
+
+def _preset_run(path, preset):
+    from moekit.configs import to_dict
+    from moekit.models import LanguageModel
+    from moekit.recipes import load_preset
+    from moekit.training import with_overrides
+    from moekit.training.checkpoint import CONFIG_FILE, write_checkpoint, write_json
+
+    cfg = with_overrides(load_preset(preset), {"model.dim": 32, "model.num_layers": 3, "model.num_heads": 2,
+                                               "model.context": 32})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    path.mkdir(parents=True)
+    write_json(path / CONFIG_FILE, to_dict(cfg))
+    write_checkpoint(path, model.state_dict(), {}, {"step": 0})
+    return path
+
+
+@pytest.mark.parametrize("preset", ["topp", "gmoe", "pr-moe", "smoe-dropout", "blockffn"])
+def test_variants_wrapping_a_plain_moe_offload_with_the_same_bits(tmp_path, preset):
+    run = _preset_run(tmp_path / preset, preset)
+    _, resident, _ = load_run(run, "cpu")
+    for m in resident.modules():
+        if isinstance(m, MoE):
+            m.config = dataclasses.replace(m.config, engine="reference")
+    _, model, off = load_offloaded(run, "50%", "lru", prefetch="router")
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], resident(tokens)[0])
+    assert off.num_layers >= 1 and off.cache.stats.misses > 0
+    assert not any(".experts.w_" in n for n, _ in model.named_parameters())
+
+
+def test_variants_with_their_own_expert_modules_are_refused_with_a_message(tmp_path):
+    run = _preset_run(tmp_path / "coe", "coe")
+    with pytest.raises(ValueError, match="outside plain MoE layers"):
+        load_offloaded(run, "50%")
+
+
+@pytest.mark.parametrize("policy,prefetch", [("lru", "router"), ("lfu", "router"), ("reuse", "router"),
+                                             ("activation", "none")])
+def test_live_cache_counts_equal_the_simulator_replaying_its_trace(run, policy, prefetch):
+    from moekit.serving.simulate import simulate
+    from moekit.serving.trace import trace_of
+
+    _, model, off = load_offloaded(run, "34%", policy, prefetch=prefetch)
+    prompt = torch.tensor([[5, 40, 99, 7, 61]])
+    generate(model, prompt, 14)
+    sim = simulate(trace_of(off), policy, prefetch, off.cache.capacity_bytes)
+    s = off.cache.stats
+    assert (s.hits, s.misses, s.bytes_moved) == (sim.hits, sim.accesses - sim.hits, sim.bytes_moved)
+    assert s.misses > 0 and (prefetch == "none" or s.prefetch_hits > 0)

@@ -31,8 +31,15 @@ def register(subparsers) -> None:
                    help="offload experts: budget as a share ('25%%') or bytes ('64MiB'); default: all resident")
     p.add_argument("--policy", default="lru", choices=[c for c in POLICIES if c != "belady"],
                    help="expert cache policy when offloading")
-    p.add_argument("--prefetch", default="none", choices=[c for c in PREFETCHERS if c != "affinity"],
+    p.add_argument("--prefetch", default="none",
+                   choices=[c for c in PREFETCHERS if c not in ("affinity", "m2r2")],
                    help="expert prefetcher when offloading")
+    p.add_argument("--miss-levels", type=int, default=0,
+                   help="bit-nested runs (moekit compress --method d2moe-mwq): residual planes loaded before a "
+                        "missing expert runs (0: misses run at the low-bit base); experts are cached plane by plane, "
+                        "hottest expert first (--policy does not apply)")
+    p.add_argument("--async-prefetch", action="store_true",
+                   help="copy prefetched experts on a background thread (a side stream on CUDA)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
     p.set_defaults(func=run)
 
@@ -48,13 +55,18 @@ def run(args: argparse.Namespace) -> int:
                          f"pip install 'moekit[serve]'") from None
     if not 0 <= args.port <= 65535 or args.max_batch < 1:
         raise UsageError(f"need 0 <= --port <= 65535 and --max-batch >= 1 (got {args.port}, {args.max_batch})")
+    from ..compression.artifact import is_compressed_run
     try:
         if args.expert_memory is None:
             cfg, model, _ = load_run(args.run, args.device)
+        elif is_compressed_run(args.run):
+            from ..serving.nested_run import load_offloaded_nested
+            cfg, model, _ = load_offloaded_nested(args.run, args.expert_memory, miss_levels=args.miss_levels,
+                                                  prefetch=args.prefetch, record=False)
         else:
             from ..serving import load_offloaded
             cfg, model, _ = load_offloaded(args.run, args.expert_memory, args.policy, prefetch=args.prefetch,
-                                           device=args.device, record=False)
+                                           device=args.device, record=False, asynchronous=args.async_prefetch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     tokenizer = get_tokenizer(cfg.data.tokenizer)

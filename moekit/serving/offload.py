@@ -14,7 +14,8 @@ Prefetch (Mixtral-offloading / Pre-gated MoE, spec §11): before layer ``l`` run
 router scores layer ``l``'s FFN input and its top-k experts are loaded ahead (``prefetch="router"``), or the
 experts that most often followed this layer's experts in a profiled trace (``prefetch="affinity"``). On the CPU
 the load is synchronous (a copy out of the page cache). With ``device="cuda"`` the cache holds the experts on
-the GPU and the file stays in host memory; the copies are synchronous too (no side stream yet).
+the GPU and the file stays in host memory. With ``asynchronous=True`` prefetches are copied on a background
+thread (and a CUDA side stream) while the layer computes (:mod:`.background`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from ..training.checkpoint import CheckpointError, read_state, weights_path
 from ..training.config import RunConfig
 from ..training.runs import read_run_config
 from ..types import Routing
+from .background import BackgroundLoader
 from .cache import ExpertCache, Key, Policy, make_policy
 
 __all__ = ["PREFETCHERS", "ExpertStore", "Offload", "OffloadedExpertBank", "load_offloaded", "open_store", "parse_budget"]
 
-PREFETCHERS = ("none", "router", "affinity")
+PREFETCHERS = ("none", "router", "affinity", "m2r2")
 _PROJ = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
@@ -138,7 +140,9 @@ class OffloadedExpertBank(nn.Module):
     def __init__(self, bank: ExpertBank, layer: int, offload: Offload) -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden_dim = bank.num_experts, bank.dim, bank.hidden_dim
-        self.activation, self.use_bias, self.gated = bank.activation, bank.use_bias, bank.gated
+        self.activation, self.gated = bank.activation, bank.gated
+        self.use_bias = getattr(bank, "use_bias", False)  # a CompressedBank keeps it in its spec; expert() reads
+        # whichever biases the cache hands back
         self.layer = layer
         self._offload = [offload]  # a list, so that nn.Module does not register it as a child
 
@@ -147,7 +151,14 @@ class OffloadedExpertBank(nn.Module):
         return self._offload[0]
 
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
-        w = self.offload.cache.get((self.layer, e))
+        return self.run_expert(x_TD, self.fetch(e))
+
+    def fetch(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s weights through the cache (a demand access)."""
+        return self.offload.cache.get((self.layer, e))
+
+    def run_expert(self, x_TD: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The expert with weights ``w`` on ``x_TD`` (as ExpertBank.expert)."""
         dev = x_TD.device
         h_up = F.linear(x_TD, w["w_up"].to(dev), _opt(w, "b_up", dev))
         h_gate = F.linear(x_TD, w["w_gate"].to(dev), _opt(w, "b_gate", dev)) if self.gated else None
@@ -168,14 +179,23 @@ def _offload_supports(x: torch.Tensor, bank) -> str | None:
 
 @register_engine("offload", priority=-1, supports=_offload_supports)
 def offload_engine(x_TD: torch.Tensor, routing: Routing, bank: OffloadedExpertBank) -> torch.Tensor:
-    """The reference loop over the experts present in ``routing``, fetching each through the cache."""
+    """The reference loop over the experts present in ``routing``, fetching each through the cache.
+
+    All of the layer's experts are fetched (demand loads) before the next layer's prefetch is issued and before
+    any of them computes, the order the simulator replays; so a demand load never evicts a fresh prefetch, and an
+    asynchronous prefetch overlaps this layer's compute. Holding the fetched weights can briefly exceed a budget
+    smaller than the layer's experts together (the cache's accounting still evicts them).
+    """
     ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.to(x_TD.dtype)
-    present = sorted(int(e) for e in torch.unique(ids_TK[ids_TK >= 0]).tolist())
-    bank.offload.before_layer(bank.layer, present, x_TD)
+    used, counts = torch.unique(ids_TK[ids_TK >= 0], return_counts=True)
+    present = [int(e) for e in used.tolist()]  # torch.unique sorts: ascending ids, as the reference engine
+    bank.offload.before_layer(bank.layer, present, x_TD, dict(zip(present, counts.tolist(), strict=True)))
+    fetched = {e: bank.fetch(e) for e in present}
+    bank.offload.prefetch_next(bank.layer)
     y_TD = torch.zeros_like(x_TD)
     for e in present:
         token_idx, slot_idx = torch.nonzero(ids_TK == e, as_tuple=True)
-        out = bank.expert(x_TD[token_idx], e)
+        out = bank.run_expert(x_TD[token_idx], fetched[e])
         y_TD = y_TD.index_add(0, token_idx, weights_TK[token_idx, slot_idx, None] * out)
     bank.offload.after_layer(bank.layer)
     return y_TD
@@ -185,46 +205,58 @@ class Offload:
     """The offloading state of one model: store, cache, prefetcher, and the trace of accesses.
 
     ``trace`` holds one entry per forward pass: per offloaded layer ``{"experts": [...], "predicted": [...]}``,
-    where ``predicted`` is the next layer's router's top-k on this layer's input (recorded whatever the live
-    prefetcher, so that the simulator can replay it).
+    where ``predicted`` is the next layer's router's top-k on this layer's input (on M2R2's fast state with
+    ``prefetch="m2r2"``), recorded whatever the live prefetcher, so that the simulator can replay it.
     """
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, moes: list[MoE], prefetch: str = "none",
-                 affinity: dict[Key, list[int]] | None = None, record: bool = True) -> None:
+                 affinity: dict[Key, list[int]] | None = None, record: bool = True,
+                 accelerators: nn.Module | None = None) -> None:
         if prefetch not in PREFETCHERS:
             raise ValueError(f"unknown prefetcher {prefetch!r}; choose one of {', '.join(PREFETCHERS)}")
         if prefetch == "affinity" and affinity is None:
             raise ValueError("prefetch='affinity' needs an affinity table (moekit.serving.trace.affinity_table)")
+        if prefetch == "m2r2" and accelerators is None:
+            raise ValueError("prefetch='m2r2' needs trained accelerators (moekit.serving.m2r2.train_accelerators)")
+        self.accelerators = accelerators
         self.store, self.cache, self.moes, self.prefetch = store, cache, moes, prefetch
         self.affinity = affinity or {}
         self.record = record
         self.trace: list[list[dict]] = []
         self._step: list[dict] = []
+        self._targets: list[Key] = []
 
     @property
     def num_layers(self) -> int:
         return len(self.moes)
 
-    def before_layer(self, layer: int, experts: list[int], x_TD: torch.Tensor) -> None:
+    def before_layer(self, layer: int, experts: list[int], x_TD: torch.Tensor,
+                     counts: dict[int, int] | None = None) -> None:
         if layer == 0 and self._step:
             self._flush()
+        self.cache.before_layer(layer, counts if counts is not None else dict.fromkeys(experts, 1))
         predicted = self._predict_next(layer, x_TD) if layer + 1 < self.num_layers else []
         if self.record:
             self._step.append({"experts": experts, "predicted": predicted})
         self.cache.pinned = {(layer, e) for e in experts}
-        if self.prefetch == "router":
+        if self.prefetch in ("router", "m2r2"):
             targets = predicted
         elif self.prefetch == "affinity":
             targets = sorted({f for e in experts for f in self.affinity.get((layer, e), [])})
         else:
             targets = []
-        if layer + 1 < self.num_layers:
-            self.cache.pinned |= {(layer + 1, e) for e in targets}
-            for e in targets:
-                self.cache.prefetch((layer + 1, e))
+        self._targets = [(layer + 1, e) for e in targets] if layer + 1 < self.num_layers else []
+
+    def prefetch_next(self, layer: int) -> None:
+        """Issue the prefetches :meth:`before_layer` chose, once the layer's own experts are fetched."""
+        self.cache.pinned |= set(self._targets)  # a prefetch never evicts these or the running layer's experts
+        for key in self._targets:
+            self.cache.prefetch(key)
+        self._targets = []
 
     def after_layer(self, layer: int) -> None:
         self.cache.pinned = set()  # pins guard prefetches only; demand loads may evict anything but themselves
+        self.cache.after_layer(layer)
         if layer == self.num_layers - 1:
             self._flush()
 
@@ -235,6 +267,8 @@ class Offload:
 
     @torch.no_grad()
     def _predict_next(self, layer: int, x_TD: torch.Tensor) -> list[int]:
+        if self.prefetch == "m2r2" and self.accelerators is not None:  # M2R2: the router on the fast stream
+            x_TD = self.accelerators(layer, x_TD)
         routing = self.moes[layer + 1].route(x_TD)
         ids = routing.expert_ids_TK
         return sorted(int(e) for e in torch.unique(ids[ids >= 0]).tolist())
@@ -244,8 +278,9 @@ class Offload:
 
 
 def _offloadable(model: LanguageModel) -> list[tuple[str, MoE]]:
-    return [(name, ffn) for name, ffn in model.sparse_layers()
-            if isinstance(ffn, MoE) and type(ffn.experts) is ExpertBank]
+    """Every plain :class:`MoE` with an ExpertBank, in depth order, also inside a variant that wraps one (top-p,
+    GMoE, PR-MoE, SMoE-Dropout, BlockFFN hold theirs as ``.moe``)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE) and type(m.experts) is ExpertBank]
 
 
 @contextlib.contextmanager
@@ -274,16 +309,20 @@ def open_store(run_dir: str | Path) -> ExpertStore:
 
 def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", policy: str | Policy = "lru", *,
                    prefetch: str = "none", affinity: dict[Key, list[int]] | None = None,
-                   device: str = "cpu", record: bool = True) -> tuple[RunConfig, LanguageModel, Offload]:
+                   device: str = "cpu", record: bool = True, asynchronous: bool = False,
+                   accelerators: nn.Module | None = None) -> tuple[RunConfig, LanguageModel, Offload]:
     """``(run config, model in eval mode, Offload)``: a run's model with its routed experts offloaded.
 
     Args:
         run_dir: a run folder written by ``moekit train``.
         expert_memory: the budget for resident experts: ``"25%"`` of all experts, or bytes.
         policy: ``lru``, ``lfu``, ``activation`` or a :class:`Policy` (``belady`` needs its future).
-        prefetch: ``none``, ``router`` (next layer's router) or ``affinity`` (needs ``affinity``).
+        prefetch: ``none``, ``router`` (next layer's router), ``affinity`` (needs ``affinity``) or ``m2r2`` (the
+            next router on M2R2's fast state; needs ``accelerators`` from :func:`moekit.serving.m2r2.train_accelerators`).
         device: where the non-expert weights and the computation live.
         record: keep the trace of expert accesses (``Offload.trace``; off for long-running servers).
+        asynchronous: copy prefetched experts on a background thread (and, on CUDA, a side stream) while the
+            current layer computes (:mod:`moekit.serving.background`); outputs are the same bits.
     """
     cfg = read_run_config(run_dir)
     state = read_state(Path(run_dir))
@@ -304,17 +343,18 @@ def load_offloaded(run_dir: str | Path, expert_memory: str | int = "100%", polic
     _load_resident(model, store, {f"{name}.experts." for name, _ in layers})
     budget = parse_budget(expert_memory, store.total_bytes, max(store.expert_bytes))
     if isinstance(policy, str):
-        policy = make_policy(policy, num_layers=len(layers))
+        policy = make_policy(policy, num_layers=len(layers), num_experts=max(m.config.num_experts for _, m in layers))
     target = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def load(key: Key) -> dict[str, torch.Tensor]:  # the cache lives where the computation runs
         return {n: t.to(target) for n, t in store.load(key).items()}
 
-    cache = ExpertCache(budget, policy, load, store.nbytes)
-    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record)
+    background = BackgroundLoader(store.load, target) if asynchronous else None
+    cache = ExpertCache(budget, policy, load, store.nbytes, background)
+    offload = Offload(store, cache, [moe for _, moe in layers], prefetch, affinity, record, accelerators)
     for i, (_, moe) in enumerate(layers):
         moe.experts = OffloadedExpertBank(moe.experts, i, offload)  # type: ignore[assignment]
-        moe.config = dataclasses.replace(moe.config, engine="offload")  # type: ignore[arg-type]
+        moe.config = dataclasses.replace(moe.config, engine="offload")
     model = model.to(target).eval()
     return cfg, model, offload
 

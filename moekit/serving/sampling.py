@@ -10,6 +10,8 @@ tokens. (A layer with a capacity limit in eval mode can route differently for 1 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,14 +51,15 @@ def generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int, *, 
     """
     if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {tuple(prompt_BS.shape)}")
-    context = model.config.context
+    lm: Any = model  # a LanguageModel, or any model with its config, new_cache and (logits, ctx) forward
+    context = lm.config.context
     gen = None if seed is None else torch.Generator(prompt_BS.device).manual_seed(seed)
     was_training = model.training
     model.eval()
     tokens_BS = prompt_BS
     # models that route over the whole sequence (depth routing, Read-ME planning) recompute instead
     use_cache = use_cache and getattr(model, "supports_kv_cache", True)
-    cache = model.new_cache(prompt_BS.shape[0]) if use_cache else None
+    cache = lm.new_cache(prompt_BS.shape[0]) if use_cache else None
     pending_BS = tokens_BS[:, -context:]
     try:
         for _ in range(max_new_tokens):
@@ -64,7 +67,7 @@ def generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int, *, 
                 logits_BSV, _ = model(tokens_BS[:, -context:])
             else:
                 if cache.length + pending_BS.shape[1] > context:  # window full: re-run the last `context`
-                    cache, pending_BS = model.new_cache(tokens_BS.shape[0]), tokens_BS[:, -context:]
+                    cache, pending_BS = lm.new_cache(tokens_BS.shape[0]), tokens_BS[:, -context:]
                 logits_BSV, _ = model(pending_BS, cache=cache)
             next_B = sample_next(logits_BSV[:, -1], temperature, top_p, gen)
             tokens_BS = torch.cat([tokens_BS, next_B[:, None]], dim=1)

@@ -67,8 +67,9 @@ def _predict(trace: Trace, prefetcher: str, table: dict[Key, list[int]], t: int,
 
 
 def simulate(trace: Trace, policy: str, prefetcher: str, capacity_bytes: int, *, bandwidth: float = 25e9,
-             compute_seconds: float = 1e-4, affinity: dict[Key, list[int]] | None = None) -> SimResult:
-    """Replay ``trace`` (see the module docstring for the time model)."""
+             compute_seconds: float = 1e-4, affinity: dict[Key, list[int]] | None = None,
+             prior: dict[Key, float] | None = None) -> SimResult:
+    """Replay ``trace`` (see the module docstring for the time model); ``prior`` feeds the activation policy."""
     if prefetcher not in SIM_PREFETCHERS:
         raise ValueError(f"unknown prefetcher {prefetcher!r}; choose one of {', '.join(SIM_PREFETCHERS)}")
     if capacity_bytes < max(trace.expert_bytes, default=0):
@@ -78,7 +79,8 @@ def simulate(trace: Trace, policy: str, prefetcher: str, capacity_bytes: int, *,
         raise ValueError(f"bandwidth={bandwidth} must be > 0 and compute_seconds={compute_seconds} >= 0")
     future = trace.accesses()
     nbytes = trace.expert_bytes
-    cache = ExpertCache(capacity_bytes, make_policy(policy, num_layers=trace.num_layers, future=future),
+    cache = ExpertCache(capacity_bytes, make_policy(policy, num_layers=trace.num_layers, future=future, prior=prior,
+                                                    num_experts=max(trace.num_experts, default=1)),
                         lambda k: {}, lambda k: nbytes[k[0]])
     table = affinity if affinity is not None else (affinity_table(trace) if prefetcher == "affinity" else {})
     now = io_free = stall = 0.0
