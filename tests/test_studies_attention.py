@@ -8,7 +8,7 @@ from moekit.models import LanguageModel
 
 
 @pytest.mark.parametrize("name,expect", [
-    ("switchhead", {"switchhead": "switchhead", "dense-attention": "dense"}),
+    ("switchhead", {"switchhead": "switchhead", "switchhead-narrow": "switchhead", "dense-attention": "dense"}),
     ("mom", {"mom": "mom", "single-memory": "mom"}),
     ("routing-transformer", {"full": "dense", "local": "routing", "routing": "routing"}),
     ("drllm", {"all-layers": "dense", "drllm": "dense"}),
