@@ -99,6 +99,9 @@ class ModelConfig:
               f"{self.vocab_size - 1} (e.g. [256] for bytes then image codes); use [] for one modality")
         from .depth import validate_depth_routing
         validate_depth_routing(self.depth_routing, self.num_layers)
+        check(not self.depth_routing.get("kv_sharing") or self.attention == "dense",
+              f"model.depth_routing.kv_sharing=true reuses the dense attention's keys and values, which "
+              f"model.attention={self.attention!r} does not share; use model.attention='dense' or kv_sharing=false")
         if self.moe is not None:
             check(self.moe.dim == self.dim,
                   f"model.moe.dim={self.moe.dim} differs from model.dim={self.dim}; set both to the same value")
