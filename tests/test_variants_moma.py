@@ -177,7 +177,8 @@ def test_multimodal_stream_and_model_modality_ids():
     assert data.tokenizer.vocab_size == 272 and int(data.train.max()) >= TEXT_VOCAB and data.bytes_per_token == 1.0
 
 
-def test_moma_preset_trains_and_reports_each_group(tmp_path):
+def test_moma_preset_trains_and_reports_each_group(tmp_path, capsys):
+    from moekit.cli.main import main
     from moekit.recipes import load_preset
     from moekit.training import train, with_overrides
 
@@ -189,3 +190,7 @@ def test_moma_preset_trains_and_reports_each_group(tmp_path):
     share = layers["layers.0.ffn"]["modality_share_m1"]
     assert 0.2 < share < 0.6, "the data interleaves image tokens, and the model carries their modality to the layer"
     assert layers["layers.0.ffn.m0"]["tokens"] > 0 and layers["layers.0.ffn.m1"]["tokens"] > 0
+    # sampling decodes image codes (ids >= 256) as <iN>; evaluation routing is causal, so the KV cache works
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "<img 1>", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("<img 1>")

@@ -21,7 +21,7 @@ from .multimodal import MultimodalTokenizer, multimodal_stream
 from .synthetic import arithmetic_text, mixture_text
 from .tokenizers import ByteTokenizer, HFTokenizer, get_tokenizer
 
-__all__ = ["TokenData", "load_data", "train_batch", "val_batches"]
+__all__ = ["TokenData", "load_data", "train_batch", "val_batches", "tokenizer_for"]
 
 
 @dataclass
@@ -77,6 +77,11 @@ def _raw_texts(cfg: DataConfig) -> tuple[bytes, bytes, str]:
     return (arithmetic_text(cfg.seed * 2, cfg.synthetic_bytes, cfg.max_digits),
             arithmetic_text(cfg.seed * 2 + 1, n_val, cfg.max_digits),
             f"arithmetic up to {cfg.max_digits} digits (seed {cfg.seed})")
+
+
+def tokenizer_for(cfg: DataConfig) -> ByteTokenizer | HFTokenizer | MultimodalTokenizer:
+    """The tokenizer a run of ``cfg`` uses (the ``multimodal`` source adds its image codes to the bytes)."""
+    return MultimodalTokenizer(cfg.image_codes) if cfg.source == "multimodal" else get_tokenizer(cfg.tokenizer)
 
 
 def _multimodal_data(cfg: DataConfig) -> TokenData:
