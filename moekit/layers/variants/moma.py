@@ -24,9 +24,9 @@ needs no other token. ``eval_routing="expert_choice"`` keeps the training rule (
 
 Modality ids come from ``ctx.state["modality_ids"]`` (:data:`moekit.types.MODALITY_KEY`), written by the
 language model from ``model.modality_starts``; without them every token is modality 0. With one modality the
-layer is a plain expert-choice (or top-k) MoE. Statistics per group ``{name}.m{m}`` (load, drops) and on the
-layer: ``modality_share_m{m}`` (its share of tokens) and, in training, ``aux_router_agreement`` (fraction of
-(token, expert) decisions the auxiliary routers reproduce).
+layer is a plain expert-choice (or top-k) MoE. Statistics per group, under ``{name}.m{m}``: the MoE's (load,
+drops) plus ``modality_share`` (the group's share of the layer's tokens) and, in training,
+``aux_router_agreement`` (fraction of (token, expert) decisions its auxiliary router reproduces).
 
 Choices (the spec leaves them open): equal group sizes; the auxiliary router's threshold 0.5; its loss weight
 0.01; MoD combination not built (a depth router that gathers tokens makes the modality ids mismatch: an error).
@@ -139,21 +139,18 @@ class MoMa(nn.Module):
         T = x_TD.shape[0]
         mod_T = self.modality_ids(ctx, T, x_TD.device)
         y_TD = torch.zeros_like(x_TD)
-        agree, decisions = x_TD.new_zeros(()), 0
         for m in range(self.num_modalities):
             group = self._group(m)
             idx_T = (mod_T == m).nonzero().squeeze(1)
-            add_extra(ctx, self.name, **{f"modality_share_m{m}": idx_T.numel() / max(T, 1)})
             if idx_T.numel() == 0:
                 continue
             xm_TD = x_TD.index_select(0, idx_T)
             routing = self._route(m, xm_TD, ctx)
-            if self.uses_aux and self.training:
-                agree = agree + self._aux_loss(m, xm_TD, routing, ctx)
-                decisions += routing.expert_ids_TK.numel()
             y_TD = y_TD.index_copy(0, idx_T, group.combine(xm_TD, routing, ctx))
-        if decisions:
-            add_extra(ctx, self.name, aux_router_agreement=agree / decisions)
+            add_extra(ctx, group.name, modality_share=idx_T.numel() / T)
+            if self.uses_aux and self.training:
+                agree = self._aux_loss(m, xm_TD, routing, ctx)
+                add_extra(ctx, group.name, aux_router_agreement=agree / routing.expert_ids_TK.numel())
         return y_TD.view(x.shape)
 
     def _route(self, m: int, xm_TD: torch.Tensor, ctx: RoutingContext | None) -> Routing:
