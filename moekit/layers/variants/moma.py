@@ -130,7 +130,7 @@ class MoMa(nn.Module):
         bad = (ids_T < 0) | (ids_T >= self.num_modalities)
         if bool(bad.any()):
             raise ValueError(f"{self.name}: modality id {int(ids_T[bad][0])} is outside 0..{self.num_modalities - 1}; "
-                             f"make model.modality_starts list {self.num_modalities - 1} boundaries, or set "
+                             f"make model.modality_starts list {self.num_modalities - 1} boundaries ([] for one modality), or set "
                              f"variant.num_modalities to the number of modalities in the data")
         return ids_T
 
