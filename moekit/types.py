@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["Routing", "RoutingContext", "LayerStats"]
+__all__ = ["Routing", "RoutingContext", "LayerStats", "MODALITY_KEY"]
+
+# ``ctx.state[MODALITY_KEY]``: int64 modality id per token ([B, S] or [T]; 0 = text). The language model
+# writes it from the token ids when ``model.modality_starts`` is set (a caller may set it before the forward
+# instead); modality-aware layers (MoMa) read it. Absent: every token is modality 0.
+MODALITY_KEY = "modality_ids"
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ class RoutingContext:
     """Created by a model's forward and handed down through its blocks.
 
     Collects weighted auxiliary losses by name (summed over layers), optional per-layer statistics, and
-    state that crosses layers (previous logits, recurrent router state, a pre-computed routing plan).
+    state that crosses layers (previous logits, recurrent router state, a pre-computed routing plan, the
+    per-token modality ids under :data:`MODALITY_KEY`).
     A layer used alone works without one.
 
     Args:

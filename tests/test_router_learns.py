@@ -42,6 +42,8 @@ BY_OTHER_MEANS = {
     # Dr.LLM's routers are trained on the layer paths found by search (cross-entropy on the path labels, through
     # the training-step hook); the language model's own loss does not reach them.
     "drllm": r"^depth_router\.routers\.",
+    # MoMa: the test's tokens are text bytes only, so the image group's router receives no token (by design)
+    "moma": r"\.groups\.[1-9]\d*\.router\.weight$",
 }
 TOKENS = 16
 

@@ -8,10 +8,11 @@ from moekit.models import LanguageModel
 
 
 @pytest.mark.parametrize("name,expect", [
-    ("switchhead", {"switchhead": "switchhead", "dense-attention": "dense"}),
+    ("switchhead", {"switchhead": "switchhead", "switchhead-narrow": "switchhead", "dense-attention": "dense"}),
     ("mom", {"mom": "mom", "single-memory": "mom"}),
     ("routing-transformer", {"full": "dense", "local": "routing", "routing": "routing"}),
     ("drllm", {"all-layers": "dense", "drllm": "dense"}),
+    ("moma", {"dense": "dense", "mixed-moe": "dense", "moma": "dense"}),
 ])
 def test_study_plans_and_builds_its_arms(name, expect):
     for quick in (False, True):
@@ -28,3 +29,9 @@ def test_study_plans_and_builds_its_arms(name, expect):
                 assert model.layers[0].attn.config.local_heads == model_cfg.num_heads
             if spec.arm == "drllm":
                 assert model.depth_router is not None
+            if name == "moma":  # every arm reads the multimodal data; only the MoMa arm groups experts by modality
+                assert spec.config.data.source == "multimodal" and model_cfg.vocab_size == 320
+                groups = {"dense": None, "mixed-moe": 1, "moma": 2}[spec.arm]
+                assert any(b.is_sparse for b in model.layers) == (groups is not None)
+                if groups:
+                    assert model.layers[0].ffn.num_modalities == groups

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from ..data import get_tokenizer
+from ..data import tokenizer_for
 from ..serving import generate
 from ..serving.decoding import rewiring_generate, scmoe_generate
 from ..training import load_run
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--prompt is not valid UTF-8 text; check the terminal's or script's encoding") from None
     cfg, model, _ = load_run(args.run, args.device)
     apply_threads(decoding_threads(sum(p.numel() for p in model.parameters()), args.threads))
-    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokenizer = tokenizer_for(cfg.data)
     ids = tokenizer.encode(args.prompt or "\n")
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")

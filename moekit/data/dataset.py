@@ -18,10 +18,11 @@ import torch
 from ..configs import ConfigError
 from .config import DataConfig
 from .corpus import read_files, split_files, stdlib_files, text_files
+from .multimodal import MultimodalTokenizer, multimodal_stream
 from .synthetic import arithmetic_text, mixture_text
 from .tokenizers import ByteTokenizer, HFTokenizer, get_tokenizer
 
-__all__ = ["TokenData", "load_data", "train_batch", "val_batches"]
+__all__ = ["TokenData", "load_data", "train_batch", "val_batches", "tokenizer_for"]
 
 
 @dataclass
@@ -33,7 +34,7 @@ class TokenData:
 
     train: torch.Tensor
     val: torch.Tensor
-    tokenizer: ByteTokenizer | HFTokenizer
+    tokenizer: ByteTokenizer | HFTokenizer | MultimodalTokenizer
     bytes_per_token: float
     description: str
 
@@ -79,8 +80,32 @@ def _raw_texts(cfg: DataConfig) -> tuple[bytes, bytes, str]:
             f"arithmetic up to {cfg.max_digits} digits (seed {cfg.seed})")
 
 
+def tokenizer_for(cfg: DataConfig) -> ByteTokenizer | HFTokenizer | MultimodalTokenizer:
+    """The tokenizer a run of ``cfg`` uses (the ``multimodal`` source adds its image codes to the bytes)."""
+    return MultimodalTokenizer(cfg.image_codes) if cfg.source == "multimodal" else get_tokenizer(cfg.tokenizer)
+
+
+def _multimodal_data(cfg: DataConfig) -> TokenData:
+    """Text snippets of the stdlib's train / val files interleaved with captioned synthetic images."""
+    if cfg.tokenizer != "bytes":
+        raise ConfigError(f"data.source='multimodal' is byte-level with image codes above 256; "
+                          f"data.tokenizer={cfg.tokenizer!r} is not supported there; set data.tokenizer=bytes")
+    cfg_text = DataConfig(source="stdlib", val_fraction=cfg.val_fraction, max_files=cfg.max_files,
+                          max_bytes=cfg.max_bytes, seed=cfg.seed)
+    train_b, val_b, desc = _raw_texts(cfg_text)
+    n_val = max(1000, int(cfg.synthetic_bytes * cfg.val_fraction))
+    kw = dict(codes=cfg.image_codes, patches=cfg.image_patches)
+    train = multimodal_stream(cfg.seed * 2, cfg.synthetic_bytes, train_b, **kw)
+    val = multimodal_stream(cfg.seed * 2 + 1, n_val, val_b, **kw)
+    return TokenData(train=train, val=val, tokenizer=MultimodalTokenizer(cfg.image_codes), bytes_per_token=1.0,
+                     description=f"{desc} interleaved with captioned images of {cfg.image_patches} patches over "
+                                 f"{cfg.image_codes} codes (ids 256+; bits/byte = bits/token)")
+
+
 def load_data(cfg: DataConfig) -> TokenData:
     """Read or generate the data of ``cfg`` (nothing is downloaded or cached)."""
+    if cfg.source == "multimodal":
+        return _multimodal_data(cfg)
     tokenizer = get_tokenizer(cfg.tokenizer)
     if cfg.source == "hf":
         from .hf import hf_documents

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..configs import ConfigError
 from ..layers.attention import ATTENTION_PROBS_KEY, apply_rope, register_attention, rope_tables
+from ..layers.variants.mor import shared_kv_attention
 
 __all__ = ["Attention", "KVCache", "rope_tables", "apply_rope"]
 
@@ -69,7 +70,10 @@ class Attention(nn.Module):
         B, S, D = x_BSD.shape
         q, k, v = self.w_qkv(x_BSD).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        if self.publish_probs and ctx is not None:  # explicit softmax: the probabilities are read downstream
+        shared = shared_kv_attention(ctx, layer, q, k, v) if cache is None else None  # MoR's KV sharing
+        if shared is not None:
+            y = shared
+        elif self.publish_probs and ctx is not None:  # explicit softmax: the probabilities are read downstream
             if cache is not None and cache.pad_B is not None:
                 raise ConfigError("a feed-forward that reads the attention pattern (e.g. GMoE's attention-aware "
                                   "mode) cannot run on a left-padded batch; generate its prompts one at a time")

@@ -36,6 +36,10 @@ class ModelConfig:
             middle-cycle sharing) or ``{kind = "drllm"}`` (Dr.LLM layer routers); see :mod:`moekit.models.depth`.
         dense_hidden_dim: hidden size of the dense SwiGLU layers; ``None`` uses ``moe.active_hidden`` (equal
             active FLOPs to the sparse layers) when there is an MoE, else ``4 * dim``.
+        modality_starts: early fusion of several modalities in one vocabulary: the first token id of each
+            modality after the first (``[256]``: ids below 256 are text, from 256 image codes). The forward then
+            writes each token's modality id to ``ctx.state["modality_ids"]`` (:data:`moekit.types.MODALITY_KEY`)
+            for modality-aware layers (``ffn = "moma"``). Empty: one modality, nothing written.
         first_dense_layers: the first layers stay dense (DeepSeek-MoE keeps layer 0 dense).
         moe_every: after those, every ``moe_every``-th layer is sparse (1: all, 2: alternate, as in GShard).
         tie_embeddings: share the token embedding with the output projection (saves ``vocab * dim``).
@@ -55,6 +59,7 @@ class ModelConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)
     depth_routing: dict[str, Any] = field(default_factory=dict)
     dense_hidden_dim: int | None = None
+    modality_starts: tuple[int, ...] = ()
     first_dense_layers: int = 0
     moe_every: int = 1
     tie_embeddings: bool = True
@@ -86,8 +91,17 @@ class ModelConfig:
               f"options; remove them or choose an attention variant with model.attention")
         check(isinstance(self.depth_routing, dict),
               f"model.depth_routing must be a table of options, got {self.depth_routing!r}")
+        starts = self.modality_starts
+        check(all(isinstance(s, int) for s in starts)
+              and all(a < b for a, b in zip([0, *starts], starts, strict=False))
+              and all(s < self.vocab_size for s in starts),
+              f"model.modality_starts={starts!r} must be increasing token ids in 1..vocab_size-1="
+              f"{self.vocab_size - 1} (e.g. [256] for bytes then image codes); use [] for one modality")
         from .depth import validate_depth_routing
         validate_depth_routing(self.depth_routing, self.num_layers)
+        check(not self.depth_routing.get("kv_sharing") or self.attention == "dense",
+              f"model.depth_routing.kv_sharing=true reuses the dense attention's keys and values, which "
+              f"model.attention={self.attention!r} does not share; use model.attention='dense' or kv_sharing=false")
         if self.moe is not None:
             check(self.moe.dim == self.dim,
                   f"model.moe.dim={self.moe.dim} differs from model.dim={self.dim}; set both to the same value")

@@ -24,7 +24,7 @@ from ..configs import ConfigError
 from ..experts import FeedForward
 from ..layers import build_attention, build_ffn
 from ..layers.variants import LayerPathRouters, TokenPruner
-from ..types import RoutingContext
+from ..types import MODALITY_KEY, RoutingContext
 from .attention import KVCache, rope_tables
 from .config import ModelConfig
 from .depth import build_depth_router, build_planner, positions_rope
@@ -155,6 +155,9 @@ class LanguageModel(nn.Module):
                              "attention variant without a KV cache), "
                              "so it cannot use a KV cache; generate without one (moekit sample --no-cache)")
         ctx = RoutingContext() if ctx is None else ctx
+        if self.config.modality_starts and MODALITY_KEY not in ctx.state:  # early fusion: modality from the id
+            starts = torch.tensor(self.config.modality_starts, device=tokens_BS.device)
+            ctx.state[MODALITY_KEY] = torch.bucketize(tokens_BS.contiguous(), starts, right=True)
         cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         if cache is not None and cache.pad_B is not None:  # left-padded rows: positions count from their text
             pos_BS = (start + torch.arange(S, device=tokens_BS.device) - cache.pad_B[:, None]).clamp_min(0)

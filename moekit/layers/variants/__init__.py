@@ -12,6 +12,7 @@ from . import (  # noqa: F401
                gmoe,
                moepp,
                mofme,
+               moma,
                mumoe,
                pr_moe,
                promoe,
@@ -32,6 +33,7 @@ from .gmoe import GMoEConfig, GraphOfTokensMoE
 from .mod import MixtureOfDepths, MoDConfig
 from .moepp import MoEPlusPlus, MoEPPConfig
 from .mofme import MoFME, MoFMEConfig
+from .moma import MoMa, MoMaConfig
 from .mor import MixtureOfRecursions, MoRConfig
 from .mumoe import MultilinearMoE, MuMoEConfig
 from .pr_moe import ResidualMoE, ResidualMoEConfig
@@ -51,7 +53,7 @@ __all__ = ["ChainOfExperts", "CoEConfig", "MoEPlusPlus", "MoEPPConfig", "TopPCon
            "RecurrentRouterMoE", "RMoEConfig", "tie_recurrent_routers",
            "MixtureOfDepths", "MoDConfig", "MixtureOfRecursions", "MoRConfig",
            "GraphOfTokensMoE", "GMoEConfig", "ProMoE", "ProMoEConfig",
-           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig",
+           "MultilinearMoE", "MuMoEConfig", "MoFME", "MoFMEConfig", "MoMa", "MoMaConfig",
            "ReadMEConfig", "ReadMEMoE", "ReadMEPlanner", "RoutingPlan", "planner_distillation_loss",
            "DuoFFN", "DuoConfig", "LayerPathRouters", "DrLLMConfig", "TokenPruner", "FTPConfig",
            "UnionOfMLPExperts", "UoMEConfig", "SupernetFFN", "SupernetConfig"]
