@@ -165,3 +165,21 @@ def test_short_finetune_learns_the_spans():
     untrained = train_eval("switch", RobustQAConfig(**{**cfg.__dict__, "epochs": 1, "lr": 1e-12}), 0, data, base)
     trained = train_eval("switch", cfg, 0, data, base)
     assert trained["in_f1"] > untrained["in_f1"] + 15, (trained, untrained)
+
+
+def test_rescaled_experts_equal_the_dense_ffn_under_uniform_routing():
+    dense = tiny_bert(5)
+    x = torch.randint(0, 50, (2, 7))
+    want = dense(input_ids=x).last_hidden_state
+    model = tiny_bert(5)
+    sws = switchify(model, (0, 1), 4, capacity_factor=None, eval_capacity_factor=None, aux_loss_coef=0.0,
+                    rescale_experts=True)
+    for sw in sws:
+        with torch.no_grad():
+            sw.moe.router.weight.zero_()  # p = 1/E for every expert
+    torch.testing.assert_close(model(input_ids=x).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    plain = tiny_bert(5)
+    for sw in switchify(plain, (0, 1), 4, capacity_factor=None, eval_capacity_factor=None, aux_loss_coef=0.0):
+        with torch.no_grad():
+            sw.moe.router.weight.zero_()
+    assert not torch.allclose(plain(input_ids=x).last_hidden_state, want, atol=1e-3)  # p-scaled without it

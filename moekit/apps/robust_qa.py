@@ -103,6 +103,7 @@ class RobustQAConfig:
     lr: float = 2e-4
     max_answer_tokens: int = 8
     frozen_layers: int = 2
+    rescale_experts: bool = False
 
     def __post_init__(self) -> None:
         n = type(self).__name__
@@ -273,8 +274,13 @@ class SwitchFFN(nn.Module):
 
 
 def switchify(encoder: Any, layers: tuple[int, ...], num_experts: int, *, capacity_factor: float | None,
-              eval_capacity_factor: float | None, aux_loss_coef: float, seed: int = 0) -> list[SwitchFFN]:
-    """Upcycle the dense FFN of BERT layers ``layers`` (in place) into top-1 Switch layers; return them."""
+              eval_capacity_factor: float | None, aux_loss_coef: float, seed: int = 0,
+              rescale_experts: bool = False) -> list[SwitchFFN]:
+    """Upcycle the dense FFN of BERT layers ``layers`` (in place) into top-1 Switch layers; return them.
+
+    ``rescale_experts`` multiplies each expert's output projection (weight and bias) by E, so that under the
+    new router's near-uniform probabilities (``p ≈ 1/E``) the layer starts close to the dense FFN.
+    """
     from ..compression.upcycle import sparse_upcycle
     from ..hf.bert import dense_ffn
     from ..routing.config import RouterConfig
@@ -287,6 +293,11 @@ def switchify(encoder: Any, layers: tuple[int, ...], num_experts: int, *, capaci
         layer = bert_layers[i]
         moe = sparse_upcycle(dense_ffn(layer, encoder.config.hidden_act), num_experts, 1, seed=seed + i,
                              name=f"layer{i}.switch", router=router)
+        if rescale_experts:
+            with torch.no_grad():
+                moe.experts.w_down.mul_(num_experts)
+                if moe.experts.b_down is not None:
+                    moe.experts.b_down.mul_(num_experts)
         sw = SwitchFFN(moe).train(layer.training)
         layer.intermediate = sw
         layer.output.dense = nn.Identity()
@@ -408,7 +419,7 @@ def train_eval(variant: str, cfg: RobustQAConfig, seed: int, data: dict, base=No
     if variant.startswith("switch"):
         model.switches = switchify(encoder, cfg.moe_layers, cfg.num_experts, capacity_factor=cfg.capacity_factor,
                                    eval_capacity_factor=cfg.eval_capacity_factor, aux_loss_coef=cfg.aux_loss_coef,
-                                   seed=seed)
+                                   seed=seed, rescale_experts=cfg.rescale_experts)
     encoder.embeddings.requires_grad_(False)  # choice for CPU time: embeddings and bottom layers stay frozen
     for layer in encoder.encoder.layer[:cfg.frozen_layers]:
         layer.requires_grad_(False)
