@@ -163,3 +163,15 @@ def test_in_context_policy_beats_random_and_task_routing_clusters():
     model, _ = train_policy(cfg, 0, True, train)
     assert online_regret(model, test, cfg, 0) < 0.7 * online_regret(None, test, cfg, 0)
     assert task_routing_purity(model, train, cfg, 0) > 2 / cfg.num_tasks
+
+
+def test_missing_gymnasium_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    import sys
+
+    from moekit.cli.main import main
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # import fails as if not installed
+    out = tmp_path / "r"
+    assert main(["app", "t2mir", "--out", str(out), "--seeds=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gymnasium" in err[0] and "pip install 'moekit[apps]'" in err[0], err
+    assert not out.exists()
