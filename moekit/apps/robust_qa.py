@@ -9,7 +9,9 @@ un-renormalised gate (the top-1 weight is the router probability ``p``, arXiv 21
 factor (tokens over capacity get a zero FFN output, so the ``BertOutput`` residual passes them through) and the
 Switch load-balancing loss ("P2" in the project: ``E Σ_i f_i P_i``, 1 under uniform routing) weighted by
 ``aux_loss_coef``. Choice: with ``p`` ≈ 1/E at the start the upcycled layer is not equal to the dense FFN (its
-output is scaled by ``p``); fine-tuning recovers it. The spec's part (a), a separate gated MoE of whole
+output is scaled by ``p``); fine-tuning has to recover it. ``rescale_experts=True`` multiplies the experts' output
+projections by E instead, so the layer starts equal to the dense FFN under uniform routing. The embeddings and the
+``frozen_layers`` bottom layers are frozen (a choice for CPU time). The spec's part (a), a separate gated MoE of whole
 sub-networks, is not built.
 
 Data (built here, no download): paragraphs of Python standard-library docstrings. A question is one sentence of
