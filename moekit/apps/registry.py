@@ -19,7 +19,8 @@ from ..configs import ConfigError
 __all__ = ["APP_MODULES", "AppSpec", "MissingExtra", "get_app", "list_apps", "register_app", "require"]
 
 # Modules that define applications (imported lazily by list_apps / get_app).
-APP_MODULES = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe")
+APP_MODULES: tuple[str, ...] = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe")
+APP_MODULES += ("robust_qa", "mot", "t2mir")  # issue 18 part A
 
 _REGISTRY: dict[str, AppSpec] = {}
 
