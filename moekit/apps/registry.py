@@ -19,7 +19,10 @@ from ..configs import ConfigError
 __all__ = ["APP_MODULES", "AppSpec", "MissingExtra", "get_app", "list_apps", "register_app", "require"]
 
 # Modules that define applications (imported lazily by list_apps / get_app).
+APP_MODULES: tuple[str, ...]
 APP_MODULES = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe")
+# issue 18 part B (MixER, CMoE, NetMamba, ERW)
+APP_MODULES += ("mixer", "cmoe", "netmamba", "erw")
 
 _REGISTRY: dict[str, AppSpec] = {}
 
