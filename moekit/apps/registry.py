@@ -21,6 +21,7 @@ __all__ = ["APP_MODULES", "AppSpec", "MissingExtra", "get_app", "list_apps", "re
 # Modules that define applications (imported lazily by list_apps / get_app).
 APP_MODULES: tuple[str, ...] = ("driftmoe", "advmoe", "mowst", "adaptdhm", "scaling_mlps", "semm", "vdd", "coe")
 APP_MODULES += ("robust_qa", "mot", "t2mir")  # issue 18 part A
+APP_MODULES += ("mixer", "cmoe", "netmamba", "erw")  # issue 18 part B
 
 _REGISTRY: dict[str, AppSpec] = {}
 
