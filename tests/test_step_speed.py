@@ -82,3 +82,60 @@ def test_compare_steps_reports_ratios_to_the_first():
     assert out["a"]["tokens_per_s_ratio"] == 1.0
     assert out["b"]["tokens_per_s_ratio"] == pytest.approx(out["b"]["tokens_per_s"] / out["a"]["tokens_per_s"])
     assert a.step == b.step == 3
+
+
+# --- bad input: shapes that do not fit in memory are refused with the estimate -------------------------------
+
+def test_memory_check_names_the_estimate_and_the_fix():
+    from moekit.bench.memory import check_fits
+    from moekit.configs import ConfigError
+
+    check_fits(2**20, "x", "fix it", available=2**30)  # fits: nothing happens
+    with pytest.raises(ConfigError, match=r"needs about 2\.0 GiB .* has 1\.0 GiB available; lower it"):
+        check_fits(2 * 2**30, "this thing", "lower it", available=2**30)
+
+
+def test_layer_bench_estimate_covers_what_autograd_saves():
+    """The estimate is above the bytes the layer really saves for backward (a small shape, measured)."""
+    from moekit.bench.memory import layer_bench_bytes
+    from moekit.bench.timing import saved_activation_bytes
+    from moekit.layers import MoE, MoEConfig
+
+    moe = MoE(MoEConfig(dim=32, hidden_dim=48, num_experts=6, top_k=2, num_shared_experts=1))
+    x = torch.randn(1, 300, 32, requires_grad=True)
+    saved = saved_activation_bytes(lambda: moe(x), moe)
+    estimate = layer_bench_bytes(32, 48, 6, 2, 1, 300, candidates=1)
+    params = sum(p.numel() for p in moe.parameters()) * 4
+    assert saved < estimate - 2 * params  # the activation part alone covers it
+    assert estimate < 20 * (saved + 2 * params)  # and is not absurdly loose
+
+
+def test_bench_refuses_a_shape_that_does_not_fit(capsys, monkeypatch):
+    from moekit.bench import memory
+    from moekit.cli.main import main
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * 2**30)
+    code = main(["bench", "--shapes", "fine-s", "--tokens", "10000000", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "moekit bench of fine-s at 10,000,000 tokens needs about" in err[0] and "4.0 GiB available" in err[0]
+    assert "--tokens" in err[0]
+
+
+def test_compare_refuses_a_study_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    from moekit.bench import memory
+    from moekit.cli.main import main
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 2**30)
+    out = tmp_path / "study"
+    code = main(["compare", "moe-vs-dense", "--quick", "--out", str(out), "--workers", "2",
+                 "--budget", "1e16", "--train.batch_size=4096", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "this study (2 run(s) at once" in err[0] and "1.0 GiB available" in err[0]
+    assert not out.exists()  # nothing half-written
+    # the same study at its own batch size fits that budget: the estimate is not what refuses everything
+    from moekit.bench.memory import training_bytes
+    from moekit.compare import load_study, plan_study
+    specs = plan_study(load_study("moe-vs-dense", quick=True))
+    assert max(training_bytes(s.config, 2) for s in specs) < 2**30
