@@ -139,3 +139,19 @@ def test_compare_refuses_a_study_that_does_not_fit(tmp_path, capsys, monkeypatch
     from moekit.compare import load_study, plan_study
     specs = plan_study(load_study("moe-vs-dense", quick=True))
     assert max(training_bytes(s.config, 2) for s in specs) < 2**30
+
+
+def test_recipe_study_plans_equal_flops_at_equal_active_parameters():
+    from moekit.compare import load_study, plan_study
+    from moekit.models import count
+
+    for quick in (False, True):
+        specs = plan_study(load_study("recipes", quick=quick))
+        assert {s.arm for s in specs} == {"dense", "coarse-top2", "fine-shared", "fine-shared-auxfree"}
+        flops = [s.planned_flops for s in specs]
+        assert max(flops) / min(flops) < 1.02
+        if not quick:
+            active = {s.arm: count(s.config.model).active_params for s in specs}
+            assert max(active.values()) / min(active.values()) < 1.02, active
+            auxfree = next(s for s in specs if s.arm == "fine-shared-auxfree").config.model.moe.router
+            assert auxfree.aux_loss_coef == 0 and auxfree.bias_update_rate > 0
