@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     shapes = args.shapes or (QUICK_SHAPES if args.quick else [n for n, s in SHAPES.items() if gpu or not s.gpu_only])
     engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted",)))
+    _check_memory(shapes, tokens, engines, gpu)
     rounds_per_shape = 2 * (repeats + 2)
     bar = Progress(len(shapes) * rounds_per_shape, 0, enabled=not args.no_progress, unit="round", desc="bench ")
     done = [0]
@@ -83,3 +84,24 @@ def run(args: argparse.Namespace) -> int:
         write_json(path, results)
         print(f"wrote {path}")
     return 0
+
+
+def _check_memory(shapes: list[str], tokens: int | None, engines: tuple[str, ...], gpu: bool) -> None:
+    """Refuse (exit 2) a CPU shape whose estimated memory exceeds what the machine has, before timing."""
+    from ..bench.layer import SHAPES
+    from ..bench.memory import check_fits, layer_bench_bytes
+    from ..configs import ConfigError
+    from .main import UsageError
+
+    if gpu:
+        return  # the estimate is of host memory; CUDA reports its own out-of-memory error at once
+    for name in shapes:
+        s = SHAPES[name]
+        T = tokens or s.tokens
+        estimate = layer_bench_bytes(s.dim, s.hidden_dim, s.num_experts, s.top_k, s.shared, T,
+                                     candidates=len(engines) + 2)  # + transformers' two implementations
+        try:
+            check_fits(estimate, f"moekit bench of {name} at {T:,} tokens",
+                       "lower --tokens or bench a smaller shape")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None

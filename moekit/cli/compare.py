@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{study.name}: {study.budget.describe()}, seeds {list(study.seeds)}")
         print(describe_plan(plan_study(study, args.overrides)))
         return 0
+    _check_memory(plan_study(study, args.overrides), args.workers)
     out = Path(args.out) if args.out else Path("runs") / "compare" / study.name
     command = "moekit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     result = run_study(study, out, workers=args.workers, threads=args.threads, overrides=args.overrides,
@@ -76,3 +77,22 @@ def run(args: argparse.Namespace) -> int:
         print("some runs did not finish; rerun the same command to resume them", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_memory(specs, workers: int | None) -> None:
+    """Refuse (exit 2) a study whose runs, as many at once as the workers, would not fit in memory."""
+    from ..bench.memory import check_fits, training_bytes
+    from ..compare.runner import default_workers
+    from ..configs import ConfigError
+    from .main import UsageError
+
+    if not specs:
+        return
+    at_once = max(1, min(len(specs), default_workers(len(specs)) if workers is None else workers))
+    worst = max(specs, key=lambda s: training_bytes(s.config))
+    try:
+        check_fits(training_bytes(worst.config, at_once),
+                   f"this study ({at_once} run(s) at once, the largest arm {worst.arm!r})",
+                   "lower --workers, train.batch_size or the model size")
+    except ConfigError as e:
+        raise UsageError(str(e)) from None

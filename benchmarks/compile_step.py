@@ -1,0 +1,50 @@
+"""Compiled vs eager training step of a preset (issue 20), in one run: A B A B alternation, medians.
+
+    python benchmarks/compile_step.py [--preset default] [--repeats 6] [--threads 1] [--backend inductor]
+
+The compiled arm is ``torch.compile(model)`` of the same weights (``engine="auto"`` then runs the
+compile-friendly ``sorted_op`` custom op, no graph break inside the MoE layers); the optimizer step, clipping
+and the rest of :func:`moekit.training.trainer.train_step` stay eager. Prints the compile time (first step)
+and the steady-state step-time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from moekit.bench.step import StepHarness, compare_steps
+from moekit.recipes import load_preset
+from moekit.runtime import tune_cpu_allocator
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="default")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="inductor")
+    args = p.parse_args(argv)
+    tune_cpu_allocator()
+    torch.set_num_threads(args.threads)
+    cfg = load_preset(args.preset)
+    eager = StepHarness.build(cfg)
+    compiled = StepHarness.build(cfg)
+    compiled.model = torch.compile(compiled.model, backend=args.backend)  # same parameters, optimizer unchanged
+    t0 = time.perf_counter()
+    compiled(False), compiled(True)  # both variants of the step (with and without statistics)
+    print(f"compile (first two steps): {time.perf_counter() - t0:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    out = compare_steps({"eager": eager, f"compiled-{args.backend}": compiled}, repeats=args.repeats)
+    for name, r in out.items():
+        print(f"{name:<20} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
+              f"x{r['tokens_per_s_ratio']:.3f} of eager")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
