@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class StepHarness:
     cfg: RunConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    data: object
+    data: Any
     step: int = 0
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ from .config import TrainConfig
 __all__ = ["build_optimizer", "fused_supported", "learning_rate"]
 
 
-def fused_supported(params: list[torch.Tensor]) -> bool:
+def fused_supported(params: Sequence[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel takes these parameters: plain (not ``DTensor``) floating tensors on
     CPU or CUDA, all on one device type."""
     try:
