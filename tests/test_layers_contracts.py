@@ -32,7 +32,7 @@ BAD_CONFIGS = [
     (MoDConfig, {"eval_mode": "x"}, r"variant\.eval_mode='x' is not one of \['topk', 'threshold'\]"),
     (UoMEConfig, {"level": "x"}, r"variant\.level='x' is not one of \['token', 'sequence'\]"),
     (MuMoEConfig, {"gate": "x"}, r"variant\.gate='x' is not one of \['entmax15', 'softmax'\]"),
-    (MoRConfig, {"temperature": 0.0}, r"variant\.temperature must be > 0, aux_coef >= 0"),
+    (MoRConfig, {"temperature": 0.0}, r"variant\.temperature must be > 0, aux_coef and balance_coef >= 0"),
     (MoEPPConfig, {"num_zero": 0, "num_copy": 0, "num_constant": 0}, r"at least one zero-computation expert; "
                                                                         r"raise variant\.num_zero"),
     (DrLLMConfig, {"focal_gamma": -1.0}, r"focal_gamma=-1\.0 must be >= 0"),
