@@ -88,7 +88,8 @@ def test_token_choice_balancing_loss():
 
 def test_capacity_warm_up_decays_by_half_cosine_in_training_only():
     ffn, block = _mixing_block()
-    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, cap_warmup_steps=10))
+    # top-k in evaluation too (the causal threshold path has no capacities to compare)
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, cap_warmup_steps=10, eval_routing="expert_choice"))
     x = torch.randn(2, 6, 8)
 
     def sizes(training, step):

@@ -26,6 +26,20 @@ give the expert-choice gate's scale alpha/2..alpha)*. The active sets are nested
 keeps its own number of active tokens (run sequence by sequence when they differ), and a Switch balancing loss
 over the depth choices (``balance_coef``, loss ``mor_balance_loss``) keeps depths used. No causality fix is needed.
 
+**Causal inference** (``eval_routing="threshold"``, the default in evaluation; expert choice): top-k over the
+sequence lets a later token decide whether an earlier one recurses, so (spec: "use a per-token threshold on the
+BCE-trained router output") in evaluation a candidate token runs step ``r`` iff ``sigmoid(logit_r) > threshold``
+(0.5: the decision the BCE loss ``mor_router_loss`` trains towards top-k membership), with the same hierarchical
+filtering (only tokens that ran step ``r-1`` are candidates) and the same gate ``alpha * sigmoid(logit_r)``. A step
+of capacity 1 takes every candidate, as top-k does. Each sequence keeps its own active set, so the block runs
+sequence by sequence when the counts differ (as in token choice). Whether token ``t`` recurses depends on its own
+hidden state only, which depends on tokens ``<= t`` (the block is causal over the gathered, causally ordered
+subsequence), so the whole forward is causal. It equals top-k routing whenever the router separates the top-k
+tokens from the rest at the threshold (tested). ``eval_routing="expert_choice"`` keeps top-k in evaluation
+(non-causal: for analysis, or a router trained without the BCE loss). Training always uses top-k. Choices: the
+threshold is a config value (``threshold``, 0.5); the paper's separate auxiliary router (``aux_router``) is not
+built, the BCE loss on the main router (the spec's default) is.
+
 **Capacity warm-up** (``cap_warmup_steps``, expert choice; the code's ``cap_warmup_step``): in training the
 capacity of every step starts at 1.0 and decays by a half cosine to its target,
 ``c_r(s) = c_r + (1 - c_r) * (1 + cos(pi * min(s / W, 1))) / 2`` after ``s`` optimizer steps (``on_step``, which
@@ -76,6 +90,9 @@ class MoRConfig:
         balance_coef: coefficient of the Switch balancing loss over depths (token choice); 0 disables.
         cap_warmup_steps: training steps of the cosine capacity warm-up from 1.0 (expert choice); 0: none.
         kv_sharing: later recursions reuse the first recursion's keys and values.
+        eval_routing: expert choice in evaluation: ``threshold`` (causal, per token) or ``expert_choice`` (top-k
+            over the sequence, not causal).
+        threshold: a candidate runs a step in evaluation iff ``sigmoid(router logit) > threshold``.
     """
 
     num_recursions: int = 3
@@ -87,6 +104,8 @@ class MoRConfig:
     balance_coef: float = 0.01
     cap_warmup_steps: int = 0
     kv_sharing: bool = False
+    eval_routing: Literal["threshold", "expert_choice"] = "threshold"
+    threshold: float = 0.5
 
     def __post_init__(self) -> None:
         check(self.num_recursions >= 1, f"variant.num_recursions={self.num_recursions} must be >= 1")
@@ -101,6 +120,10 @@ class MoRConfig:
         check(self.routing == "expert_choice" or (not self.capacities and self.cap_warmup_steps == 0),
               "variant.capacities and variant.cap_warmup_steps are for routing='expert_choice' (token choice sets "
               "each token's depth); remove them or use expert choice")
+
+        check_choice("variant", "eval_routing", self.eval_routing, ("threshold", "expert_choice"))
+        check(0 < self.threshold < 1, f"variant.threshold={self.threshold} must be in (0, 1) (the sigmoid of the "
+              f"router logit is compared with it; 0.5 matches the BCE router loss)")
 
     def schedule(self) -> tuple[float | Fraction, ...]:
         """Capacity of each recursion: ``capacities`` or the exact fractions ``(N_r - r) / N_r``."""
@@ -166,6 +189,8 @@ class MixtureOfRecursions(nn.Module):
         try:
             if self.config.routing == "token_choice":
                 return self._token_choice(x_BSD, block, ctx, share)
+            if not self.training and self.config.eval_routing == "threshold":
+                return self._threshold(x_BSD, block, ctx, share)
             return self._expert_choice(x_BSD, block, ctx, share)
         finally:
             if ctx is not None:
@@ -222,23 +247,58 @@ class MixtureOfRecursions(nn.Module):
             fractions.append(float(counts_B.sum()) / (B * S))
             if share is not None:
                 share["reuse"] = r > 0
-            rows: list[tuple[int | None, torch.Tensor]]
-            if bool((counts_B == counts_B[0]).all()):  # equal counts: one batched call
-                if int(counts_B[0]) == 0:
-                    break
-                rows = [(None, active_BS)]
-            else:
-                rows = [(b, active_BS[b:b + 1]) for b in range(B) if int(counts_B[b]) > 0]
-            for b, act_RS in rows:
-                h_RSD = h_BSD if b is None else h_BSD[b:b + 1]
-                pos_RK = act_RS.nonzero()[:, 1].view(act_RS.shape[0], -1)  # row-major: causal order per row
-                if ctx is not None:
-                    ctx.state[POSITIONS_KEY] = pos_RK
-                if share is not None:
-                    share["rows"] = b
-                g_RK = (gate_BS if b is None else gate_BS[b:b + 1]).gather(1, pos_RK)[..., None]
-                out_RKD = block(gather_BKD(h_RSD, pos_RK), ctx)
-                upd_RSD = h_RSD.scatter_add(1, pos_RK[..., None].expand(-1, -1, D), g_RK * out_RKD)
-                h_BSD = upd_RSD if b is None else torch.cat([h_BSD[:b], upd_RSD, h_BSD[b + 1:]])
+            if not bool(active_BS.any()):
+                break
+            h_BSD = _run_active(h_BSD, active_BS, gate_BS, block, ctx, share)
         add_extra(ctx, self.name, fraction_processed=sum(fractions) / n, mean_depth=depth_BS.float().mean())
         return h_BSD
+
+    def _threshold(self, x_BSD: torch.Tensor, block: Block, ctx: RoutingContext | None,
+                   share: dict | None) -> torch.Tensor:
+        """Causal expert choice in evaluation: per-token threshold on each step's router (see the module doc)."""
+        c = self.config
+        h_BSD = x_BSD
+        active_BS = torch.ones(x_BSD.shape[:2], dtype=torch.bool, device=x_BSD.device)
+        depth_BS = torch.zeros(x_BSD.shape[:2], device=x_BSD.device)
+        fractions = []
+        for r, cap in enumerate(c.schedule()):
+            logit_BS = F.linear(h_BSD.float(), self._router(r).weight.float())[..., 0] / c.temperature
+            if cap < 1:  # capacity 1 takes every candidate, as top-k does
+                active_BS = active_BS & (logit_BS.sigmoid() > c.threshold)
+            fractions.append(float(active_BS.float().mean()))
+            if not bool(active_BS.any()):  # nested sets: no later step has a token either
+                fractions += [0.0] * (c.num_recursions - r - 1)
+                break
+            if share is not None:
+                share["reuse"] = r > 0
+            gate_BS = (c.alpha * logit_BS.sigmoid()).to(x_BSD.dtype)
+            h_BSD = _run_active(h_BSD, active_BS, gate_BS, block, ctx, share)
+            depth_BS = depth_BS + active_BS
+        add_extra(ctx, self.name, fraction_processed=sum(fractions) / len(fractions), mean_depth=depth_BS.mean())
+        return h_BSD
+
+
+def _run_active(h_BSD: torch.Tensor, active_BS: torch.Tensor, gate_BS: torch.Tensor, block: Block,
+                ctx: RoutingContext | None, share: dict | None) -> torch.Tensor:
+    """One recursion over the active tokens of each sequence: ``H_t += g_t * Block(H_active)_t`` for active t,
+    the block run on each sequence's active subsequence in causal order (one batched call when every sequence
+    has as many active tokens, else sequence by sequence; a sequence with none is skipped)."""
+    D = h_BSD.shape[-1]
+    counts_B = active_BS.sum(1)
+    rows: list[tuple[int | None, torch.Tensor]]
+    if bool((counts_B == counts_B[0]).all()):
+        rows = [(None, active_BS)] if int(counts_B[0]) > 0 else []
+    else:
+        rows = [(b, active_BS[b:b + 1]) for b in range(active_BS.shape[0]) if int(counts_B[b]) > 0]
+    for b, act_RS in rows:
+        h_RSD = h_BSD if b is None else h_BSD[b:b + 1]
+        pos_RK = act_RS.nonzero()[:, 1].view(act_RS.shape[0], -1)  # row-major: causal order per row
+        if ctx is not None:
+            ctx.state[POSITIONS_KEY] = pos_RK
+        if share is not None:
+            share["rows"] = b
+        g_RK = (gate_BS if b is None else gate_BS[b:b + 1]).gather(1, pos_RK)[..., None]
+        out_RKD = block(gather_BKD(h_RSD, pos_RK), ctx)
+        upd_RSD = h_RSD.scatter_add(1, pos_RK[..., None].expand(-1, -1, D), g_RK * out_RKD)
+        h_BSD = upd_RSD if b is None else torch.cat([h_BSD[:b], upd_RSD, h_BSD[b + 1:]])
+    return h_BSD
