@@ -61,6 +61,7 @@ __all__ = [
     "has_checkpoint",
     "hf_base_path",
     "load_checkpoint",
+    "loop_report_path",
     "optimizer_state_by_name",
     "read_checkpoint",
     "read_json",
@@ -83,6 +84,11 @@ T = TypeVar("T")
 def adapters_path(run_dir: str | os.PathLike) -> Path:
     """The adapter file of a fine-tuning run (``moekit finetune``): its header says which adapters the model has."""
     return Path(run_dir) / "adapters.safetensors"
+
+
+def loop_report_path(run_dir: str | os.PathLike) -> Path:
+    """The report of a ``moekit finetune --loop sema|mome`` run (per-task or per-step records, JSON)."""
+    return Path(run_dir) / "loop_report.json"
 
 
 def hf_base_path(run_dir: str | os.PathLike) -> Path:
