@@ -10,7 +10,7 @@ from torch import nn
 
 from .core import AdaptedFFN, AdaptedLinear, AdapterError, Session, check_rank, ffn_weights
 from .mixlora import MixLoRA
-from .registry import method_spec
+from .registry import available, method_spec
 
 __all__ = ["build", "matches", "parent", "resolve_targets", "shape"]
 
@@ -47,11 +47,32 @@ def resolve_targets(model: nn.Module, method: str, kind: str, targets: Iterable[
         raise AdapterError(f"targets {targets} match only modules that are already adapted: the model already has "
                            f"{', '.join(taken)} adapters on {chosen[:4]}; choose other targets, or merge()/remove() "
                            f"those adapters first")
+    if not free and kind == "ffn":
+        _refuse_routed_experts(model, method, targets, candidates)
     if not free:
         free_candidates = [n for n in candidates if not any(_overlaps(n, w) for w in adapted)]
         raise AdapterError(f"targets {targets} match no {what} module of the model; {method} adapts {what} "
                            f"modules such as {free_candidates[:6]}")
     return free
+
+
+def _refuse_routed_experts(model: nn.Module, method: str, targets: list[str], dense: list[str]) -> None:
+    """MixLoRA on MoE layers: the paper (§15) builds LoRA experts over one frozen *dense* feed-forward; a MoE
+    layer's routed experts already are a mixture with a trained router, and the paper defines no nesting, so
+    moekit refuses (one line naming what does work) rather than inventing one. The dense feed-forwards inside a
+    MoE model (shared experts, dense layers) take MixLoRA as usual."""
+    from ..experts import ExpertBank
+    routed = [n for n, m in model.named_modules() if n and any(matches(n, t) for t in targets)
+              and any(isinstance(c, ExpertBank) for c in m.modules())]
+    if not routed:
+        return
+    linear = [m for m in available() if method_spec(m).kind == "linear"]
+    dense_hint = (f"its dense feed-forwards with targets={sorted({n.rpartition('.')[2] for n in dense})} "
+                  f"(e.g. {dense[:3]}), or " if dense else "")
+    raise AdapterError(f"targets {targets} match MoE layers {routed[:3]} whose routed experts are already a "
+                       f"mixture: {method} (MixLoRA, spec §15) builds LoRA experts over a frozen dense feed-forward "
+                       f"and is not defined over routed experts; on this model adapt {dense_hint}the attention "
+                       f"projections with a linear method ({', '.join(linear)}; targets w_qkv,w_out)")
 
 
 def parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
