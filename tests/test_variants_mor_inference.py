@@ -34,8 +34,9 @@ def _threshold_reference(mor, x_BSD, block):
         depth = [0] * x_BSD.shape[1]
         for r, cap in enumerate(c.schedule()):
             p_S = (h_SD @ mor.routers[r].weight[0] / c.temperature).sigmoid()
+            decide_S = p_S if mor.aux_routers is None else (h_SD @ mor.aux_routers[r].weight[0]).sigmoid()
             if cap < 1:
-                active = [t for t in active if p_S[t] > c.threshold]
+                active = [t for t in active if decide_S[t] > c.threshold]
             if not active:
                 break
             out_KD = block(h_SD[active][None])[0]
@@ -47,10 +48,11 @@ def _threshold_reference(mor, x_BSD, block):
     return torch.stack(rows), torch.tensor(depths, dtype=torch.float)
 
 
-@pytest.mark.parametrize("B,S,n", [(3, 7, 3), (1, 1, 2), (2, 5, 4)])
-def test_threshold_inference_matches_the_reference(B, S, n):
+@pytest.mark.parametrize("B,S,n,router", [(3, 7, 3, "main"), (1, 1, 2, "main"), (2, 5, 4, "main"),
+                                           (3, 7, 3, "aux")])
+def test_threshold_inference_matches_the_reference(B, S, n, router):
     block = _mixing_block()
-    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=n), name="mor").eval()
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=n, inference_router=router), name="mor").eval()
     torch.manual_seed(1)
     x = torch.randn(B, S, 8)
     ctx = RoutingContext(collect_stats=True)
@@ -122,6 +124,65 @@ def test_threshold_agrees_with_top_k_when_the_router_separates_the_top_k():
         assert not torch.allclose(mor.eval()(x, block), ref.eval()(x, block))
 
 
+def test_aux_router_loss_trains_only_the_aux_routers_and_the_threshold_reads_them():
+    block = _mixing_block(keep=3)
+    x = _separated_inputs()
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, inference_router="aux", aux_coef=0.3))
+    _routers_on_features(mor)
+    ctx = RoutingContext()
+    mor(x, block, ctx)
+    assert "mor_router_loss" not in ctx.losses, "with an auxiliary router the main router gets no BCE loss"
+    loss = ctx.losses["mor_aux_router_loss"]
+    grads = torch.autograd.grad(loss, list(mor.parameters()), allow_unused=True)
+    named = {n: g for (n, _), g in zip(mor.named_parameters(), grads)}
+    assert all(named[f"routers.{r}.weight"] is None for r in range(3))
+    assert all(named[f"aux_routers.{r}.weight"] is not None for r in range(3))
+    # its value: 0.3 * the mean BCE over each step's candidates, summed over steps. The aux routers read feature 1
+    # (which the block never changes): logit = x[..., 1]; targets are the main routers' top-k sets
+    with torch.no_grad():
+        for aux in mor.aux_routers:
+            aux.weight.zero_()
+            aux.weight[0, 1] = 1.0
+    ctx = RoutingContext()
+    mor(x, block, ctx)
+    every = torch.ones(2, 6, dtype=torch.bool)
+    step1, step2 = x[..., 1] > 0, (x[..., 1] > 0) & (x[..., 2] > 0)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = sum(0.3 * bce(x[..., 1][cand], sel[cand].float())
+                   for cand, sel in ((every, every), (every, step1), (step1, step2)))
+    torch.testing.assert_close(ctx.losses["mor_aux_router_loss"], expected)
+    # evaluation: zero aux routers give sigmoid 0.5, not > 0.5: only step 0 (capacity 1) runs, whatever the main
+    # routers say; aux routers equal to the main ones reproduce top-k
+    ctx = RoutingContext(collect_stats=True)
+    with torch.no_grad():
+        for aux in mor.aux_routers:
+            aux.weight.zero_()
+        mor.eval()(x, block, ctx)
+        assert abs(ctx.stats_summary()["mor"]["mean_depth"] - 1.0) < 1e-6
+        for aux, main in zip(mor.aux_routers, mor.routers):
+            aux.weight.copy_(main.weight)
+        topk = MixtureOfRecursions(8, MoRConfig(num_recursions=3, eval_routing="expert_choice"))
+        _routers_on_features(topk)
+        torch.testing.assert_close(mor(x, block), topk.eval()(x, block))
+
+
+def test_threshold_agreement_statistic_in_training():
+    block = _mixing_block(keep=3)
+    x = _separated_inputs()
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3), name="mor")
+    _routers_on_features(mor)
+    ctx = RoutingContext(collect_stats=True)
+    mor(x, block, ctx)
+    assert abs(ctx.stats_summary()["mor"]["threshold_agreement"] - 1.0) < 1e-6
+    with torch.no_grad():
+        for router in mor.routers:
+            router.weight.zero_()  # every decision "no"; top-k picks by position among ties
+    ctx = RoutingContext(collect_stats=True)
+    mor(x, block, ctx)
+    # steps of capacity < 1: step 1 keeps 4 of 6 (agreement 2/6), step 2 keeps 2 of 4 (2/4)
+    assert abs(ctx.stats_summary()["mor"]["threshold_agreement"] - (2 / 6 + 2 / 4) / 2) < 1e-6
+
+
 def _mor_model(**depth):
     cfg = ModelConfig(dim=16, num_layers=4, num_heads=2, context=12,
                       depth_routing={"kind": "mor", "num_recursions": 3, **depth})
@@ -129,9 +190,9 @@ def _mor_model(**depth):
     return LanguageModel(cfg).eval()
 
 
-@pytest.mark.parametrize("kv_sharing", [False, True])
-def test_inference_is_causal_in_the_model(kv_sharing):
-    model = _mor_model(kv_sharing=kv_sharing)
+@pytest.mark.parametrize("options", [{}, {"kv_sharing": True}, {"inference_router": "aux"}])
+def test_inference_is_causal_in_the_model(options):
+    model = _mor_model(**options)
     torch.manual_seed(2)
     tokens = torch.randint(0, 256, (3, 12))
     with torch.no_grad():
@@ -144,7 +205,7 @@ def test_inference_is_causal_in_the_model(kv_sharing):
         for t in (1, 5, 9):  # a prefix gives the same outputs as the full sequence at its positions
             torch.testing.assert_close(model(tokens[:, :t])[0], full[:, :t], rtol=0, atol=1e-5)
     # top-k over the sequence (the training rule) is not causal: the same check fails
-    topk = _mor_model(kv_sharing=kv_sharing, eval_routing="expert_choice")
+    topk = _mor_model(**options, eval_routing="expert_choice")
     with torch.no_grad():
         assert not torch.allclose(topk(tokens[:, :5])[0], topk(tokens)[0][:, :5], atol=1e-5)
 
@@ -154,3 +215,7 @@ def test_inference_option_errors():
         MoRConfig(eval_routing="top_p")
     with pytest.raises(ConfigError, match=r"variant.threshold=1.5 must be in \(0, 1\)"):
         MoRConfig(threshold=1.5)
+    with pytest.raises(ConfigError, match="variant.inference_router"):
+        MoRConfig(inference_router="both")
+    with pytest.raises(ConfigError, match="inference_router='aux' is for routing='expert_choice'"):
+        MoRConfig(routing="token_choice", inference_router="aux")

@@ -36,9 +36,15 @@ sequence by sequence when the counts differ (as in token choice). Whether token 
 hidden state only, which depends on tokens ``<= t`` (the block is causal over the gathered, causally ordered
 subsequence), so the whole forward is causal. It equals top-k routing whenever the router separates the top-k
 tokens from the rest at the threshold (tested). ``eval_routing="expert_choice"`` keeps top-k in evaluation
-(non-causal: for analysis, or a router trained without the BCE loss). Training always uses top-k. Choices: the
-threshold is a config value (``threshold``, 0.5); the paper's separate auxiliary router (``aux_router``) is not
-built, the BCE loss on the main router (the spec's default) is.
+(non-causal: for analysis, or a router trained without the BCE loss). Training always uses top-k.
+``inference_router`` picks what the threshold reads, the spec's two causality fixes: ``main`` (default; the
+spec's ``aux_loss``) trains the step's own router with the BCE loss ``mor_router_loss`` towards top-k membership;
+``aux`` (the spec's ``aux_router``) adds one small linear router per step, fed the *detached* hidden states and
+trained alone by ``mor_aux_router_loss`` (BCE towards the main router's top-k membership, coefficient
+``aux_coef``, averaged over the step's candidates), so the main router gets no BCE loss; the gate is the main
+router's either way. In training the statistic ``threshold_agreement`` is the fraction of (candidate, step)
+decisions, over steps of capacity < 1, where the threshold rule reproduces top-k: how ready the causal path is.
+Choices: the threshold is a config value (0.5); the auxiliary router's logit is not divided by ``temperature``.
 
 **Capacity warm-up** (``cap_warmup_steps``, expert choice; the code's ``cap_warmup_step``): in training the
 capacity of every step starts at 1.0 and decays by a half cosine to its target,
@@ -93,6 +99,8 @@ class MoRConfig:
         eval_routing: expert choice in evaluation: ``threshold`` (causal, per token) or ``expert_choice`` (top-k
             over the sequence, not causal).
         threshold: a candidate runs a step in evaluation iff ``sigmoid(router logit) > threshold``.
+        inference_router: what the threshold reads: ``main`` (each step's router, trained by the BCE loss) or
+            ``aux`` (a separate per-step router on detached hidden states, trained by its own BCE loss).
     """
 
     num_recursions: int = 3
@@ -106,6 +114,7 @@ class MoRConfig:
     kv_sharing: bool = False
     eval_routing: Literal["threshold", "expert_choice"] = "threshold"
     threshold: float = 0.5
+    inference_router: Literal["main", "aux"] = "main"
 
     def __post_init__(self) -> None:
         check(self.num_recursions >= 1, f"variant.num_recursions={self.num_recursions} must be >= 1")
@@ -124,6 +133,10 @@ class MoRConfig:
         check_choice("variant", "eval_routing", self.eval_routing, ("threshold", "expert_choice"))
         check(0 < self.threshold < 1, f"variant.threshold={self.threshold} must be in (0, 1) (the sigmoid of the "
               f"router logit is compared with it; 0.5 matches the BCE router loss)")
+        check_choice("variant", "inference_router", self.inference_router, ("main", "aux"))
+        check(self.inference_router == "main" or self.routing == "expert_choice",
+              "variant.inference_router='aux' is for routing='expert_choice' (token choice is causal already); "
+              "remove it or use expert choice")
 
     def schedule(self) -> tuple[float | Fraction, ...]:
         """Capacity of each recursion: ``capacities`` or the exact fractions ``(N_r - r) / N_r``."""
@@ -172,6 +185,8 @@ class MixtureOfRecursions(nn.Module):
             self.routers = nn.ModuleList([nn.Linear(dim, n, bias=False)])
         else:
             self.routers = nn.ModuleList(nn.Linear(dim, 1, bias=False) for _ in range(n))
+        self.aux_routers = (nn.ModuleList(nn.Linear(dim, 1, bias=False) for _ in range(n))
+                            if self.config.inference_router == "aux" else None)
         self.step = 0  # optimizer steps done (the capacity warm-up's clock), set by on_step
 
     def on_step(self, step: int) -> None:
@@ -181,6 +196,15 @@ class MixtureOfRecursions(nn.Module):
         router = self.routers[r]
         assert isinstance(router, nn.Linear)
         return router
+
+    def _decision_logit(self, r: int, h_BSD: torch.Tensor, logit_BS: torch.Tensor) -> torch.Tensor:
+        """The logit the inference threshold reads at step ``r``: the main router's, or the auxiliary router's on
+        the detached hidden states."""
+        if self.aux_routers is None:
+            return logit_BS
+        aux = self.aux_routers[r]
+        assert isinstance(aux, nn.Linear)
+        return F.linear(h_BSD.detach().float(), aux.weight.float())[..., 0]
 
     def forward(self, x_BSD: torch.Tensor, block: Block, ctx: RoutingContext | None = None) -> torch.Tensor:
         share: dict[str, Any] | None = {"reuse": False, "rows": None, "kv": {}} if self.config.kv_sharing else None
@@ -203,19 +227,24 @@ class MixtureOfRecursions(nn.Module):
         h_BSD = x_BSD
         candidates_BS = torch.ones(B, S, dtype=torch.bool, device=x_BSD.device)
         depth_BS = torch.zeros(B, S, device=x_BSD.device)
-        fractions = []
+        fractions, agreement = [], []
         schedule = c.warmed(self.step) if self.training else c.schedule()
         for r, cap in enumerate(schedule):
             logit_BS = F.linear(h_BSD.float(), self._router(r).weight.float())[..., 0] / c.temperature
             k = min(token_count(cap, S), int(candidates_BS.sum(1).min()))
             pos_BK = select_tokens(logit_BS, k, candidates_BS)
             selected_BS = torch.zeros_like(candidates_BS).scatter_(1, pos_BK, True)
+            decision_BS = self._decision_logit(r, h_BSD, logit_BS)
+            if self.training and c.schedule()[r] < 1:
+                agree_BS = (decision_BS.detach().sigmoid() > c.threshold) == selected_BS
+                agreement.append(agree_BS[candidates_BS].float().mean())
             if ctx is not None:
                 ctx.state[POSITIONS_KEY] = pos_BK
                 if c.aux_coef > 0:
-                    bce = F.binary_cross_entropy_with_logits(logit_BS[candidates_BS],
+                    bce = F.binary_cross_entropy_with_logits(decision_BS[candidates_BS],
                                                              selected_BS[candidates_BS].float())
-                    ctx.add_loss("mor_router_loss", c.aux_coef * bce, self.name)
+                    name = "mor_router_loss" if self.aux_routers is None else "mor_aux_router_loss"
+                    ctx.add_loss(name, c.aux_coef * bce, self.name)
             gate_BK = (c.alpha * logit_BS.sigmoid()).gather(1, pos_BK)[..., None].to(x_BSD.dtype)
             if share is not None:
                 share["reuse"] = r > 0
@@ -225,6 +254,8 @@ class MixtureOfRecursions(nn.Module):
             fractions.append(k / S)
         add_extra(ctx, self.name, fraction_processed=sum(fractions) / len(fractions),
                   mean_depth=depth_BS.mean())
+        if agreement:
+            add_extra(ctx, self.name, threshold_agreement=torch.stack(agreement).mean())
         return h_BSD
 
     def _token_choice(self, x_BSD: torch.Tensor, block: Block, ctx: RoutingContext | None,
@@ -264,7 +295,7 @@ class MixtureOfRecursions(nn.Module):
         for r, cap in enumerate(c.schedule()):
             logit_BS = F.linear(h_BSD.float(), self._router(r).weight.float())[..., 0] / c.temperature
             if cap < 1:  # capacity 1 takes every candidate, as top-k does
-                active_BS = active_BS & (logit_BS.sigmoid() > c.threshold)
+                active_BS = active_BS & (self._decision_logit(r, h_BSD, logit_BS).sigmoid() > c.threshold)
             fractions.append(float(active_BS.float().mean()))
             if not bool(active_BS.any()):  # nested sets: no later step has a token either
                 fractions += [0.0] * (c.num_recursions - r - 1)
