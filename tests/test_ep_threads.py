@@ -36,8 +36,8 @@ class _Group:
 class _ThreadWorld:
     """``all_to_all_single`` among ``W`` threads; the k-th call of each member of a group exchanges together."""
 
-    def __init__(self, W: int):
-        self.W, self.local, self.lock = W, threading.local(), threading.Lock()
+    def __init__(self, W: int, delay: float = 0.0):
+        self.W, self.local, self.lock, self.delay = W, threading.local(), threading.Lock(), delay
         self.mail: dict = {}
         self.barriers: dict[tuple[int, ...], threading.Barrier] = {}
         self.calls: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -59,6 +59,7 @@ class _ThreadWorld:
             self.calls[(me, ranks)] = seq + 1
             self.num_calls += 1
             self.mail[(ranks, seq, me)] = [c.clone() for c in torch.split(input, ins)]
+        time.sleep(self.delay)  # a slow link: every exchange takes at least this long on every rank
         self._barrier(ranks).wait()
         got = [self.mail[(ranks, seq, src)][me] for src in range(n)]
         assert [c.shape[0] for c in got] == outs, (got, outs)  # the sender's splits match the receiver's
@@ -96,7 +97,8 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, local_engine: str = "sorted",
-                routing_fn=None, hierarchy_node: int | None = None, grad: bool = True, replicas: int = 1):
+                routing_fn=None, hierarchy_node: int | None = None, grad: bool = True, replicas: int = 1,
+                delay: float = 0.0):
     """EP layer on ``W`` thread-ranks vs the single-process layer on all tokens: per rank, the differences."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=3, num_shared_experts=1, engine="reference")
@@ -112,7 +114,7 @@ def _layer_case(monkeypatch, *, W: int, E: int, counts: list[int], placement, lo
     else:
         y_ref = ref(x_all)
     (y_ref * g_all).sum().backward()
-    world = _ThreadWorld(W * replicas)  # replicas > 1: DP copies of the EP group, each with its own group
+    world = _ThreadWorld(W * replicas, delay)  # replicas > 1: DP copies of the EP group, each with its own group
     hier = None
     if hierarchy_node is not None:
         G, M = hierarchy_node, W // hierarchy_node
@@ -236,7 +238,8 @@ def test_alltoall_with_the_auto_local_engine_and_time_accounting(monkeypatch):
 
 def test_expert_shard_rejects_a_rank_outside_the_group():
     for rank in (2, -1):
-        with pytest.raises(ValueError, match=rf"rank={rank} is not a rank of the group: rank_experts lists 2 ranks"):
+        with pytest.raises(ValueError, match=rf"^rank={rank} is not a rank of the group: rank_experts lists 2 ranks "
+                                             r"\(0\.\.1\); give this process's rank within the expert-parallel group$"):
             ExpertShard(group=None, rank_experts=[[0], [1]], rank=rank)
     assert ExpertShard(group=None, rank_experts=[[0], [1]], rank=1).local_experts == (1,)
 
@@ -287,3 +290,57 @@ def test_engine_errors_name_the_problem_and_the_fix():
     with pytest.raises(ValueError) as err:
         ExpertShard(group=None, rank_experts=[[0], [1]], rank=0, local_engine="alltoall")
     assert str(err.value) == "local_engine='alltoall' would recurse; use 'auto', 'sorted' or 'reference'"
+
+
+def test_comm_seconds_accumulates_every_exchange_of_a_step(monkeypatch):
+    # each exchange takes >= delay on every rank: counts, tokens and outputs forward, two exchanges backward
+    delay = 0.05
+    results, eps, *_ = _layer_case(monkeypatch, W=2, E=4, counts=[3, 4], placement=[[0, 1], [2, 3]],
+                                   local_engine="reference", delay=delay)
+    _assert_close(results)
+    for ep in eps:
+        assert ep.experts.expert_shard.comm_seconds >= 5 * delay
+
+
+def test_bfloat16_rows_reach_float32_experts_and_come_back_in_bfloat16(monkeypatch):
+    # FSDP2 mixed precision: the rows arrive in bfloat16, the experts stay float32
+    from moekit.dispatch import alltoall_engine, reference_engine
+    torch.manual_seed(0)
+    W, E, counts = 2, 4, [5, 3]
+    ref = MoE(MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=2, engine="reference"))
+    x_all = torch.randn(sum(counts), D).to(torch.bfloat16)
+    routing = ref.route(x_all.float())
+    with torch.no_grad():
+        y_ref = reference_engine(x_all.float(), routing, ref.experts)
+    eps = [shard_experts(copy.deepcopy(ref), ParallelGroups(rank=r, world_size=W, ep_size=W)) for r in range(W)]
+
+    def rank_fn(r: int) -> dict:
+        lo, hi = sum(counts[:r]), sum(counts[:r + 1])
+        part = Routing(routing.expert_ids_TK[lo:hi], routing.weights_TK[lo:hi], routing.scores_TE[lo:hi],
+                       routing.logits_TE[lo:hi])
+        with torch.no_grad():
+            y = alltoall_engine(x_all[lo:hi], part, eps[r].experts)
+        assert y.dtype == torch.bfloat16
+        return {"y": _diff(y.float(), y_ref[lo:hi])}
+
+    _assert_close(_ThreadWorld(W).run(rank_fn, monkeypatch), tol=0.05 * float(y_ref.abs().max()))
+
+
+def test_auto_local_engine_is_chosen_for_the_local_bank(monkeypatch):
+    # ``auto`` must ask each engine's ``supports`` about the bank the rows will run on (the local shard)
+    from moekit.dispatch import reference_engine, registry
+    monkeypatch.setattr(registry, "ENGINES", dict(registry.ENGINES))
+    ran: list[int] = []
+
+    def sharded_only(x_TD, bank):
+        return None if getattr(bank, "expert_shard", None) is not None else "needs the local shard"
+
+    @registry.register_engine("test_shard_local", priority=1000, supports=sharded_only)
+    def recording(x_TD, routing, bank):
+        ran.append(x_TD.shape[0])
+        return reference_engine(x_TD, routing, bank)
+
+    results, *_ = _layer_case(monkeypatch, W=2, E=4, counts=[4, 3], placement=[[0, 2], [1, 3]],
+                              local_engine="auto")
+    _assert_close(results)
+    assert len(ran) == 2 and sum(ran) > 0  # one local run per rank, on the received rows

@@ -45,6 +45,7 @@ TESTS: dict[str, list[str]] = {
                 "tests/test_variants_blockffn.py", "tests/test_variants_traps.py", "tests/test_variants_mumoe.py"],
     "ops": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_hf_core.py"],
     "dispatch": ["tests/test_engines.py", "tests/test_engines_frozen.py", "tests/test_ep_units.py", "tests/test_ep_threads.py",
+                 "tests/test_dispatch_contracts.py",
                  "tests/test_hf_core.py", "tests/test_compile.py::test_sorted_op_matches_reference",
                  "tests/test_compile.py::test_sorted_op_with_biases_one_token_and_empty_experts",
                  "tests/test_compile.py::test_opcheck_fake_and_autograd_registrations",
