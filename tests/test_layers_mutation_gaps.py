@@ -5,30 +5,39 @@ per-sequence and per-layer losses follow their formulas."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moekit import RoutingContext
 from moekit.configs import ConfigError
+from moekit.layers import build_ffn
 from moekit.layers.attention import rope_tables
 from moekit.layers.attention.mom import MixtureOfMemories, MoMConfig
 from moekit.layers.attention.rope import apply_rope, apply_rope_any_width
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig, sparse_sigmoid_gates
+from moekit.layers.step_hook import next_token_ce, training_step_hook
 from moekit.layers.variants.blockffn import BlockFFNConfig
 from moekit.layers.variants.duo import DuoConfig, DuoFFN
+from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY
 from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.moma import MoMaConfig
+from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig
 from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, matched_rank
-from moekit.layers.variants.promoe import ProMoE, ProMoEConfig
-from moekit.layers.variants.readme import ReadMEConfig
+from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
+from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
+from moekit.layers.variants.rmoe import RecurrentRouterMoE, RMoEConfig
 from moekit.layers.variants.smoe_dropout import SMoEDropoutConfig
+from moekit.layers.variants.supernet import ARCH_KEY
+from moekit.layers.variants.thor import THOR, THORConfig, consistency_loss
+from moekit.layers.variants.topp import TopPConfig, TopPMoE
+from moekit.models import LanguageModel
+from moekit.recipes import load_preset
 from moekit.routing import load_balancing_loss
+from moekit.training import with_overrides
 
 from .reference import assert_close
 from .variants_util import tiny_moe
@@ -182,3 +191,143 @@ def test_duo_big_module_uses_the_layers_activation_and_counts_its_router():
     routed = DuoFFN(moe, DuoConfig(small_hidden_dim=3, routing="router"))
     assert routed.router is not None
     assert routed.active_params() == layer.active_params() + routed.router.weight.numel()
+
+
+# ------------------------------------------------------------------ per-sequence, per-layer and per-step losses
+
+def test_rmoe_layer_scope_sequence_level_aux_is_the_mean_of_each_sequences_own():
+    torch.manual_seed(6)
+    moe = tiny_moe(router={"aux_loss_level": "sequence", "aux_loss_coef": 0.1})
+    layer = RecurrentRouterMoE(moe, RMoEConfig(rnn_dim=6, aux_scope="layer"), name="l0")
+    x = torch.randn(2, 5, 8)
+    ctx = RoutingContext()
+    layer(x, ctx)
+    alone = []
+    for b in range(2):
+        one = RoutingContext()
+        layer(x[b:b + 1], one)
+        alone.append(one.losses["aux_loss"])
+    assert_close(ctx.losses["aux_loss"], torch.stack(alone).mean(), "per-sequence balance, averaged")
+
+
+def _ftp_model(sparsity):
+    cfg = with_overrides(load_preset("ftp"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
+                                              "model.num_layers": "3", "model.dense_hidden_dim": "32"})
+    routing = {**cfg.model.depth_routing, "sparsity": sparsity}
+    torch.manual_seed(0)
+    return LanguageModel(cfg.model.replace(depth_routing=routing)).train()
+
+
+def test_ftp_sparsity_guide_and_distillation_losses_follow_their_formulas():
+    model = _ftp_model([0.0, 0.5, 0.25])  # block 0 is never routed and takes no part in the router losses
+    torch.manual_seed(7)
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    out = training_step_hook(model)(lambda ctx: model(x, ctx), y, False)
+    keeps, statics = out.ctx.state[KEEP_KEY], out.ctx.state[STATIC_KEY]
+    routed = {1: 0.5, 2: 0.25}
+    sparse = sum((1 - keeps[i].mean() - s) ** 2 for i, s in routed.items()) / 2
+    guide = sum(F.binary_cross_entropy(keeps[i], statics[i]) for i in routed) / 2
+    with torch.no_grad():
+        teacher = RoutingContext()
+        teacher.state[DENSE_KEY] = True
+        p_log = model(x, teacher)[0].float().log_softmax(-1)
+    q_log = out.logits_BSV.float().log_softmax(-1)
+    distill = (p_log.exp() * (p_log - q_log)).sum(-1).mean()  # KL(dense || routed) per token, summed over vocab
+    assert_close(out.ctx.losses["ftp_sparsity_loss"], sparse, "(1 - mean keep - s_b)^2 over routed blocks")
+    assert_close(out.ctx.losses["ftp_guide_loss"], guide, "BCE to the static router over routed blocks")
+    assert_close(out.ctx.losses["ftp_distill_loss"], distill, "KL summed over the vocabulary, mean over tokens")
+
+
+def test_thor_step_is_two_passes_plus_the_token_mean_consistency():
+    torch.manual_seed(8)
+    layer = THOR(tiny_moe(top_k=1), THORConfig(consistency_coef=3.0), name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head}).train()
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    seen = []
+
+    def forward(ctx):
+        seen.append(head(layer(x, ctx)))
+        return seen[-1], ctx
+
+    out = training_step_hook(model)(forward, targets, True)
+    assert len(seen) == 2
+    ce = [next_token_ce(logits, targets) for logits in seen]
+    expected = ce[0] + ce[1] + 3.0 / targets.numel() * consistency_loss(seen[0], seen[1])
+    assert_close(out.loss, expected, "CE1 + CE2 + alpha / N * consistency")
+    assert_close(out.ce, (ce[0] + ce[1]) / 2, "reported CE")
+
+
+def test_supernet_random_sampling_runs_one_sub_architecture_from_the_widths():
+    torch.manual_seed(9)
+    layer = build_ffn("supernet", tiny_moe(hidden_dim=12, num_experts=1, top_k=1),
+                      {"sampling": "random", "widths": [0.25, 0.5]}, layer_index=0, num_layers=1, name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head})
+    archs, logits = [], []
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+
+    def forward(ctx):
+        archs.append(ctx.state[ARCH_KEY])
+        logits.append(head(layer(x, ctx)))
+        return logits[-1], ctx
+
+    out = training_step_hook(model)(forward, targets, False)
+    assert len(archs) == 1 and archs[0] in ((0.25,), (0.5,))
+    assert_close(out.ce, next_token_ce(logits[0], targets), "one pass, its CE")
+
+
+# ------------------------------------------------------------------ routing details
+
+def test_promoe_weights_follow_the_routed_scaling_factor():
+    x = torch.randn(6, 8)
+    weights = []
+    for scale in (1.0, 2.5):
+        torch.manual_seed(0)
+        layer = ProMoE(tiny_moe(router={"routed_scaling_factor": scale}), ProMoEConfig())
+        weights.append(layer.route(x).weights_TK)
+    assert_close(weights[1], 2.5 * weights[0], "weights scaled by routed_scaling_factor")
+
+
+def test_promoe_unconditional_rows_of_the_scores_are_one_hot_on_the_unconditional_expert():
+    torch.manual_seed(1)
+    layer = ProMoE(tiny_moe(num_shared_experts=1), ProMoEConfig())
+    x = torch.randn(4, 8)
+    ctx = RoutingContext()
+    flag = torch.tensor([True, False, True, False])
+    ctx.state[UNCONDITIONAL_KEY] = flag
+    scores = layer.route(x, ctx).scores_TE
+    plain = layer.route(x).scores_TE
+    assert torch.equal(scores[flag], F.one_hot(torch.tensor([4, 4]), 5).float())
+    assert_close(scores[~flag], plain[~flag], "conditional rows unchanged")
+    assert torch.equal(plain[:, 4], torch.zeros(4)), "no mass on the unconditional expert for conditional tokens"
+
+
+def test_topp_records_the_load_of_its_routing_under_its_name():
+    torch.manual_seed(2)
+    layer = TopPMoE(tiny_moe(), TopPConfig(threshold=0.5), name="l0")
+    x = torch.randn(2, 5, 8)
+    ctx = RoutingContext(collect_stats=True)
+    layer(x, ctx)
+    ids = layer.route(x.reshape(-1, 8)).expert_ids_TK
+    assert torch.equal(ctx.stats["l0"].counts_E, torch.bincount(ids[ids >= 0], minlength=4))
+
+
+def test_readme_planner_has_no_bias_terms_and_each_plan_carries_its_logits():
+    torch.manual_seed(3)
+    moe = tiny_moe(router={"aux_loss_coef": 0.0})
+    planner = ReadMEPlanner(moe, ReadMEConfig(per_layer=True), num_layers=2)
+    plan = planner(torch.zeros(1, 4, 8))
+    assert torch.equal(plan.logits_LTE, torch.zeros_like(plan.logits_LTE)), "zero embeddings, zero logits"
+    plan = planner(torch.randn(1, 4, 8))
+    for i in range(2):
+        routing = plan.routing(i)
+        assert torch.equal(routing.logits_TE, plan.logits_LTE[i]) and torch.equal(routing.scores_TE, plan.probs_LTE[i])
+
+
+def test_mor_warm_up_starts_at_full_capacity_before_any_step():
+    torch.manual_seed(4)
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=2, cap_warmup_steps=10)).train()
+    seen = []
+    mor(torch.randn(2, 6, 8), lambda h, c: seen.append(h.shape[1]) or h, RoutingContext())
+    assert seen == [6, 6], "step 0 of the cosine warm-up: every token recurses"
