@@ -20,6 +20,7 @@ from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig, sparse_sigmoid_gates
 from moekit.layers.step_hook import next_token_ce, training_step_hook
 from moekit.layers.variants.blockffn import BlockFFNConfig
+from moekit.layers.variants.drllm import LOGITS_KEY, PATH_KEY, focal_loss, search_paths
 from moekit.layers.variants.duo import DuoConfig, DuoFFN
 from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY
 from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
@@ -331,3 +332,45 @@ def test_mor_warm_up_starts_at_full_capacity_before_any_step():
     seen = []
     mor(torch.randn(2, 6, 8), lambda h, c: seen.append(h.shape[1]) or h, RoutingContext())
     assert seen == [6, 6], "step 0 of the cosine warm-up: every token recurses"
+
+
+# ------------------------------------------------------------------ Dr.LLM per-sequence bookkeeping
+
+def _drllm_model():
+    cfg = with_overrides(load_preset("drllm"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
+                                                "model.num_layers": "3", "model.dense_hidden_dim": "32"})
+    torch.manual_seed(0)
+    return LanguageModel(cfg.model)
+
+
+def test_drllm_statistics_count_executed_and_skipped_layers_per_sequence():
+    model = _drllm_model().eval()
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state[PATH_KEY] = torch.tensor([[2, 0, 1], [0, 0, 1]])  # 3 and 1 block applications; 1 and 2 skips
+    model(torch.randint(0, 256, (2, 8)), ctx)
+    (extra,) = [s.extra for s in ctx.stats.values() if "layers_executed" in s.extra]
+    assert float(extra["layers_executed"]) == 2.0 and float(extra["layers_skipped"]) == 1.5
+
+
+def test_drllm_router_loss_pairs_each_sequences_router_logits_with_its_searched_path():
+    model = _drllm_model().train()
+    c = model.depth_router.config
+    torch.manual_seed(10)
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+
+    def forced(path_BL):
+        ctx = RoutingContext()
+        ctx.state[PATH_KEY] = path_BL
+        return model(x, ctx)[1]
+
+    def run(path_BL):
+        ctx = RoutingContext()
+        ctx.state[PATH_KEY] = path_BL
+        return F.cross_entropy(model(x, ctx)[0].float().transpose(1, 2), y, reduction="none").mean(1)
+
+    out = training_step_hook(model)(lambda ctx: model(x, ctx), y, False)
+    with torch.no_grad():
+        labels_BL = search_paths(run, 2, 3, c.tolerance, c.max_paths)
+        logits_BL3 = torch.stack(forced(labels_BL).state[LOGITS_KEY], dim=1)
+    expected = c.router_coef * focal_loss(logits_BL3.reshape(-1, 3), labels_BL.reshape(-1), c.focal_gamma)
+    assert_close(out.ctx.losses["drllm_router_loss"], expected, "focal loss over (sequence, layer) pairs")
