@@ -14,30 +14,32 @@ from moekit.configs import ConfigError
 from moekit.layers import build_ffn
 from moekit.layers.attention import rope_tables
 from moekit.layers.attention.mom import MixtureOfMemories, MoMConfig
+from moekit.layers.attention.registry import check_attention_kind
 from moekit.layers.attention.rope import apply_rope, apply_rope_any_width
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig, sparse_sigmoid_gates
 from moekit.layers.step_hook import next_token_ce, training_step_hook
-from moekit.layers.variants.blockffn import BlockFFNConfig
-from moekit.layers.variants.drllm import LOGITS_KEY, PATH_KEY, focal_loss, search_paths
+from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
+from moekit.layers.variants.drllm import LOGITS_KEY, PATH_KEY, DrLLMConfig, focal_loss, search_paths
 from moekit.layers.variants.duo import DuoConfig, DuoFFN
-from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY
+from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY, FTPConfig
 from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
+from moekit.layers.variants.mofme import MoFMEConfig
 from moekit.layers.variants.moma import MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig
 from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, matched_rank
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
 from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
 from moekit.layers.variants.rmoe import RecurrentRouterMoE, RMoEConfig
-from moekit.layers.variants.smoe_dropout import SMoEDropoutConfig
+from moekit.layers.variants.smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from moekit.layers.variants.supernet import ARCH_KEY
 from moekit.layers.variants.thor import THOR, THORConfig, consistency_loss
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
-from moekit.routing import load_balancing_loss
+from moekit.routing import load_balancing_loss, z_loss
 from moekit.training import with_overrides
 
 from .reference import assert_close
@@ -374,3 +376,140 @@ def test_drllm_router_loss_pairs_each_sequences_router_logits_with_its_searched_
         logits_BL3 = torch.stack(forced(labels_BL).state[LOGITS_KEY], dim=1)
     expected = c.router_coef * focal_loss(logits_BL3.reshape(-1, 3), labels_BL.reshape(-1), c.focal_gamma)
     assert_close(out.ctx.losses["drllm_router_loss"], expected, "focal loss over (sequence, layer) pairs")
+
+
+# ------------------------------------------------------------------ gaps of the fresh sample (seed 1)
+
+BAD_2 = [
+    ("ftp-coef", lambda: FTPConfig(distill_coef=-1.0), r"distill_coef=-1\.0 must be >= 0"),
+    ("mofme-samples", lambda: MoFMEConfig(mc_samples=0), r"variant\.mc_samples=0 must be a positive integer "
+                                                         r"\(1 disables averaging\)"),
+    ("moepp-balance", lambda: MoEPPConfig(balance_coef=-1.0), r"variant\.balance_coef=-1\.0 must be >= 0"),
+    ("drllm-stage", lambda: DrLLMConfig(stage="x"), r"\.stage='x' is not one of \['routers', 'joint'\]"),
+    ("attention-kind-close", lambda: check_attention_kind("smhaa"),
+     r"^model\.attention='smhaa' is not an attention kind; did you mean 'smha'\?; available: \["),
+    ("attention-kind-far", lambda: check_attention_kind("zzzzzz"),
+     r"^model\.attention='zzzzzz' is not an attention kind; available: \["),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_2], ids=[b[0] for b in BAD_2])
+def test_more_bad_configs_name_the_field_and_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_routing_attention_refuses_a_kv_cache_with_the_fix():
+    layer = RoutingAttention(16, 2, 1, 8, RoutingAttentionConfig(num_clusters=2))
+    cos, sin = rope_tables(8, 8, 10000.0)
+    with pytest.raises(ValueError, match=r"^routing attention has no KV cache; generate without one \(moekit "
+                                         r"sample --no-cache\)$"):
+        layer(torch.randn(1, 4, 16), cos, sin, cache=object())
+
+
+def test_readme_planner_of_odd_width_names_the_rotary_pairs():
+    with pytest.raises(ConfigError, match=r"planner_heads=1 must divide planner_dim=1 into an even head size"):
+        ReadMEConfig(planner_dim=1, planner_heads=1)
+
+
+def test_readme_planner_attention_depends_on_relative_position_only():
+    from moekit.layers.variants.readme import _rope
+    torch.manual_seed(11)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    S = 6
+    rq, rk = _rope(q.expand(1, 1, S, 8).clone()), _rope(k.expand(1, 1, S, 8).clone())
+    scores = rq[0, 0] @ rk[0, 0].T  # [S, S]: the same q and k at every position
+    for shift in range(1, S):
+        diag = torch.diagonal(scores, -shift)
+        assert_close(diag, diag[0].expand_as(diag), f"score of q at t and k at t-{shift} is the same for every t")
+    assert_close(rq.norm(dim=-1), q.norm(dim=-1).expand(1, 1, S), "a rotation keeps the norm")
+
+
+def test_rmoe_layer_scope_batch_level_aux_counts_the_whole_batch_and_its_coefficient():
+    torch.manual_seed(12)
+    x = torch.randn(2, 5, 8)
+    values = {}
+    for coef in (0.1, 0.3):
+        torch.manual_seed(13)
+        layer = RecurrentRouterMoE(tiny_moe(router={"aux_loss_coef": coef}), RMoEConfig(rnn_dim=6, aux_scope="layer"))
+        batched, flat = RoutingContext(), RoutingContext()
+        layer(x, batched)
+        layer(x.reshape(-1, 8), flat)  # the same tokens as one sequence
+        assert_close(batched.losses["aux_loss"], flat.losses["aux_loss"], "batch level: one balance over all")
+        values[coef] = batched.losses["aux_loss"]
+    assert_close(values[0.3], 3 * values[0.1], "coefficient applied")
+
+
+def test_duo_default_name_keys_its_statistics():
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3))
+    ctx = RoutingContext(collect_stats=True)
+    layer(torch.randn(3, 8), ctx)
+    assert layer.name == "duo" and list(ctx.stats) == ["duo"]
+
+
+def test_duo_random_routes_of_single_tokens_always_run():
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3)).train()
+    torch.manual_seed(14)
+    x = torch.randn(1, 8)
+    outputs = {tuple(layer(x).flatten().tolist()) for _ in range(30)}  # skip, small and big all drawn
+    assert len(outputs) == 3
+
+
+def test_duo_step_in_evaluation_is_the_plain_loss():
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3, routing="router"))
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head}).eval()
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    out = training_step_hook(model)(lambda ctx: (head(layer(x, ctx)), ctx), targets, False)
+    assert_close(out.loss, next_token_ce(head(layer(x)), targets), "no routed probabilities, no budget loss")
+
+
+def test_thor_step_reports_the_consistency_as_auxiliary_and_routes_one_weight_per_token():
+    torch.manual_seed(15)
+    layer = THOR(tiny_moe(top_k=1), THORConfig(consistency_coef=2.0), name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head}).train()
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    out = training_step_hook(model)(lambda ctx: (head(layer(x, ctx)), ctx), targets, False)
+    assert_close(out.aux, out.ctx.losses["thor_consistency_loss"], "the consistency is the auxiliary loss")
+    for mode in (True, False):
+        routing = layer.train(mode).route(x)
+        assert routing.weights_TK.shape == routing.expert_ids_TK.shape == (8, 1)
+
+
+def test_moepp_shared_expert_and_z_loss():
+    torch.manual_seed(16)
+    moe = tiny_moe(num_shared_experts=2, router={"z_loss_coef": 0.5})
+    layer = MoEPlusPlus(moe, MoEPPConfig(num_zero=1, num_copy=1, num_constant=1))
+    x = torch.randn(5, 8)
+    ctx = RoutingContext()
+    y = layer(x, ctx)
+    assert layer.shared_experts.hidden_dim == 2 * 12, "the shared FFN is num_shared_experts x hidden_dim wide"
+    assert y.shape == x.shape
+    logits = F.linear(x.float(), layer.gate.weight.float())  # the first layer: no gating residual yet
+    assert_close(ctx.losses["z_loss"], 0.5 * z_loss(logits), "ST-MoE z-loss over the pool's logits, coefficient")
+
+
+def test_smoe_dropout_router_bias_is_within_one_over_sqrt_dim():
+    torch.manual_seed(17)
+    D = 64
+    layer = SMoEDropout(tiny_moe(dim=D, hidden_dim=8, num_experts=256, top_k=2, router={"aux_loss_coef": 0.0}))
+    bias = layer.router_bias
+    assert bias.abs().max() <= D**-0.5 and bias.min() < -0.5 * D**-0.5 and bias.max() > 0.5 * D**-0.5
+
+
+def test_promoe_experts_use_the_layers_activation():
+    torch.manual_seed(18)
+    gelu = ProMoE(tiny_moe(activation="gelu"), ProMoEConfig())
+    relu = ProMoE(tiny_moe(activation="relu"), ProMoEConfig())
+    relu.load_state_dict(gelu.state_dict())
+    x = torch.randn(5, 8)
+    assert not torch.allclose(gelu(x), relu(x)), "the experts' activation is the layer's"
+
+
+def test_blockffn_rmsnorm_router_scale_is_learned():
+    torch.manual_seed(19)
+    layer = BlockFFN(tiny_moe(), BlockFFNConfig(norm="rmsnorm"))
+    y = layer(torch.randn(6, 8), RoutingContext())
+    y.square().sum().backward()
+    assert layer.router_scale is not None and layer.router_scale.grad.abs().sum() > 0
