@@ -436,6 +436,9 @@ def test_rmoe_layer_scope_batch_level_aux_counts_the_whole_batch_and_its_coeffic
         layer(x, batched)
         layer(x.reshape(-1, 8), flat)  # the same tokens as one sequence
         assert_close(batched.losses["aux_loss"], flat.losses["aux_loss"], "batch level: one balance over all")
+        routing = layer.route(x.reshape(-1, 8))
+        assert_close(batched.losses["aux_loss"], coef * load_balancing_loss(routing.scores_TE, routing.expert_ids_TK),
+                     "coef x the Switch loss of the layer's own routing")
         values[coef] = batched.losses["aux_loss"]
     assert_close(values[0.3], 3 * values[0.1], "coefficient applied")
 
