@@ -24,19 +24,21 @@ from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
 from moekit.layers.variants.drllm import LOGITS_KEY, PATH_KEY, DrLLMConfig, focal_loss, search_paths
 from moekit.layers.variants.duo import DuoConfig, DuoFFN
 from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY, FTPConfig
+from moekit.layers.variants.gmoe import GMoEConfig, GraphOfTokensMoE
 from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.mofme import MoFMEConfig
-from moekit.layers.variants.moma import MoMaConfig
+from moekit.layers.variants.moma import MoMa, MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig
 from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, matched_rank
-from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
+from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig, routing_contrastive_loss
 from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
 from moekit.layers.variants.rmoe import RecurrentRouterMoE, RMoEConfig
 from moekit.layers.variants.smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from moekit.layers.variants.supernet import ARCH_KEY
 from moekit.layers.variants.thor import THOR, THORConfig, consistency_loss
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
+from moekit.layers.variants.uoe import UnionOfMLPExperts, UoMEConfig
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
 from moekit.routing import load_balancing_loss, z_loss
@@ -376,6 +378,7 @@ def test_drllm_router_loss_pairs_each_sequences_router_logits_with_its_searched_
         logits_BL3 = torch.stack(forced(labels_BL).state[LOGITS_KEY], dim=1)
     expected = c.router_coef * focal_loss(logits_BL3.reshape(-1, 3), labels_BL.reshape(-1), c.focal_gamma)
     assert_close(out.ctx.losses["drllm_router_loss"], expected, "focal loss over (sequence, layer) pairs")
+    assert_close(out.aux, out.ctx.total_loss(), "the router loss is part of the reported auxiliary loss")
 
 
 # ------------------------------------------------------------------ gaps of the fresh sample (seed 1)
@@ -516,3 +519,135 @@ def test_blockffn_rmsnorm_router_scale_is_learned():
     y = layer(torch.randn(6, 8), RoutingContext())
     y.square().sum().backward()
     assert layer.router_scale is not None and layer.router_scale.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ gaps of the second fresh sample (seed 2)
+
+BAD_3 = [
+    ("duo-small-0", lambda: DuoConfig(small_hidden_dim=0), r"variant\.small_hidden_dim=0 must be a positive integer"),
+    ("moepp-gate", lambda: MoEPPConfig(gate="x"), r"^variant\.gate='x' is not one of \['linear', 'mlp'\]"),
+    ("blockffn-norm", lambda: BlockFFNConfig(norm="x"), r"^variant\.norm='x' is not one of \['rmsnorm', 'sum'\]"),
+    ("topp-entropy", lambda: TopPConfig(entropy_coef=-1.0), r"variant\.entropy_coef=-1\.0 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_3], ids=[b[0] for b in BAD_3])
+def test_seed2_bad_configs_name_the_field_and_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DuoConfig(eval_route="random"),
+    lambda: MoDConfig(aux_coef=0.0),
+    lambda: MuMoEConfig(rank=1),
+], ids=["duo-eval-random", "mod-aux-0", "mumoe-rank-1"])
+def test_seed2_boundary_configs_are_accepted(make):
+    make()
+
+
+def test_rope_tables_follow_the_rotary_frequencies():
+    cos, sin = rope_tables(4, 8, 10000.0)
+    inv_freq = 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)  # 1, 0.1, 0.01, 0.001
+    for t in range(4):
+        assert_close(cos[t].double(), torch.cos(t * inv_freq), f"cos at position {t}", atol=1e-6, rtol=1e-6)
+        assert_close(sin[t].double(), torch.sin(t * inv_freq), f"sin at position {t}", atol=1e-6, rtol=1e-6)
+
+
+def test_mom_memory_norm_uses_eps_1e_5():
+    layer = MixtureOfMemories(8, 2, 2, MoMConfig())
+    x = torch.full((1, layer.head_dim), 1e-3)
+    expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5) * layer.norm.weight
+    assert_close(layer.norm(x), expected, "RMSNorm with eps 1e-5 (visible on small vectors)")
+
+
+def test_mod_threshold_evaluation_adds_the_router_weighted_block_output():
+    torch.manual_seed(20)
+    mod = MixtureOfDepths(8, MoDConfig(eval_mode="threshold")).eval()
+    x = torch.randn(2, 5, 8)
+    lin = torch.nn.Linear(8, 8)
+    y = mod(x, lambda h, c: lin(h), RoutingContext())
+    r = mod.router(x)[..., 0]
+    assert_close(y, x + ((r.sigmoid() > 0.5) * r)[..., None] * lin(x), "x + [sigmoid(r) > 1/2] r f(x)")
+
+
+def test_rmoe_errors_on_a_state_of_another_batch_and_records_its_z_loss():
+    torch.manual_seed(21)
+    layers = [build_ffn("rmoe", tiny_moe(router={"z_loss_coef": 0.2}), {"rnn_dim": 6}, layer_index=i,
+                        num_layers=2, name=f"l{i}") for i in range(2)]
+    ctx = RoutingContext()
+    x = torch.randn(5, 8)
+    layers[0](x, ctx)
+    first = RoutingContext()
+    routing = layers[0].route(x, first)
+    assert_close(first.losses["z_loss"], 0.2 * z_loss(routing.logits_TE), "z-loss under its name, coefficient")
+    with pytest.raises(ValueError, match=r"^RMoE: the recurrent state holds 5 tokens, this layer got 3; use one "
+                                         r"RoutingContext per forward pass$"):
+        layers[1](torch.randn(3, 8), ctx)
+
+
+def test_gmoe_two_dimensional_input_is_one_sequence_and_no_aux_loss_at_coefficient_zero():
+    torch.manual_seed(22)
+    layer = GraphOfTokensMoE(tiny_moe(router={"aux_loss_coef": 0.0}), GMoEConfig())
+    x = torch.randn(6, 8)
+    ctx = RoutingContext()
+    assert_close(layer(x, ctx), layer(x[None], RoutingContext())[0], "[T, D] is one sequence of T tokens")
+    assert "aux_loss" not in ctx.losses
+
+
+def test_supernet_router_is_nonlinear():
+    torch.manual_seed(23)
+    layer = build_ffn("supernet", tiny_moe(hidden_dim=12, num_experts=1, top_k=1), {}, layer_index=0,
+                      num_layers=1, name="l")
+    a, b = torch.randn(4, 1), torch.randn(4, 1)
+    f = layer.router
+    assert not torch.allclose(f(a) + f(b), f(a + b) + f(torch.zeros(4, 1)), atol=1e-4), "an MLP, not affine"
+
+
+def test_moma_without_a_context_gives_every_token_modality_zero():
+    layer = MoMa(tiny_moe(), MoMaConfig())
+    assert torch.equal(layer.modality_ids(None, 5, torch.device("cpu")), torch.zeros(5, dtype=torch.long))
+
+
+def test_moepp_mlp_gate_has_no_bias_terms():
+    layer = MoEPlusPlus(tiny_moe(), MoEPPConfig(num_zero=1, num_copy=1, num_constant=1, gate="mlp"))
+    routing = layer.route(torch.zeros(3, 8))
+    assert torch.equal(routing.logits_TE, torch.zeros_like(routing.logits_TE)), "zero input, zero logits"
+
+
+def test_uoe_selector_starts_with_std_one_over_sqrt_dim():
+    torch.manual_seed(24)
+    D = 256
+    layer = UnionOfMLPExperts(tiny_moe(dim=D, hidden_dim=8), UoMEConfig())
+    assert abs(layer.selector.weight.std().item() * D**0.5 - 1) < 0.1
+
+
+def test_promoe_topk_contrastive_assignment_uses_every_choice():
+    torch.manual_seed(25)
+    x = torch.randn(2, 5, 8)
+    layer = ProMoE(tiny_moe(), ProMoEConfig(rcl_coef=1.0, rcl_assignment="topk"))
+    ctx = RoutingContext()
+    layer(x, ctx)
+    ids = layer.route(x.reshape(-1, 8)).expert_ids_TK
+    expected = routing_contrastive_loss(layer.prototypes, x.reshape(-1, 8), ids, layer.config.rcl_temperature)
+    assert_close(ctx.losses["promoe_rcl_loss"], expected, "InfoNCE over all k assignments")
+
+
+def test_drllm_search_chooses_among_skip_execute_and_repeat():
+    def more_is_better(path_BL):  # all-execute (1, 1): -2.1; among 2 applications (2, 0) is lowest
+        return -path_BL.float().sum(1) - 0.1 * path_BL[:, 0].float()
+
+    assert torch.equal(search_paths(more_is_better, 1, 2), torch.tensor([[2, 0]])), "repeat block 0, skip block 1"
+    assert torch.equal(search_paths(lambda p: torch.zeros(p.shape[0]), 1, 2), torch.tensor([[0, 0]])), \
+        "equal losses: the fewest applications"
+
+
+def test_mumoe_adds_its_shared_experts():
+    torch.manual_seed(26)
+    layer = MultilinearMoE(tiny_moe(num_shared_experts=1, router={"aux_loss_coef": 0.0}))
+    x = torch.randn(4, 8)
+    before = layer(x)
+    with torch.no_grad():
+        for p in layer.shared_experts.parameters():
+            p.mul_(2.0)
+    assert not torch.allclose(layer(x), before), "the shared expert's output is part of the layer's"
