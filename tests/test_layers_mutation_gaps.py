@@ -21,18 +21,19 @@ from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig, sparse_sigmoid_gates
 from moekit.layers.step_hook import next_token_ce, training_step_hook
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
+from moekit.layers.variants.coe import ChainOfExperts
 from moekit.layers.variants.drllm import LOGITS_KEY, PATH_KEY, DrLLMConfig, focal_loss, search_paths
 from moekit.layers.variants.duo import DuoConfig, DuoFFN
 from moekit.layers.variants.ftp import DENSE_KEY, KEEP_KEY, STATIC_KEY, FTPConfig
 from moekit.layers.variants.gmoe import GMoEConfig, GraphOfTokensMoE
 from moekit.layers.variants.mod import MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
-from moekit.layers.variants.mofme import MoFMEConfig
+from moekit.layers.variants.mofme import MoFME, MoFMEConfig
 from moekit.layers.variants.moma import MoMa, MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig
 from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, matched_rank
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig, routing_contrastive_loss
-from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
+from moekit.layers.variants.readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner
 from moekit.layers.variants.rmoe import RecurrentRouterMoE, RMoEConfig
 from moekit.layers.variants.smoe_dropout import SMoEDropout, SMoEDropoutConfig
 from moekit.layers.variants.supernet import ARCH_KEY
@@ -379,6 +380,7 @@ def test_drllm_router_loss_pairs_each_sequences_router_logits_with_its_searched_
     expected = c.router_coef * focal_loss(logits_BL3.reshape(-1, 3), labels_BL.reshape(-1), c.focal_gamma)
     assert_close(out.ctx.losses["drllm_router_loss"], expected, "focal loss over (sequence, layer) pairs")
     assert_close(out.aux, out.ctx.total_loss(), "the router loss is part of the reported auxiliary loss")
+    assert_close(out.ce, next_token_ce(model(x)[0], y), "the reported CE is the all-execute pass's")
 
 
 # ------------------------------------------------------------------ gaps of the fresh sample (seed 1)
@@ -592,7 +594,7 @@ def test_gmoe_two_dimensional_input_is_one_sequence_and_no_aux_loss_at_coefficie
     x = torch.randn(6, 8)
     ctx = RoutingContext()
     assert_close(layer(x, ctx), layer(x[None], RoutingContext())[0], "[T, D] is one sequence of T tokens")
-    assert "aux_loss" not in ctx.losses
+    assert "aux_loss" not in ctx.losses and "z_loss" not in ctx.losses, "coefficients 0: no loss entries"
 
 
 def test_supernet_router_is_nonlinear():
@@ -625,9 +627,10 @@ def test_uoe_selector_starts_with_std_one_over_sqrt_dim():
 def test_promoe_topk_contrastive_assignment_uses_every_choice():
     torch.manual_seed(25)
     x = torch.randn(2, 5, 8)
-    layer = ProMoE(tiny_moe(), ProMoEConfig(rcl_coef=1.0, rcl_assignment="topk"))
+    layer = ProMoE(tiny_moe(), ProMoEConfig(rcl_coef=1.0, rcl_assignment="topk"), name="l0")
     ctx = RoutingContext()
     layer(x, ctx)
+    assert list(ctx.layer_losses["l0"]) == ["aux_loss", "promoe_rcl_loss"], "recorded under the layer's name"
     ids = layer.route(x.reshape(-1, 8)).expert_ids_TK
     expected = routing_contrastive_loss(layer.prototypes, x.reshape(-1, 8), ids, layer.config.rcl_temperature)
     assert_close(ctx.losses["promoe_rcl_loss"], expected, "InfoNCE over all k assignments")
@@ -651,3 +654,151 @@ def test_mumoe_adds_its_shared_experts():
         for p in layer.shared_experts.parameters():
             p.mul_(2.0)
     assert not torch.allclose(layer(x), before), "the shared expert's output is part of the layer's"
+
+
+# ------------------------------------------------------------------ gaps of the third fresh sample (seed 3)
+
+BAD_4 = [
+    ("duo-anneal-0", lambda: DuoConfig(anneal_steps=0), r"anneal_steps"),
+    ("gmoe-similarity", lambda: GMoEConfig(similarity="x"), r"^variant\.similarity='x' is not one of \['learned', "),
+    ("gmoe-router", lambda: GraphOfTokensMoE(tiny_moe(router={"capacity_factor": 1.0})),
+     r"^graph-of-tokens routing mixes softmax probabilities for a dropless top-k; set router\.capacity_factor=None"),
+    ("mofme-router", lambda: MoFME(tiny_moe(router={"capacity_factor": 1.0})),
+     r"^MoFME averages softmax probabilities for a dropless top-k; set router\.capacity_factor=None"),
+    ("mor-recursions", lambda: MoRConfig(num_recursions=0), r"variant\.num_recursions=0 must be >= 1"),
+    ("blockffn-chunk", lambda: BlockFFNConfig(chunk_len=0), r"variant\.chunk_len and variant\.interval must be >= 1"),
+    ("drllm-stage-prefix", lambda: DrLLMConfig(stage="x"), r"^model\.depth_routing\.stage='x' is not one of"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_4], ids=[b[0] for b in BAD_4])
+def test_seed3_bad_configs_name_the_field_and_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_moma_aux_router_coefficient_zero_is_accepted():
+    assert MoMaConfig(aux_router_coef=0.0).aux_router_coef == 0.0
+
+
+def _stats_keys(layer, run):
+    ctx = RoutingContext(collect_stats=True)
+    run(layer, ctx)
+    return list(ctx.stats)
+
+
+@pytest.mark.parametrize("make,run,name", [
+    (lambda: SwitchHead(16, 2, 1, SwitchHeadConfig(num_experts=2, top_k=1)),
+     lambda m, ctx: m(torch.randn(1, 4, 16), *rope_tables(4, 8, 1e4), ctx=ctx),
+     "switchhead"),
+    (lambda: ChainOfExperts(tiny_moe()), lambda m, ctx: m(torch.randn(3, 8), ctx), "coe"),
+    (lambda: MoEPlusPlus(tiny_moe(), MoEPPConfig(num_zero=1, num_copy=1, num_constant=1)),
+     lambda m, ctx: m(torch.randn(3, 8), ctx), "moepp"),
+    (lambda: SMoEDropout(tiny_moe(router={"aux_loss_coef": 0.0})), lambda m, ctx: m(torch.randn(3, 8), ctx),
+     "smoe_dropout"),
+], ids=["switchhead", "coe", "moepp", "smoe_dropout"])
+def test_default_names_key_the_statistics(make, run, name):
+    torch.manual_seed(27)
+    layer = make()
+    assert layer.name == name
+    keys = _stats_keys(layer, run)
+    assert keys and all(k == name or k.startswith(name + ".") for k in keys), keys
+
+
+def test_smha_output_projection_has_the_gpt2_residual_scale():
+    torch.manual_seed(28)
+    dim, layers = 256, 3
+    layer = SelectiveMultiHeadAttention(dim, 4, layers)
+    expected = dim**-0.5 / (2 * layers) ** 0.5
+    assert abs(layer.w_out.weight.std().item() / expected - 1) < 0.1
+
+
+def test_routing_attention_commitment_loss_is_the_sum_of_both_sides():
+    torch.manual_seed(29)
+    coef, Dh = 0.3, 8
+    layer = RoutingAttention(8, 1, 1, 8, RoutingAttentionConfig(num_clusters=2, commitment_coef=coef))
+    x = torch.randn(2, 8, 8)
+    cos, sin = rope_tables(8, Dh, 10000.0)
+    ctx = RoutingContext()
+    layer.eval()(x, cos, sin, ctx=ctx)
+    q, k, _ = layer.w_qkv(x).view(2, 8, 3, 1, Dh).permute(2, 0, 3, 1, 4)
+    mu = layer.centroids_HCd[0]
+    expected = 0.0
+    for side in (q, k):
+        n = F.layer_norm(side, (Dh,))
+        expected = expected + F.mse_loss(n, mu[(n @ mu.T).argmax(-1)])
+    assert_close(ctx.losses["routing_commitment_loss"], coef * expected, "coef (|q - mu_q|^2 + |k - mu_k|^2)")
+
+
+def test_rmoe_raw_probabilities_when_not_renormalised():
+    torch.manual_seed(30)
+    layer = RecurrentRouterMoE(tiny_moe(router={"norm_topk_prob": False}), RMoEConfig(rnn_dim=6))
+    routing = layer.route(torch.randn(5, 8))
+    assert_close(routing.weights_TK, routing.scores_TE.gather(1, routing.expert_ids_TK), "the raw top-k probabilities")
+
+
+def test_ftp_statistics_report_no_skipping_at_sparsity_zero():
+    model = _ftp_model(0.0).eval()
+    ctx = RoutingContext(collect_stats=True)
+    model(torch.randint(0, 256, (2, 8)), ctx)
+    (extra,) = [s.extra for s in ctx.stats.values() if "token_sparsity" in s.extra]
+    assert float(extra["token_sparsity"]) == 0.0 and float(extra["skip_ratio_0"]) == 0.0
+
+
+def test_gmoe_weights_follow_the_routed_scaling_factor():
+    x = torch.randn(1, 6, 8)
+    weights = []
+    for scale in (1.0, 2.5):
+        torch.manual_seed(31)
+        layer = GraphOfTokensMoE(tiny_moe(router={"routed_scaling_factor": scale}), GMoEConfig())
+        weights.append(layer.route(x)[0].weights_TK)
+    assert_close(weights[1], 2.5 * weights[0], "weights scaled by routed_scaling_factor")
+
+
+def test_readme_defaults_one_plan_and_keep_the_layers_config():
+    planner = ReadMEPlanner(tiny_moe(router={"aux_loss_coef": 0.0}), ReadMEConfig(per_layer=True))
+    assert planner(torch.randn(1, 3, 8)).logits_LTE.shape[0] == 1, "one layer by default, so one plan"
+    layer = ReadMEMoE(tiny_moe(), ReadMEConfig(weights="soft"))
+    assert layer.config.weights == "soft"
+
+
+def test_supernet_sandwich_loss_sums_every_sub_architecture():
+    torch.manual_seed(32)
+    layer = build_ffn("supernet", tiny_moe(hidden_dim=12, num_experts=1, top_k=1), {}, layer_index=0,
+                      num_layers=1, name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head})
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    passes = []
+
+    def forward(ctx):
+        passes.append((head(layer(x, ctx)), ctx))
+        return passes[-1]
+
+    out = training_step_hook(model)(forward, targets, False)
+    assert len(passes) == 3
+    expected = sum(next_token_ce(logits, targets) + ctx.total_loss() for logits, ctx in passes)
+    assert_close(out.loss, expected, "largest + smallest + random")
+
+
+def test_mofme_adds_its_shared_experts():
+    torch.manual_seed(33)
+    layer = MoFME(tiny_moe(num_shared_experts=1)).eval()
+    x = torch.randn(4, 8)
+    before = layer(x)
+    with torch.no_grad():
+        for p in layer.shared_experts.parameters():
+            p.mul_(2.0)
+    assert not torch.allclose(layer(x), before), "the shared expert's output is part of the layer's"
+
+
+def test_moepp_zero_share_counts_assignments_to_zero_experts():
+    torch.manual_seed(34)
+    layer = MoEPlusPlus(tiny_moe(), MoEPPConfig(num_zero=2, num_copy=1, num_constant=1))
+    x = torch.randn(40, 8)
+    ctx = RoutingContext(collect_stats=True)
+    layer(x, ctx)
+    ids = layer.route(x).expert_ids_TK
+    zero = (ids >= layer.zero_ids.start).sum() / (ids >= 0).sum()
+    assert zero > 0
+    assert_close(torch.as_tensor(ctx.stats[layer.name].extra["zero_share"]).float(), zero.float(), "zero share")
