@@ -5,6 +5,8 @@ per-sequence and per-layer losses follow their formulas."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,12 @@ from moekit.layers.attention.registry import check_attention_kind
 from moekit.layers.attention.rope import apply_rope, apply_rope_any_width
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
-from moekit.layers.attention.switchhead import SwitchHead, SwitchHeadConfig, sparse_sigmoid_gates
+from moekit.layers.attention.switchhead import (
+    SwitchHead,
+    SwitchHeadConfig,
+    selection_entropy_loss,
+    sparse_sigmoid_gates,
+)
 from moekit.layers.step_hook import next_token_ce, training_step_hook
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
 from moekit.layers.variants.coe import ChainOfExperts
@@ -802,3 +809,124 @@ def test_moepp_zero_share_counts_assignments_to_zero_experts():
     zero = (ids >= layer.zero_ids.start).sum() / (ids >= 0).sum()
     assert zero > 0
     assert_close(torch.as_tensor(ctx.stats[layer.name].extra["zero_share"]).float(), zero.float(), "zero share")
+
+
+# ------------------------------------------------------------------ gaps of the fourth fresh sample (seed 4)
+
+BAD_5 = [
+    ("duo-anneal-neg", lambda: DuoConfig(anneal_steps=-1), r"anneal_steps"),
+    ("ftp-sparsity-1", lambda: FTPConfig(sparsity=1.0), r"sparsity=1\.0 must be in \[0, 1\)"),
+    ("mumoe-hierarchy", lambda: MuMoEConfig(hierarchy_experts=-1), r"hierarchy_experts"),
+    ("mumoe-gate-norm", lambda: MuMoEConfig(gate_norm="x"), r"^variant\.gate_norm='x' is not one of"),
+    ("moepp-no-zc", lambda: MoEPPConfig(num_zero=0, num_copy=0, num_constant=0),
+     r"^MoE\+\+ needs at least one zero-computation expert; raise variant\.num_zero"),
+    ("promoe-cosine", lambda: ProMoE(tiny_moe(), ProMoEConfig(gate="cosine")),
+     r"^variant\.gate='cosine' uses raw cosines as weights; set router\.norm_topk_prob=false$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_5], ids=[b[0] for b in BAD_5])
+def test_seed4_bad_configs_name_the_field_and_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SwitchHeadConfig(num_heads=1, head_dim=1),
+    lambda: DuoConfig(anneal_steps=1),
+    lambda: RMoEConfig(rnn_dim=1),
+], ids=["switchhead-1", "duo-anneal-1", "rmoe-rnn-1"])
+def test_seed4_boundary_configs_are_accepted(make):
+    make()
+
+
+def test_switchhead_selection_entropy_is_zero_for_a_uniform_batch_mean():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    assert abs(float(selection_entropy_loss(logits))) < 1e-6, "each token peaked, the batch mean uniform"
+    peaked = torch.tensor([[5.0, 0.0, 0.0]] * 3)
+    p = torch.tensor([5.0, 0.0, 0.0]).softmax(0)
+    assert_close(selection_entropy_loss(peaked), math.log(3) + (p * p.log()).sum(), "log E - H(mean)")
+
+
+def test_mom_beta_gate_starts_with_std_one_over_sqrt_dim():
+    torch.manual_seed(35)
+    dim = 64
+    layer = MixtureOfMemories(dim, 4, 2, MoMConfig())
+    assert abs(layer.w_beta_NDH.std().item() * dim**0.5 - 1) < 0.1
+
+
+def test_duo_active_params_skip_costs_nothing_and_budget_counts_as_auxiliary():
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3))
+    small = sum(p.numel() for p in layer.small.parameters())
+    big = sum(p.numel() for p in layer.big.parameters())
+    assert layer.active_params() == (0 + small + big) // 3
+    torch.manual_seed(36)
+    routed = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3, routing="router"))
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": routed, "head": head}).train()
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    out = training_step_hook(model)(lambda ctx: (head(routed(x, ctx)), ctx), targets, False)
+    assert_close(out.loss, out.ce + out.aux, "loss = CE + auxiliary, the budget loss included in both")
+
+
+def test_duo_statistics_count_the_routes():
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3), name="l")
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state["duo.routes"] = {"l": torch.tensor([0, 2, 2, 1])}
+    layer(torch.randn(4, 8), ctx)
+    assert torch.equal(ctx.stats["l"].counts_E, torch.tensor([1, 1, 2]))
+
+
+def test_rmoe_cell_option_picks_the_recurrent_cell():
+    assert isinstance(RecurrentRouterMoE(tiny_moe(), RMoEConfig(rnn_dim=6, cell="gru")).cell, torch.nn.GRUCell)
+    assert isinstance(RecurrentRouterMoE(tiny_moe(), RMoEConfig(rnn_dim=6, cell="rnn")).cell, torch.nn.RNNCell)
+
+
+def test_rmoe_layer_scope_first_choice_aux():
+    torch.manual_seed(37)
+    moe = tiny_moe(router={"aux_loss_coef": 0.1, "aux_loss_first_choice": True})
+    layer = RecurrentRouterMoE(moe, RMoEConfig(rnn_dim=6, aux_scope="layer"))
+    x = torch.randn(6, 8)
+    ctx = RoutingContext()
+    layer(x, ctx)
+    routing = layer.route(x)
+    expected = 0.1 * load_balancing_loss(routing.scores_TE, routing.expert_ids_TK, first_choice=True)
+    assert_close(ctx.losses["aux_loss"], expected, "GShard's first-choice f")
+
+
+def test_layer_losses_are_keyed_by_the_layer():
+    torch.manual_seed(38)
+    gmoe = GraphOfTokensMoE(tiny_moe(router={"z_loss_coef": 0.1}), GMoEConfig(), name="g")
+    ctx = RoutingContext()
+    gmoe(torch.randn(1, 5, 8), ctx)
+    assert "z_loss" in ctx.layer_losses["g"]
+    mod = MixtureOfDepths(8, MoDConfig(capacity=0.5, aux_coef=0.3), name="m")
+    ctx = RoutingContext()
+    mod(torch.randn(2, 4, 8), lambda h, c: h, ctx)
+    assert ctx.layer_losses["m"], "MoD's router loss under the layer's name"
+
+
+def test_readme_planner_takes_flat_token_embeddings_as_one_sequence():
+    torch.manual_seed(39)
+    planner = ReadMEPlanner(tiny_moe(router={"aux_loss_coef": 0.0}), ReadMEConfig())
+    x = torch.randn(5, 8)
+    assert_close(planner(x).logits_LTE, planner(x[None]).logits_LTE, "[T, D] = one sequence of T tokens")
+
+
+def test_mofme_router_follows_the_configured_router():
+    torch.manual_seed(40)
+    layer = MoFME(tiny_moe(router={"norm_topk_prob": False}))
+    assert layer.router.config.norm_topk_prob is False
+
+
+def test_mor_token_choice_router_has_no_bias():
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, routing="token_choice"))
+    assert all(r.bias is None for r in mor.routers)
+
+
+def test_residual_moe_default_name_keys_its_statistics():
+    from moekit.layers.variants.pr_moe import ResidualMoE
+    layer = ResidualMoE(tiny_moe())
+    ctx = RoutingContext(collect_stats=True)
+    layer(torch.randn(3, 8), ctx)
+    assert layer.name == "residual_moe" and list(ctx.stats) and all(k.startswith("residual_moe") for k in ctx.stats)
