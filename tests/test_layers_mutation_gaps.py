@@ -856,10 +856,11 @@ def test_mom_beta_gate_starts_with_std_one_over_sqrt_dim():
 
 
 def test_duo_active_params_skip_costs_nothing_and_budget_counts_as_auxiliary():
-    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3))
-    small = sum(p.numel() for p in layer.small.parameters())
-    big = sum(p.numel() for p in layer.big.parameters())
-    assert layer.active_params() == (0 + small + big) // 3
+    for width in (1, 2, 3):  # parameter totals with every remainder modulo 3
+        layer = DuoFFN(tiny_moe(num_experts=1, top_k=1, activation="gelu"), DuoConfig(small_hidden_dim=width))
+        small = sum(p.numel() for p in layer.small.parameters())
+        big = sum(p.numel() for p in layer.big.parameters())
+        assert layer.active_params() == (0 + small + big) // 3, "the mean over skip (0), small and big"
     torch.manual_seed(36)
     routed = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3, routing="router"))
     head = torch.nn.Linear(8, 11)
