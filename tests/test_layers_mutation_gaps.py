@@ -38,7 +38,7 @@ from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.mofme import MoFME, MoFMEConfig
 from moekit.layers.variants.moma import MoMa, MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig
-from moekit.layers.variants.mumoe import MultilinearMoE, MuMoEConfig, matched_rank
+from moekit.layers.variants.mumoe import CPMultilinear, MultilinearMoE, MuMoEConfig, matched_rank
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig, routing_contrastive_loss
 from moekit.layers.variants.readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner
 from moekit.layers.variants.rmoe import RecurrentRouterMoE, RMoEConfig
@@ -931,3 +931,95 @@ def test_residual_moe_default_name_keys_its_statistics():
     ctx = RoutingContext(collect_stats=True)
     layer(torch.randn(3, 8), ctx)
     assert layer.name == "residual_moe" and list(ctx.stats) and all(k.startswith("residual_moe") for k in ctx.stats)
+
+
+# ------------------------------------------------------------------ gaps of the fifth fresh sample (seed 5)
+
+BAD_6 = [
+    ("rmoe-cell", lambda: RMoEConfig(cell="lstm"), r"^variant\.cell='lstm' is not one of \['gru', 'rnn'\]"),
+    ("mumoe-factorization", lambda: MuMoEConfig(factorization="x"),
+     r"^variant\.factorization='x' is not one of \['cp', 'tr'\]"),
+    ("moma-modalities", lambda: MoMaConfig(num_modalities=0), r"variant\.num_modalities=0 must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_6], ids=[b[0] for b in BAD_6])
+def test_seed5_bad_configs_name_the_field_and_the_fix(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_ftp_router_of_width_one_is_accepted():
+    assert FTPConfig(hidden=1).hidden == 1
+
+
+def test_variant_input_of_the_wrong_width_names_the_shape():
+    with pytest.raises(ValueError, match=r"expected inputs of shape \[\.\.\., 8\], got \(3, 5\); check MoEConfig\.dim"):
+        ProMoE(tiny_moe(), ProMoEConfig())(torch.randn(3, 5))
+
+
+def test_wide_heads_rotate_their_first_dimensions_with_the_whole_table():
+    torch.manual_seed(41)
+    cos, sin = rope_tables(4, 4, 10000.0)  # R = 2 frequencies, S = 4 = 2R
+    x = torch.randn(1, 2, 4, 8)  # 8-wide heads: the first 4 dimensions rotate, the rest pass
+    out = apply_rope_any_width(x, cos, sin)
+    assert_close(out[..., :4], apply_rope(x[..., :4], cos, sin), "partial rotary")
+    assert torch.equal(out[..., 4:], x[..., 4:])
+
+
+def test_initial_scales_of_mom_supernet_and_mumoe():
+    torch.manual_seed(42)
+    dim = 64
+    mom = MixtureOfMemories(dim, 4, 2, MoMConfig())
+    assert abs(mom.w_v_NDD.std().item() * dim**0.5 - 1) < 0.1
+    sup = build_ffn("supernet", tiny_moe(dim=dim, hidden_dim=64, num_experts=1, top_k=1), {}, layer_index=0,
+                    num_layers=1, name="s")
+    assert abs(sup.w_gate_MFD.std().item() * dim**0.5 - 1) < 0.1
+    cp = CPMultilinear(4, dim, 8, 16)
+    bound = dim**-0.5
+    assert cp.u_in.abs().max() <= bound and cp.u_in.min() < -0.5 * bound and cp.u_in.max() > 0.5 * bound
+
+
+def test_duo_router_softmax_divides_by_the_temperature():
+    torch.manual_seed(43)
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3, routing="router",
+                                                              temperature=4.0)).train()
+    x = torch.randn(5, 8)
+    weights, _ = layer.route_weights(x, None)
+    assert_close(weights, (layer.router(x) / 4.0).softmax(-1), "softmax(logits / tau)")
+
+
+def test_mofme_first_choice_aux_and_moma_parameter_counts():
+    torch.manual_seed(44)
+    x = torch.randn(6, 8)
+    values = []
+    for first in (False, True):
+        torch.manual_seed(45)
+        layer = MoFME(tiny_moe(router={"aux_loss_first_choice": first})).eval()
+        ctx = RoutingContext()
+        layer(x, ctx)
+        values.append(float(ctx.losses["aux_loss"].detach()))
+    assert values[0] != values[1], "aux_loss_first_choice changes which choices count"
+    topk = MoMa(tiny_moe(), MoMaConfig(routing="topk"))
+    ec = MoMa(tiny_moe(), MoMaConfig(routing="expert_choice"))
+    assert len(topk.aux_routers) == 0 and len(ec.aux_routers) == 2, "auxiliary routers for expert choice only"
+    aux = ec.aux_routers[0].weight.numel()
+    assert ec.active_params() - topk.active_params() == aux, "one auxiliary router per token, none for top-k"
+
+
+def test_smoe_dropout_and_promoe_renormalise_their_top_k():
+    torch.manual_seed(46)
+    layer = SMoEDropout(tiny_moe(router={"aux_loss_coef": 0.0}))
+    w = layer.route(torch.randn(5, 8)).weights_TK
+    assert_close(w.sum(-1), torch.ones(5), "SMoE-Dropout renormalises its top-k")
+    pro = ProMoE(tiny_moe(), ProMoEConfig(gate="softmax"))
+    w = pro.route(torch.randn(5, 8)).weights_TK
+    assert_close(w.sum(-1), torch.ones(5), "ProMoE's softmax gate renormalises its top-k by default")
+
+
+def test_mor_token_choice_reports_the_mean_fraction_processed():
+    torch.manual_seed(47)
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, routing="token_choice"), name="m")
+    ctx = RoutingContext(collect_stats=True)
+    mor(torch.randn(2, 6, 8), lambda h, c: h, ctx)
+    assert 0.0 < float(ctx.stats["m"].extra["fraction_processed"]) <= 1.0
