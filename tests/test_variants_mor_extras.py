@@ -164,7 +164,10 @@ def test_kv_sharing_in_the_model():
     torch.testing.assert_close(one_s(tokens)[0], one_p(tokens)[0])
     # token choice shares too (sequence by sequence), and the loss reaches every weight
     tc = _mor_model(kv_sharing=True, routing="token_choice")
+    tc_plain = _mor_model(routing="token_choice")
+    tc_plain.load_state_dict(tc.state_dict())
     y, ctx = tc(tokens)
+    assert not torch.allclose(y, tc_plain(tokens)[0], atol=1e-5), "token choice reads the step-1 keys too"
     loss = F.cross_entropy(y.flatten(0, 1), tokens.flatten()) + ctx.total_loss()
     names = params_with_grad(tc, loss)
     assert "depth_router.routers.0.weight" in names and "layers.1.attn.w_qkv.weight" in names
