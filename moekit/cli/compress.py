@@ -5,6 +5,7 @@ Examples::
     moekit compress --list
     moekit compress runs/default --method m-smoe --target-memory 0.5 --out runs/default-msmoe
     moekit compress runs/default --method qmoe --bits 1.5 --out runs/default-qmoe
+    moekit compress runs/default --method mc-smoe --target-memory 0.25 --out runs/default-mcsmoe
     moekit compress runs/default --sweep --out runs/default-sweep
 """
 
@@ -27,6 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="the new run folder (written only when the whole compression succeeded)")
     p.add_argument("--sweep", action="store_true", help="every method at 2-3 operating points: table and plot")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of the training split to calibrate on")
+    p.add_argument("--rank", type=int, help="mc-smoe: rank of the low-rank part (default: solved from "
+                   "--target-memory, else 32)")
+    p.add_argument("--final-threshold", type=float,
+                   help="mc-smoe: kept fraction of the sparse part's rows (default: 0.10, MC-SMoE's README)")
     p.add_argument("--no-codec", action="store_true", help="qmoe: keep ternary codes packed, not entropy-coded")
     p.set_defaults(func=run)
 
@@ -54,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
     options = {"bits": args.bits, "keep_experts": args.keep_experts, "target_memory": args.target_memory}
     if args.no_codec:
         options["codec"] = False
+    if args.method == "mc-smoe":
+        options["rank"] = args.rank
+        if args.final_threshold is not None:
+            options["final_threshold"] = args.final_threshold
+    elif args.rank is not None or args.final_threshold is not None:
+        raise UsageError(f"--rank and --final-threshold apply to --method mc-smoe, not {args.method}; drop them")
     report, _ = compress_run(args.run, args.method, args.out, num_tokens=args.calibration_tokens, **options)
     print(f"{args.method}: expert bytes {report.bytes_before:,} -> {report.bytes_after:,} "
           f"({report.memory_fraction:.3f} of float, {report.bits_per_param:.3f} bits per expert parameter)")

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's train.eval_batches)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run; auto: CUDA when available (default: auto)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--matmul", choices=("dequantize", "int8"), default=None,
+                   help="compressed runs: int8 multiplies RTN/GPTQ/EAQuant experts with torch._int_mm on int8 "
+                        "activations (CPU); default: dequantise each expert as it runs")
     add_threads_argument(p, "torch's")
     p.set_defaults(func=run)
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from .main import UsageError
     if args.batches is not None and args.batches < 1:
         raise UsageError(f"--batches={args.batches} must be at least 1")
-    result = evaluate_run(args.run, args.batches, args.device)
+    result = evaluate_run(args.run, args.batches, args.device, args.matmul)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

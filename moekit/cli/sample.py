@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window each token")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    p.add_argument("--matmul", choices=("dequantize", "int8"), default=None,
+                   help="compressed runs: int8 multiplies RTN/GPTQ/EAQuant experts with torch._int_mm on int8 "
+                        "activations (CPU); default: dequantise each expert as it runs")
     add_threads_argument(p, f"1 for models under {SMALL_MODEL_PARAMS // 10**6}M parameters, whose one-token "
                          "matmuls lose more to thread synchronisation than they gain; torch's otherwise")
     p.add_argument("--decoding", default="sample", choices=("sample", "scmoe", "rewire"),
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         (args.prompt or "").encode("utf-8")
     except UnicodeEncodeError:
         raise UsageError("--prompt is not valid UTF-8 text; check the terminal's or script's encoding") from None
-    cfg, model, _ = load_run(args.run, args.device)
+    cfg, model, _ = load_run(args.run, args.device, args.matmul)
     apply_threads(decoding_threads(sum(p.numel() for p in model.parameters()), args.threads))
     tokenizer = tokenizer_for(cfg.data)
     ids = tokenizer.encode(args.prompt or "\n")

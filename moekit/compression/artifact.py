@@ -148,6 +148,11 @@ def load_checked(model: nn.Module, tensors: dict[str, torch.Tensor], where: str)
                                   f"implies {tuple(t.shape)} {t.dtype}; the file is corrupt or from another model")
     model.load_state_dict(tensors, strict=True)
     banks = [moe.experts for _, moe in find_moe_layers(model) if isinstance(moe.experts, CompressedBank)]
+    for b in banks:
+        try:
+            b.check_buffers(where)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if any(b.spec.format == "tunstall" for b in banks):
         if book is None:
             raise CheckpointError(f"{where} holds entropy-coded experts but no {CODEBOOK_KEY!r} tensor")

@@ -27,6 +27,10 @@ Storage formats, per weight matrix ``m`` in ``w_gate`` (gated activations only),
   planes, then one sign plane per residual level), per-group ``m_scale``, ``m_zero`` ``[G, R, N]`` and
   ``m_rscale`` ``[G, levels, R, N]`` float16 (``N = ceil(C / group_size)``). ``active_levels`` picks how many
   residual planes the bank runs with: any prefix is a valid lower-bit expert.
+- ``lowrank-sparse`` (MC-SMoE's second stage, :mod:`.mcsmoe`): ``W = L R + S`` with S row-sparse:
+  ``m_L`` ``[G, R, rank]``, ``m_R`` ``[G, rank, C]``, the kept rows of S ``m_S`` ``[G, K_m, C]`` float32 and
+  their row indices ``m_rows`` ``[G, K_m]`` int32 (``K_m = kept_rows[m]``, sorted, distinct). An expert runs as
+  ``y = (x Rᵀ) Lᵀ``, plus ``x S_keptᵀ`` added into the kept output rows; W is never formed.
 
 Biases (GPT-OSS, split BERT FFNs) stay float32, ``[G, F]`` / ``[G, D]``.
 """
@@ -45,7 +49,7 @@ from .quant import RowGrid, pack_bits, unpack_bits
 
 __all__ = ["FORMATS", "BankSpec", "CompressedBank", "expert_weights"]
 
-FORMATS = ("float", "int", "ternary", "tunstall", "tunstall-fit", "nested")
+FORMATS = ("float", "int", "ternary", "tunstall", "tunstall-fit", "nested", "lowrank-sparse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,7 @@ class BankSpec:
         bits: bits per code (``int``), 2 for ``ternary`` / ``tunstall`` / ``tunstall-fit``, 32 for ``float``.
         num_codes: for ``tunstall`` / ``tunstall-fit``, the length of each matrix's code stream.
         levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
+        rank / kept_rows: for ``lowrank-sparse``, the rank of ``L R`` and the kept rows of S per matrix.
     """
 
     num_experts: int
@@ -75,12 +80,22 @@ class BankSpec:
     num_codes: Mapping[str, int] | None = None
     levels: int = 0
     group_size: int = 128
+    rank: int = 0
+    kept_rows: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"bank format {self.format!r} is unknown; choose one of {FORMATS}")
         if not 1 <= self.num_stored <= self.num_experts:
             raise ValueError(f"num_stored={self.num_stored} must be between 1 and num_experts={self.num_experts}")
+        if self.format == "lowrank-sparse":
+            for m, (R, C) in self.matrices().items():
+                if not 1 <= self.rank <= min(R, C):
+                    raise ValueError(f"lowrank-sparse bank: rank={self.rank} must be between 1 and min{(R, C)} "
+                                     f"of {m}")
+                k = (self.kept_rows or {}).get(m)
+                if not isinstance(k, int) or not 0 <= k <= R:
+                    raise ValueError(f"lowrank-sparse bank: kept_rows[{m!r}]={k!r} must be an integer in [0, {R}]")
 
     def matrices(self) -> dict[str, tuple[int, int]]:
         """``{name: (rows, cols)}`` of the expert weight matrices."""
@@ -91,6 +106,7 @@ class BankSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_codes"] = dict(self.num_codes) if self.num_codes else None
+        d["kept_rows"] = dict(self.kept_rows) if self.kept_rows else None
         return d
 
     def buffer_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -100,6 +116,13 @@ class BankSpec:
         for m, (R, C) in self.matrices().items():
             if self.format == "float":
                 out[m] = ((G, R, C), torch.float32)
+                continue
+            if self.format == "lowrank-sparse":
+                K = (self.kept_rows or {})[m]
+                out[f"{m}_L"] = ((G, R, self.rank), torch.float32)
+                out[f"{m}_R"] = ((G, self.rank, C), torch.float32)
+                out[f"{m}_S"] = ((G, K, C), torch.float32)
+                out[f"{m}_rows"] = ((G, K), torch.int32)
                 continue
             if self.format == "nested":
                 N = -(-C // self.group_size)
@@ -244,6 +267,9 @@ class CompressedBank(nn.Module):
         """The float32 weight ``[R, C]`` of matrix ``m`` of stored expert ``g``, dequantised now."""
         if self.spec.format == "float":
             return getattr(self, m)[g]
+        if self.spec.format == "lowrank-sparse":
+            from .mcsmoe import lowrank_sparse_dense
+            return lowrank_sparse_dense(*self._lowrank(m, g))
         if self.spec.format == "nested":
             from .mwq import reconstruct
             s, C = self.spec, self.spec.matrices()[m][1]
@@ -270,11 +296,42 @@ class CompressedBank(nn.Module):
         if self.matmul == "int8" and self.spec.format == "int" and not (torch.is_grad_enabled() and
                                                                          x_TD.requires_grad):
             return self._expert_int8(x_TD, e)
+        if self.spec.format == "lowrank-sparse":
+            return self._expert_lowrank(x_TD, e)
         w = self.weights(e)
         dtype = x_TD.dtype
         h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
         h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
         return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    def _lowrank(self, m: str, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L [R, rank], R [rank, C], S_kept [K, C], rows [K])`` of matrix ``m`` of stored expert ``g``."""
+        return (getattr(self, f"{m}_L")[g], getattr(self, f"{m}_R")[g], getattr(self, f"{m}_S")[g],
+                getattr(self, f"{m}_rows")[g])
+
+    def _expert_lowrank(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
+        from .mcsmoe import lowrank_sparse_linear
+        g = int(self.slot_to_stored_E[e])
+
+        def linear(x: torch.Tensor, m: str, bias: str) -> torch.Tensor:
+            b = self._buffers.get(bias)
+            return lowrank_sparse_linear(x, *self._lowrank(m, g), None if b is None else b[g])
+
+        h_up = linear(x_TD, "w_up", "b_up")
+        h_gate = linear(x_TD, "w_gate", "b_gate") if self.gated else None
+        return linear(hidden(self.activation, h_gate, h_up), "w_down", "b_down")
+
+    def check_buffers(self, where: str) -> None:
+        """Value checks a shape/dtype check cannot make (called by the loader): ``lowrank-sparse`` row indices
+        must be distinct, sorted and inside the matrix."""
+        if self.spec.format != "lowrank-sparse":
+            return
+        for m, (R, _) in self.spec.matrices().items():
+            rows_GK = getattr(self, f"{m}_rows").long()
+            ok = bool(((rows_GK >= 0) & (rows_GK < R)).all()) and bool((rows_GK.diff(dim=1) > 0).all())
+            if not ok:
+                raise ValueError(f"{where}: {m}_rows holds row indices that are not distinct, sorted and in "
+                                 f"[0, {R}); the file is corrupt, re-run moekit compress")
 
     def _expert_int8(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
         from .int8mm import int8_linear, shifted_codes

@@ -11,13 +11,45 @@ Activations are quantised on the fly per token, symmetric int8 (``s_T = max|x_T|
 with the sum an int32 ``torch._int_mm``. It equals dequantise-then-matmul of the *quantised* activations up to
 float rounding (:func:`reference_linear`); against float activations it adds the int8 activation error.
 Inference only: integer matmuls have no backward, so the bank takes this path only when no gradient is needed.
+:func:`set_matmul` switches every compressed layer of a model (``moekit eval`` / ``sample --matmul int8``).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["int8_linear", "quantize_activations", "reference_linear", "shifted_codes"]
+__all__ = ["MATMULS", "int8_linear", "quantize_activations", "reference_linear", "set_matmul", "shifted_codes"]
+
+MATMULS = ("dequantize", "int8")
+
+
+def set_matmul(model: nn.Module, mode: str) -> int:
+    """Run every compressed expert bank of ``model`` through ``mode`` (``dequantize``, or ``int8``: ``torch._int_mm``
+    on CPU, ``int`` banks only); returns the number of banks switched.
+
+    Raises :class:`~.calibrate.CompressionError` naming what to change for an unknown mode, a model without
+    compressed experts, a bank of another format (``int8`` needs RTN / GPTQ / EAQuant codes) or a bank off the CPU.
+    """
+    from .bank import CompressedBank
+    from .calibrate import CompressionError, find_moe_layers
+    if mode not in MATMULS:
+        raise CompressionError(f"matmul={mode!r} is unknown; choose one of {', '.join(MATMULS)}")
+    banks = [(name, moe.experts) for name, moe in find_moe_layers(model) if isinstance(moe.experts, CompressedBank)]
+    if not banks:
+        raise CompressionError(f"--matmul {mode} applies to runs written by moekit compress, and this run's experts "
+                               f"are not compressed; compress it first (e.g. --method rtn --bits 8)")
+    for name, bank in banks:
+        if mode == "int8" and bank.spec.format != "int":
+            raise CompressionError(f"--matmul int8 needs integer-coded experts (format 'int': methods rtn, gptq, "
+                                   f"eaquant), but {name} stores format {bank.spec.format!r}; drop --matmul int8 "
+                                   f"(these experts dequantise as they run) or compress with --method rtn/gptq")
+        if mode == "int8" and bank.slot_to_stored_E.device.type != "cpu":
+            raise CompressionError(f"--matmul int8 runs on the CPU (torch._int_mm), but {name} is on "
+                                   f"{bank.slot_to_stored_E.device}; add --device cpu")
+    for _, bank in banks:
+        bank.matmul = mode
+    return len(banks)
 
 
 def quantize_activations(x_TC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ Dim legend: E experts, G groups, F expert hidden dim (neurons), D model dim, L m
   average *(our choice: the formula would give zeros)*. The router is untouched; every slot of a group points
   at the merged expert (``slot_to_stored_E``).
 
-MC-SMoE's second stage (low-rank + sparse compression of the merged experts with KD fine-tuning) is not
-implemented; :func:`lowrank_sparse_init` gives its SVD initialisation ``W = L R + S``.
+MC-SMoE's second stage (low-rank + sparse compression of the merged experts with KD fine-tuning) is in
+:mod:`.mcsmoe` (``--method mc-smoe``); :func:`lowrank_sparse_init` gives its SVD initialisation ``W = L R + S``.
 """
 
 from __future__ import annotations

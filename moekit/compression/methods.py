@@ -13,6 +13,7 @@ from ..layers import MoE
 from .bank import CompressedBank
 from .baselines import _apply_prune, _apply_random_merge, _apply_rtn
 from .calibrate import CompressionError
+from .mcsmoe import _apply_mcsmoe, _plan_mcsmoe
 from .merging import _apply_dern, _apply_expert_merging, _apply_expert_merging_pp, _apply_msmoe, _plan_msmoe
 from .options import CompressOptions, Method
 from .quantisation import _apply_eaquant, _apply_gptq, _apply_mwq, _apply_qmoe, _plan_eaquant
@@ -30,6 +31,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("m-smoe", "reduce", False, False, _apply_msmoe,
            "M-SMoE: frequency-guided groups, neuron alignment, frequency-weighted merging (spec §1)",
            plan=_plan_msmoe),
+    Method("mc-smoe", "reduce", False, False, _apply_mcsmoe,
+           "MC-SMoE: M-SMoE merging, then low-rank + row-sparse experts distilled on routed tokens (spec §1)",
+           plan=_plan_mcsmoe),
     Method("expert-merging", "reduce", False, False, _apply_expert_merging,
            "Expert Merging: M-SMoE groups merged with learned per-tensor coefficients on calibration data (spec §3)",
            plan=_plan_msmoe),

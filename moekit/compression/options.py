@@ -39,6 +39,9 @@ class CompressOptions:
             and its group size (128).
         merge_steps / budget / kappa: Expert Merging's optimisation steps, and ++'s chunk budget (a multiple of
             the number of merged tensors) and steepness κ.
+        rank / final_threshold / lowrank_steps / lowrank_lr: MC-SMoE's second stage: the rank of ``L R`` (None:
+            solved from ``target_memory``, else 32), the kept fraction of S's rows (README: 0.10), and the
+            distillation steps and AdamW learning rate per merged expert.
     """
 
     bits: float | None = None
@@ -55,6 +58,10 @@ class CompressOptions:
     merge_steps: int = 40
     budget: float = 1.0
     kappa: float = 1.0
+    rank: int | None = None
+    final_threshold: float = 0.10
+    lowrank_steps: int = 40
+    lowrank_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.target_memory is not None and not 0 < self.target_memory <= 1:
@@ -65,6 +72,13 @@ class CompressOptions:
                                    f"leaves nothing to route to")
         if self.percdamp < 0:
             raise CompressionError(f"percdamp={self.percdamp} must be >= 0 (QMoE uses 0.1)")
+        if self.rank is not None and self.rank < 1:
+            raise CompressionError(f"rank={self.rank} must be at least 1 (MC-SMoE's README uses 32)")
+        if not 0 < self.final_threshold <= 1:
+            raise CompressionError(f"final_threshold={self.final_threshold} must be in (0, 1], the kept fraction "
+                                   f"of S's rows (MC-SMoE's README uses 0.10)")
+        if self.lowrank_steps < 0:
+            raise CompressionError(f"lowrank_steps={self.lowrank_steps} must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ SWEEP_POINTS: list[tuple[str, dict]] = [
     ("prune-frequency", {"target_memory": 0.5}), ("prune-frequency", {"target_memory": 0.25}),
     ("merge-random", {"target_memory": 0.5}), ("merge-random", {"target_memory": 0.25}),
     ("m-smoe", {"target_memory": 0.5}), ("m-smoe", {"target_memory": 0.25}),
+    ("mc-smoe", {"target_memory": 0.5}), ("mc-smoe", {"target_memory": 0.25}),
     ("dern", {"target_memory": 0.5}), ("dern", {"target_memory": 0.25}),
     ("expert-merging", {"target_memory": 0.5}), ("expert-merging", {"target_memory": 0.25}),
     ("expert-merging++", {"target_memory": 0.5}), ("expert-merging++", {"target_memory": 0.25}),

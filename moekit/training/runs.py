@@ -31,8 +31,12 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise CheckpointError(f"{run_dir / CONFIG_FILE} is not a valid run config ({e})") from None
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, LanguageModel, dict]:
-    """``(config, model with the checkpoint's weights, in eval mode, training state)`` of a run folder."""
+def load_run(run_dir: str | Path, device: str = "auto", matmul: str | None = None
+             ) -> tuple[RunConfig, LanguageModel, dict]:
+    """``(config, model with the checkpoint's weights, in eval mode, training state)`` of a run folder.
+
+    ``matmul`` (``dequantize`` / ``int8``) picks how a compressed run's experts multiply
+    (:func:`moekit.compression.int8mm.set_matmul`); ``None`` leaves the default."""
     cfg = read_run_config(run_dir)
     if hf_base_path(run_dir).is_file():  # moekit finetune --hf: a transformers model behind the same interface
         from ..adapters.hf_finetune import model_from_record
@@ -47,13 +51,18 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[RunConfig, Lang
             from ..adapters import load as load_adapters
             load_adapters(model, adapters_path(run_dir), load_tensors=False)
         state = load_checkpoint(Path(run_dir), model)
-    return cfg, model.to(resolve_device(device)).eval(), state
+    model = model.to(resolve_device(device)).eval()
+    if matmul is not None:
+        from ..compression.int8mm import set_matmul
+        set_matmul(model, matmul)
+    return cfg, model, state
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: str | Path, num_batches: int | None = None, device: str = "auto") -> dict:
-    """Validation loss, bits per byte and routing statistics of a run's checkpoint."""
-    cfg, model, state = load_run(run_dir, device)
+def evaluate_run(run_dir: str | Path, num_batches: int | None = None, device: str = "auto",
+                 matmul: str | None = None) -> dict:
+    """Validation loss, bits per byte and routing statistics of a run's checkpoint (``matmul``: see load_run)."""
+    cfg, model, state = load_run(run_dir, device, matmul)
     data = load_data(cfg.data)
     result = evaluate(model, data, batch_size=cfg.train.batch_size,
                       num_batches=num_batches or cfg.train.eval_batches, dtype=cfg.train.dtype,
