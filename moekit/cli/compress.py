@@ -6,6 +6,7 @@ Examples::
     moekit compress runs/default --method m-smoe --target-memory 0.5 --out runs/default-msmoe
     moekit compress runs/default --method qmoe --bits 1.5 --out runs/default-qmoe
     moekit compress runs/default --sweep --out runs/default-sweep
+    moekit compress runs/dense --method mote --steps 100 --out runs/dense-mote
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--sweep", action="store_true", help="every method at 2-3 operating points: table and plot")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="tokens of the training split to calibrate on")
     p.add_argument("--no-codec", action="store_true", help="qmoe: keep ternary codes packed, not entropy-coded")
+    p.add_argument("--steps", type=int, help="mote: quantisation-aware training steps (default 50)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"bits": args.bits, "keep_experts": args.keep_experts, "target_memory": args.target_memory}
     if args.no_codec:
         options["codec"] = False
+    if args.steps is not None:
+        options["steps"] = args.steps
     report, _ = compress_run(args.run, args.method, args.out, num_tokens=args.calibration_tokens, **options)
     print(f"{args.method}: expert bytes {report.bytes_before:,} -> {report.bytes_after:,} "
           f"({report.memory_fraction:.3f} of float, {report.bits_per_param:.3f} bits per expert parameter)")

@@ -74,6 +74,8 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     the model partly compressed, so reload it before trying again (``moekit compress`` writes nothing then).
     """
     m = get_method(method)
+    if m.kind == "train":  # MoTE: a whole-run QAT, not a per-layer transform
+        m.apply(None, None, None, None)
     opts = CompressOptions(bits=bits, keep_experts=keep_experts, target_memory=target_memory, **options)
     layers = find_moe_layers(model)
     if not layers:
