@@ -211,3 +211,11 @@ def test_cli_act_bits_error_is_one_line_and_writes_nothing(tmp_path, capsys):
                  "--out", str(out), "--calibration-tokens", "256"]) == 0
     assert main(["eval", str(out), "--batches", "1"]) == 0
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_expert_offloading_refuses_banks_that_quantise_activations():
+    from moekit.serving.offload import OffloadedExpertBank
+    m = tiny_lm()
+    compress(m, "rtn", tokens(), bits=8, act_bits=8)
+    with pytest.raises(ValueError, match="without expert offloading"):
+        OffloadedExpertBank(m.layers[0].ffn.experts, 0, None)
