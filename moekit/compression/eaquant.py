@@ -1,4 +1,4 @@
-"""EAQuant: expert-aware post-training quantisation (Fu et al. 2025, arXiv 2506.13329; spec §5), weight part.
+"""EAQuant: expert-aware post-training quantisation (Fu et al. 2025, arXiv 2506.13329; spec §5).
 
 Dim legend: T tokens, D model dim, F expert hidden dim, E experts, K slots per token, R rows, C columns.
 

@@ -47,7 +47,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "QMoE: per-expert-Hessian GPTQ to ternary (--bits 1.5, entropy-coded) or 2-bit (spec §4)",
            default_bits=1.5),
     Method("eaquant", "quantise", False, False, _apply_eaquant,
-           "EAQuant (weights): expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3 (spec §5)",
+           "EAQuant: expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3, --act-bits/--rotate (spec §5)",
            plan=_plan_eaquant, default_bits=4),
     Method("d2moe-mwq", "quantise", True, False, _apply_mwq,
            "D²MoE MWQ: bit-nested experts, a --bits base plus binary residual planes (--levels), prefixes valid "
