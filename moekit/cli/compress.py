@@ -7,6 +7,8 @@ Examples::
     moekit compress runs/default --method qmoe --bits 1.5 --out runs/default-qmoe
     moekit compress runs/default --method mc-smoe --target-memory 0.25 --out runs/default-mcsmoe
     moekit compress runs/default --sweep --out runs/default-sweep
+    moekit compress runs/dense --method mote --steps 100 --out runs/dense-mote
+    moekit compress runs/default --method eaquant --bits 4 --act-bits 4 --rotate --out runs/default-w4a4
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--final-threshold", type=float,
                    help="mc-smoe: kept fraction of the sparse part's rows (default: 0.10, MC-SMoE's README)")
     p.add_argument("--no-codec", action="store_true", help="qmoe: keep ternary codes packed, not entropy-coded")
+    p.add_argument("--steps", type=int, help="mote: quantisation-aware training steps (default 50)")
+    p.add_argument("--act-bits", type=int, help="rtn/eaquant: simulated per-token activation quantisation, 4 or 8")
+    p.add_argument("--rotate", action="store_true",
+                   help="rtn/eaquant: fold a block-Hadamard rotation into the experts (rotate their inputs online)")
     p.set_defaults(func=run)
 
 
@@ -65,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
             options["final_threshold"] = args.final_threshold
     elif args.rank is not None or args.final_threshold is not None:
         raise UsageError(f"--rank and --final-threshold apply to --method mc-smoe, not {args.method}; drop them")
+    if args.steps is not None:
+        options["steps"] = args.steps
+    if args.act_bits is not None:
+        options["act_bits"] = args.act_bits
+    if args.rotate:
+        options["rotate"] = True
     report, _ = compress_run(args.run, args.method, args.out, num_tokens=args.calibration_tokens, **options)
     print(f"{args.method}: expert bytes {report.bytes_before:,} -> {report.bytes_after:,} "
           f"({report.memory_fraction:.3f} of float, {report.bits_per_param:.3f} bits per expert parameter)")

@@ -74,6 +74,8 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     the model partly compressed, so reload it before trying again (``moekit compress`` writes nothing then).
     """
     m = get_method(method)
+    if m.kind == "train":  # MoTE: a whole-run QAT, not a per-layer transform
+        m.apply(None, None, None, None)
     opts = CompressOptions(bits=bits, keep_experts=keep_experts, target_memory=target_memory, **options)
     layers = find_moe_layers(model)
     if not layers:
@@ -89,6 +91,9 @@ def compress(model: nn.Module, method: str, calibration: torch.Tensor, *, bits: 
     if m.kind == "reduce" and bits is not None:
         raise CompressionError(f"{method} merges or drops experts and keeps float weights; drop bits and give "
                                f"keep_experts or target_memory")
+    if (opts.act_bits not in (0, 16) or opts.rotate) and method not in ("rtn", "eaquant"):
+        raise CompressionError(f"{method} does not quantise activations; act_bits / rotate (--act-bits, --rotate) "
+                               f"are for rtn and eaquant")
     report = CompressionReport(method, asdict(opts))
     for name, moe in layers:
         report.bytes_before += int(expert_float_bytes(moe))

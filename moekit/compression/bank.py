@@ -67,6 +67,11 @@ class BankSpec:
         num_codes: for ``tunstall`` / ``tunstall-fit``, the length of each matrix's code stream.
         levels / group_size: for ``nested``, the residual planes above the ``bits``-bit base, and the group size.
         rank / kept_rows: for ``lowrank-sparse``, the rank of ``L R`` and the kept rows of S per matrix.
+        act_bits: simulated per-token activation quantisation of each projection's input (:mod:`.actquant`):
+            0 (none, the default), 4 or 8 (EAQuant's A4/A8; MoTE's int8).
+        act_clip: the activation clipping ratio in ``(0, 1]``.
+        rotate: the stored weights are ``W H`` (block-Hadamard, folded in) and each projection's input is
+            rotated online before it is quantised (EAQuant with rotation).
     """
 
     num_experts: int
@@ -82,10 +87,18 @@ class BankSpec:
     group_size: int = 128
     rank: int = 0
     kept_rows: Mapping[str, int] | None = None
+    act_bits: int = 0
+    act_clip: float = 1.0
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"bank format {self.format!r} is unknown; choose one of {FORMATS}")
+        from .actquant import ACT_BITS
+        if self.act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits={self.act_bits} is not supported; choose one of {ACT_BITS} (0: float)")
+        if not 0 < self.act_clip <= 1:
+            raise ValueError(f"act_clip={self.act_clip} must be in (0, 1] (1: no clipping)")
         if not 1 <= self.num_stored <= self.num_experts:
             raise ValueError(f"num_stored={self.num_stored} must be between 1 and num_experts={self.num_experts}")
         if self.format == "lowrank-sparse":
@@ -293,16 +306,27 @@ class CompressedBank(nn.Module):
     def expert(self, x_TD: torch.Tensor, e: int) -> torch.Tensor:
         """Run slot ``e`` on every row of ``x_TD``, dequantising only that expert's weights (or, for an ``int``
         bank with ``matmul = "int8"`` when no gradient is needed, through :mod:`.int8mm`)."""
-        if self.matmul == "int8" and self.spec.format == "int" and not (torch.is_grad_enabled() and
-                                                                         x_TD.requires_grad):
+        s = self.spec
+        if self.matmul == "int8" and s.format == "int" and not s.act_bits and not s.rotate and not (
+                torch.is_grad_enabled() and x_TD.requires_grad):
             return self._expert_int8(x_TD, e)
         if self.spec.format == "lowrank-sparse":
             return self._expert_lowrank(x_TD, e)
         w = self.weights(e)
         dtype = x_TD.dtype
+        x_TD = self._act_in(x_TD)
         h_up = F.linear(x_TD, w["w_up"].to(dtype), _opt(w.get("b_up"), dtype))
         h_gate = F.linear(x_TD, w["w_gate"].to(dtype), _opt(w.get("b_gate"), dtype)) if self.gated else None
-        return F.linear(hidden(self.activation, h_gate, h_up), w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+        h_TF = self._act_in(hidden(self.activation, h_gate, h_up))
+        return F.linear(h_TF, w["w_down"].to(dtype), _opt(w.get("b_down"), dtype))
+
+    def _act_in(self, x_TC: torch.Tensor) -> torch.Tensor:
+        """A projection's input as the stored weights expect it: rotated (``rotate``), then fake-quantised."""
+        s = self.spec
+        if not s.rotate and not s.act_bits:
+            return x_TC
+        from .actquant import act_fake_quant, rotate
+        return act_fake_quant(rotate(x_TC) if s.rotate else x_TC, s.act_bits, s.act_clip)
 
     def _lowrank(self, m: str, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(L [R, rank], R [rank, C], S_kept [K, C], rows [K])`` of matrix ``m`` of stored expert ``g``."""
@@ -379,7 +403,7 @@ class CompressedBank(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"slots={s.num_experts}, stored={s.num_stored}, dim={s.dim}, hidden_dim={s.hidden_dim}, "
-                f"format={s.format}, bits={s.bits}")
+                f"format={s.format}, bits={s.bits}, act_bits={s.act_bits}, rotate={s.rotate}")
 
 
 def _opt(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -10,18 +10,18 @@ from ..layers import MoE
 from .bank import CompressedBank
 from .calibrate import LayerRecord
 from .merge import align_neurons, merge_weights, permute_expert, random_groups
-from .options import CompressOptions, _biases, _bits, _float_bank, _keep, _stacked
+from .options import CompressOptions, _biases, _bits, _float_bank, _keep, _rotated, _stacked, _with_activation
 from .quant import rtn
 from .surgery import install_bank, prune_router
 
 
 def _apply_rtn(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
     bits = int(_bits(opts, (2, 3, 4, 8), 8))
-    experts = _stacked(moe)
+    experts = [_rotated(e, opts) for e in _stacked(moe)]
     codes: dict[str, list] = {m: [rtn(e[m], bits) for e in experts] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
     slots = torch.arange(len(experts))
-    install_bank(moe, CompressedBank.from_quantized(codes, slots, activation=moe.config.activation,
-                                                    biases=_biases(experts)))
+    install_bank(moe, _with_activation(CompressedBank.from_quantized(codes, slots, activation=moe.config.activation,
+                                                                     biases=_biases(experts)), opts))
 
 
 def _apply_prune(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:

@@ -1,4 +1,4 @@
-"""EAQuant: expert-aware post-training quantisation (Fu et al. 2025, arXiv 2506.13329; spec §5), weight part.
+"""EAQuant: expert-aware post-training quantisation (Fu et al. 2025, arXiv 2506.13329; spec §5).
 
 Dim legend: T tokens, D model dim, F expert hidden dim, E experts, K slots per token, R rows, C columns.
 
@@ -16,10 +16,21 @@ over 101 values in ``[0.35, 1]`` to minimise the weight MSE (the released code's
 3. *Expert-level calibration balance*: each expert's statistics come from its own routed tokens, at most
    ``ratio · T·K/E`` of them (ratio 2.0); an expert that received none uses the whole layer input.
 
-Choices where this library differs from the released code (spec marks its pipeline as W4A4 on OLMoE):
-weights only (no activation quantisation, no DuQuant rotation/permutation, no ``down_proj`` outlier smoothing);
-smoothing is applied only where the layer's input norm is known (a moekit :class:`LanguageModel` block's
-``ffn_norm``), and skipped (reported) elsewhere; the router is stored dequantised in float32.
+4. *``down_proj`` outlier smoothing* (:func:`down_smoothing_scales`): per expert, the channel maxima ``a_f`` of
+   ``w_down``'s input over its routed tokens; outliers are channels above the interquartile fence
+   ``q80 + 1.5·(q80 − q20)`` *and* above the Otsu threshold of the ``a_f`` (our reading of "refined by Otsu");
+   they get ``s_f = (a_f / normal_max)^0.7``, every other channel 1. Folded exactly for gated activations
+   (``w_up`` rows and biases ``/= s``, ``w_down`` columns ``*= s``); skipped for non-gated ones, where the
+   hidden state is not linear in ``w_up``.
+
+Activation quantisation (A4/A8, ``act_bits``) and the rotation (``rotate``) are :mod:`.actquant`'s: simulated
+per-token symmetric quantisation with clipping 0.9 (the code's ``lac``) and a fixed block-Hadamard rotation
+folded into the weights (after smoothing, before the clip search) in place of DuQuant's learned block rotations
+and zig-zag permutation. Choices where this library differs from the released code (spec marks its pipeline as
+W4A4 on OLMoE): symmetric rather than asymmetric activation quantisation; the router's activations stay float
+(the code's router is W8A8); smoothing is applied only where the layer's input norm is known (a moekit
+:class:`LanguageModel` block's ``ffn_norm``), and skipped (reported) elsewhere; the router is stored dequantised
+in float32.
 """
 
 from __future__ import annotations
@@ -34,9 +45,12 @@ from .calibrate import LayerRecord
 __all__ = [
     "CLIP_RATIOS",
     "align_router",
+    "apply_down_smoothing",
     "apply_smoothing",
     "balanced_tokens",
     "clip_search_grid",
+    "down_smoothing_scales",
+    "otsu_threshold",
     "router_topk_kl",
     "smoothing_scales",
 ]
@@ -130,3 +144,44 @@ def align_router(moe: MoE, x_TD: torch.Tensor, bits: int = 8) -> float:
             best, best_ratio = kl, r
     moe.router.weight.copy_(_fake_quant(w, bits, best_ratio).to(moe.router.weight))
     return best_ratio
+
+
+def otsu_threshold(v_N: torch.Tensor) -> float:
+    """The threshold splitting ``v`` into two classes of maximal between-class variance (Otsu 1979)."""
+    v = v_N.float().sort().values
+    n = v.numel()
+    if n < 2:
+        return float(v.max()) if n else 0.0
+    k = torch.arange(1, n, dtype=torch.float32)  # class sizes below each split
+    csum = torch.cumsum(v, 0)[:-1]
+    mean_lo, mean_hi = csum / k, (v.sum() - csum) / (n - k)
+    between = k * (n - k) * (mean_lo - mean_hi).square()
+    i = int(between.argmax())
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def down_smoothing_scales(w: dict[str, torch.Tensor], x_TD: torch.Tensor, activation: str,
+                          power: float = 0.7) -> torch.Tensor:
+    """``s_F`` for one expert's ``w_down`` input: ``(a_f / normal_max)^power`` on the outlier channels, else 1."""
+    from ..experts.activations import hidden
+    h_up = x_TD @ w["w_up"].T + w.get("b_up", 0)
+    h_gate = x_TD @ w["w_gate"].T + w.get("b_gate", 0) if "w_gate" in w else None
+    a_F = hidden(activation, h_gate, h_up).abs().amax(dim=0) if x_TD.shape[0] else torch.zeros(h_up.shape[1])
+    q20, q80 = torch.quantile(a_F, 0.2), torch.quantile(a_F, 0.8)
+    limit = max(float(q80 + 1.5 * (q80 - q20)), otsu_threshold(a_F))
+    outlier_F = a_F > limit
+    s_F = torch.ones_like(a_F)
+    if outlier_F.any() and (~outlier_F).any():
+        normal_max = float(a_F[~outlier_F].max())
+        if normal_max > 0:
+            s_F[outlier_F] = (a_F[outlier_F] / normal_max).pow(power)
+    return s_F
+
+
+def apply_down_smoothing(w: dict[str, torch.Tensor], s_F: torch.Tensor) -> None:
+    """Fold ``s_F`` into one gated expert (in place): ``w_up`` rows and ``b_up`` ``/= s``, ``w_down`` columns
+    ``*= s``; the expert's function is unchanged."""
+    w["w_up"] = w["w_up"] / s_F[:, None]
+    if "b_up" in w:
+        w["b_up"] = w["b_up"] / s_F
+    w["w_down"] = w["w_down"] * s_F[None, :]

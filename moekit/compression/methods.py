@@ -21,6 +21,11 @@ from .quantisation import _apply_eaquant, _apply_gptq, _apply_mwq, _apply_qmoe, 
 __all__ = ["METHODS", "CompressOptions", "Method", "get_method"]
 
 
+def _apply_mote(moe, record, opts, plan) -> None:
+    raise CompressionError("mote trains a dense run rather than transforming MoE layers; run moekit compress RUN "
+                           "--method mote --out DIR (moekit.compression.mote.compress_mote_run)")
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "quantise", False, True, _apply_rtn,
            "baseline: round-to-nearest per output channel, int8 (--bits 8) or int4/3/2", default_bits=8),
@@ -46,11 +51,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "QMoE: per-expert-Hessian GPTQ to ternary (--bits 1.5, entropy-coded) or 2-bit (spec §4)",
            default_bits=1.5),
     Method("eaquant", "quantise", False, False, _apply_eaquant,
-           "EAQuant (weights): expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3 (spec §5)",
+           "EAQuant: expert-aware smoothing, router top-k KL alignment, clip-searched W4/W3, --act-bits/--rotate (spec §5)",
            plan=_plan_eaquant, default_bits=4),
     Method("d2moe-mwq", "quantise", True, False, _apply_mwq,
            "D²MoE MWQ: bit-nested experts, a --bits base plus binary residual planes (--levels), prefixes valid "
            "(spec §7)", default_bits=2),
+    Method("mote", "train", False, False, _apply_mote,
+           "MoTE: upcycle a dense run to a frozen shared FFN + top-1 ternary experts, QAT for --steps (spec §6)"),
     Method("gptq", "quantise", True, False, _apply_gptq,
            "GPTQ per expert on its routed tokens, int4 by default (--bits 2/3/4/8)", default_bits=4),
 )}

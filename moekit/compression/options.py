@@ -42,6 +42,11 @@ class CompressOptions:
         rank / final_threshold / lowrank_steps / lowrank_lr: MC-SMoE's second stage: the rank of ``L R`` (None:
             solved from ``target_memory``, else 32), the kept fraction of S's rows (README: 0.10), and the
             distillation steps and AdamW learning rate per merged expert.
+        act_bits / act_clip / rotate: ``rtn`` and ``eaquant`` only: simulated per-token activation quantisation
+            of every expert projection's input (0: none; 4 or 8: A4/A8) with clipping ratio ``act_clip``
+            (EAQuant's ``lac`` 0.9), and a block-Hadamard rotation folded into the expert weights and applied
+            online to their inputs (:mod:`.actquant`). Stored in the bank's header, so eval applies them.
+        down_smooth: ``eaquant`` only: per-expert outlier smoothing of ``w_down``'s input (spec §5 step 1).
     """
 
     bits: float | None = None
@@ -62,8 +67,19 @@ class CompressOptions:
     final_threshold: float = 0.10
     lowrank_steps: int = 40
     lowrank_lr: float = 1e-3
+    act_bits: int = 0
+    act_clip: float = 0.9
+    rotate: bool = False
+    down_smooth: bool = True
 
     def __post_init__(self) -> None:
+        from .actquant import ACT_BITS
+        if self.act_bits not in ACT_BITS:
+            raise CompressionError(f"act_bits={self.act_bits} is not supported; choose one of "
+                                   f"{', '.join(map(str, ACT_BITS))} (0 or 16: activations stay float)")
+        if not 0 < self.act_clip <= 1:
+            raise CompressionError(f"act_clip={self.act_clip} must be in (0, 1], a fraction of each token's "
+                                   f"absolute maximum (EAQuant uses 0.9)")
         if self.target_memory is not None and not 0 < self.target_memory <= 1:
             raise CompressionError(f"target_memory={self.target_memory} must be in (0, 1], a fraction of the float "
                                    f"expert bytes (e.g. 0.5)")
@@ -151,3 +167,19 @@ def _bits(opts: CompressOptions, allowed: tuple[float, ...], default: float) -> 
         raise CompressionError(f"bits={bits:g} is not supported by this method; choose one of "
                                f"{', '.join(f'{b:g}' for b in allowed)}")
     return bits
+
+
+def _with_activation(bank: CompressedBank, opts: CompressOptions) -> CompressedBank:
+    """Record the activation quantisation and rotation of ``opts`` in the bank's spec (and so in the header)."""
+    import dataclasses
+    act = 0 if opts.act_bits == 16 else opts.act_bits
+    bank.spec = dataclasses.replace(bank.spec, act_bits=act, act_clip=opts.act_clip, rotate=opts.rotate)
+    return bank
+
+
+def _rotated(w: dict[str, torch.Tensor], opts: CompressOptions) -> dict[str, torch.Tensor]:
+    """The expert's weight matrices with the rotation folded into their input columns (``W H``) when asked."""
+    if not opts.rotate:
+        return w
+    from .actquant import rotate
+    return {k: rotate(v) if k.startswith("w_") else v for k, v in w.items()}

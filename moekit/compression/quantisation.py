@@ -12,7 +12,7 @@ from ..layers import MoE
 from .bank import CompressedBank
 from .calibrate import CompressionError, LayerRecord
 from .gptq import gptq, hessian
-from .options import CompressOptions, _biases, _bits, _stacked
+from .options import CompressOptions, _biases, _bits, _rotated, _stacked, _with_activation
 from .quant import RowGrid, minmax_grid, ternary_grid
 from .surgery import install_bank
 
@@ -105,23 +105,33 @@ def _plan_eaquant(records, opts, layers: dict[str, MoE], model) -> dict:
 def _apply_eaquant(moe: MoE, record: LayerRecord, opts: CompressOptions, plan) -> None:
     from .eaquant import (
         align_router,
+        apply_down_smoothing,
         apply_smoothing,
+        balanced_tokens,
         clip_search_grid,
+        down_smoothing_scales,
         smoothing_scales,
     )
     bits = int(_bits(opts, (3, 4, 8), 4))
     norm = (plan or {}).get(record.name)
     x_TD = record.x_TD
+    s_D = torch.ones(x_TD.shape[1])
     if norm is not None:
         s_D, _ = smoothing_scales(_stacked(moe), record)
         apply_smoothing(moe, norm, s_D)
         x_TD = x_TD / s_D  # the layer's inputs after the smoothed norm
     align_router(moe, x_TD)
     experts = _stacked(moe)
+    if opts.down_smooth and "w_gate" in experts[0]:  # exact only where the hidden state is linear in w_up's rows
+        for e, w in enumerate(experts):
+            x_e = balanced_tokens(record, e) / s_D
+            apply_down_smoothing(w, down_smoothing_scales(w, x_e, moe.config.activation))
+    experts = [_rotated(w, opts) for w in experts]
     codes: dict[str, list] = {m: [] for m in ("w_gate", "w_up", "w_down") if m in experts[0]}
-    for e in experts:
+    for w in experts:
         for m, per_expert in codes.items():
-            grid = clip_search_grid(e[m], bits)
-            per_expert.append((grid.quantize(e[m]), grid))
-    install_bank(moe, CompressedBank.from_quantized(codes, torch.arange(len(experts)),
-                                                    activation=moe.config.activation, biases=_biases(experts)))
+            grid = clip_search_grid(w[m], bits)
+            per_expert.append((grid.quantize(w[m]), grid))
+    bank = CompressedBank.from_quantized(codes, torch.arange(len(experts)), activation=moe.config.activation,
+                                         biases=_biases(experts))
+    install_bank(moe, _with_activation(bank, opts))

@@ -52,6 +52,17 @@ def compress_run(run_dir: str | Path, method: str, out_dir: str | Path | None, *
     if method not in METHODS:
         from .methods import get_method
         get_method(method)  # raises with the list of names before anything is loaded
+    if method == "mote":  # trains from a dense run (spec §6) instead of transforming MoE layers
+        from .mote import compress_mote_run
+        mote_opts = {k: v for k, v in options.items() if k in ("steps", "num_experts", "lr") and v is not None}
+        other = {k: v for k, v in options.items() if k not in ("steps", "num_experts", "lr") and v is not None
+                 and k != "codec"}
+        if other or out_dir is None:
+            raise CompressionError(f"mote takes --steps and --out, not {', '.join(other) or 'an empty --out'}")
+        return compress_mote_run(run_dir, out_dir, **mote_opts)
+    if options.get("steps") is not None:
+        raise CompressionError(f"--steps is for --method mote (QAT steps); {method} takes no training steps")
+    options.pop("steps", None)
     cfg, model, state = load_run(run_dir, "cpu")
     if not find_moe_layers(model):
         raise CompressionError(f"{run_dir} has no MoE layers (ffn={cfg.model.ffn!r}, moe={cfg.model.moe is not None}); "

@@ -139,6 +139,11 @@ class OffloadedExpertBank(nn.Module):
 
     def __init__(self, bank: ExpertBank, layer: int, offload: Offload) -> None:
         super().__init__()
+        spec = getattr(bank, "spec", None)
+        if spec is not None and (spec.act_bits or spec.rotate):
+            raise ValueError(f"layer {layer}'s compressed experts quantise or rotate their activations "
+                             f"(act_bits={spec.act_bits}, rotate={spec.rotate}), which offloading does not "
+                             f"reproduce; serve this run without expert offloading")
         self.num_experts, self.dim, self.hidden_dim = bank.num_experts, bank.dim, bank.hidden_dim
         self.activation, self.gated = bank.activation, bank.gated
         self.use_bias = getattr(bank, "use_bias", False)  # a CompressedBank keeps it in its spec; expert() reads
