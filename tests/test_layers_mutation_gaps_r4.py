@@ -5,16 +5,37 @@ behaviour, not the mutated line."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moekit import RoutingContext
+from moekit.configs import ConfigError
 from moekit.layers import build_ffn
+from moekit.layers.attention import rope_tables
+from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
+from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
+from moekit.layers.attention.switchhead import selection_entropy_loss
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
+from moekit.layers.variants.coe import ChainOfExperts
+from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters
+from moekit.layers.variants.duo import ROUTES_KEY, DuoConfig, DuoFFN
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
-from moekit.layers.variants.mumoe import TRMultilinear
+from moekit.layers.variants.moma import MoMa, MoMaConfig
+from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig, _run_active
+from moekit.layers.variants.mumoe import CPMultilinear, MuMoEConfig, TRMultilinear, matched_rank
+from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
+from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
+from moekit.layers.variants.supernet import SupernetConfig
+from moekit.layers.variants.topp import TopPConfig, TopPMoE
+from moekit.layers.variants.uoe import UnionOfMLPExperts, UoMEConfig
+from moekit.routing import load_balancing_loss
+from moekit.types import MODALITY_KEY
 
+from .reference import assert_close
 from .variants_util import tiny_moe
 
 # ------------------------------------------------------------------ seed 5's last live mutants
@@ -97,3 +118,204 @@ def test_tr_mumoe_expert_core_slices_start_as_diagonals_drawn_around_one():
     off = g[~eye[:, None, :].expand_as(g)]
     assert diag.numel() == 800 and torch.equal(off, torch.zeros_like(off)), "each slice is diag(N(1, 1))"
     assert abs(diag.mean().item() - 1.0) < 0.15 and abs(diag.std().item() - 1.0) < 0.15
+
+
+# ------------------------------------------------------------------ seed 6's live survivors
+
+
+def test_smha_gate_and_cp_output_factor_start_at_their_documented_scales():
+    torch.manual_seed(10)
+    smha = SelectiveMultiHeadAttention(64, 4, 1, SMHAConfig())
+    assert abs(smha.w_gate.weight.std().item() * 64**0.5 - 1) < 0.2, "head gate N(0, 1/D)"
+    cp = CPMultilinear(4, 8, 64, 16)  # u_out [O=64, R=16] ~ U(+-1/sqrt(R))
+    bound = 16**-0.5
+    assert cp.u_out.abs().max() <= bound and cp.u_out.min() < -0.5 * bound and cp.u_out.max() > 0.5 * bound
+
+
+def test_switchhead_selection_entropy_loss_is_log_e_minus_the_mean_selection_entropy():
+    uniform = torch.zeros(5, 3)  # 5 tokens, 3 experts: a uniform mean selection has no loss
+    assert abs(float(selection_entropy_loss(uniform))) < 1e-6
+    logits = torch.tensor([[4.0, 0.0, 0.0], [3.0, 1.0, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    mean = logits.softmax(-1).mean(0)
+    expected = math.log(3) + (mean * mean.log()).sum()
+    assert abs(float(selection_entropy_loss(logits)) - float(expected)) < 1e-6
+
+
+def test_boundary_settings_are_accepted():
+    SupernetConfig(router_hidden=1)
+    build_ffn("supernet", tiny_moe(num_experts=1, top_k=1), {"router_hidden": 1}, layer_index=0, num_layers=2,
+              name="s")
+    for coef in (0.01, 0.0):  # 0 disables the BCE router loss
+        torch.manual_seed(12)
+        mor = MixtureOfRecursions(8, MoRConfig(aux_coef=coef)).train()
+        ctx = RoutingContext()
+        mor(torch.randn(1, 4, 8), lambda h, c: h, ctx)
+        assert ("mor_router_loss" in ctx.losses) == (coef > 0), sorted(ctx.losses)
+
+
+def test_error_texts_of_mor_and_the_readme_planner_name_the_fix():
+    with pytest.raises(ConfigError, match=r"^variant\.capacities and variant\.cap_warmup_steps are for "
+                                          r"routing='expert_choice' \(token choice sets each token's depth\); "
+                                          r"remove them or use expert choice$"):
+        MoRConfig(routing="token_choice", cap_warmup_steps=3)
+    with pytest.raises(ConfigError, match=r"^the Read-ME planner plans a dropless softmax top-k; set "
+                                          r"router\.capacity_factor=None \(got 1\.0\)$"):
+        ReadMEPlanner(tiny_moe(router={"capacity_factor": 1.0}), ReadMEConfig())
+
+
+def test_mor_recursion_with_no_active_token_does_not_run_the_block():
+    calls = []
+    h = torch.randn(2, 4, 8)
+    out = _run_active(h, torch.zeros(2, 4, dtype=torch.bool), torch.ones(2, 4), lambda x, c: calls.append(x) or x,
+                      None, None)
+    assert calls == [] and torch.equal(out, h), "no sequence has an active token: nothing runs"
+
+
+def test_moepp_adds_its_shared_expert_and_reports_shares_of_one_kept_slot():
+    torch.manual_seed(11)
+    layer = MoEPlusPlus(tiny_moe(num_shared_experts=1), MoEPPConfig(capacity_factor=None)).eval()
+    x = torch.randn(5, 8)
+    y = layer(x)
+    shared = layer.shared_experts(x)
+    layer.shared_experts = None
+    assert_close(y, layer(x) + shared, "routed experts + the always-on shared expert")
+    # one token, one slot, routed to the zero expert: every kept slot is a zero-computation one
+    one = MoEPlusPlus(tiny_moe(top_k=1), MoEPPConfig(capacity_factor=None, gating_residual=False), name="pp")
+    x1 = torch.randn(1, 8)
+    with torch.no_grad():
+        one.gate.weight.zero_()
+        one.gate.weight[one.zero_ids.start] = 10 * x1[0]
+    ctx = RoutingContext(collect_stats=True)
+    out = one(x1, ctx)
+    assert torch.equal(out, torch.zeros_like(out)), "the zero expert outputs nothing"
+    extra = ctx.stats["pp"].extra
+    assert float(extra["zc_share"]) == 1.0 and float(extra["zero_share"]) == 1.0
+
+
+def test_promoe_repr_shows_its_settings():
+    layer = ProMoE(tiny_moe(), ProMoEConfig(gate="softmax", rcl_coef=0.5, rcl_temperature=0.07))
+    assert "gate=softmax, unconditional_expert=True, rcl_coef=0.5, rcl_temperature=0.07" in repr(layer)
+
+
+# ------------------------------------------------------------------ seed 7's live survivors
+
+
+def test_zero_coefficients_add_no_loss_and_losses_are_keyed_by_the_layer():
+    torch.manual_seed(20)
+    x = torch.randn(1, 4, 8)
+    cos, sin = rope_tables(4, 2, 10000.0)
+    for coef in (0.0, 0.1):
+        ctx = RoutingContext()
+        SelectiveMultiHeadAttention(8, 2, 1, SMHAConfig(aux_loss_coef=coef), name="a")(x, cos, sin, ctx=ctx)
+        assert ("smha_aux_loss" in ctx.losses) == (coef > 0), sorted(ctx.losses)
+    ctx = RoutingContext()
+    TopPMoE(tiny_moe(router={"aux_loss_coef": 0.1}), TopPConfig(threshold=0.5), name="tp")(x, ctx)
+    assert "aux_loss" in ctx.layer_losses["tp"], "TopP's balance loss under the layer's name"
+
+
+BAD_R4 = [
+    ("ra-clusters", lambda: RoutingAttentionConfig(num_clusters=0),
+     r"^attention_options\.num_clusters=0 must be a positive integer or left out \(sqrt\(context\)\)$"),
+    ("ra-window", lambda: RoutingAttentionConfig(local_window=0),
+     r"^attention_options\.local_window=0 must be a positive integer$"),
+    ("duo-budget", lambda: DuoConfig(budget_target=1.5), r"^variant\.budget_target=1\.5 must be in \[0, 1\]$"),
+    ("supernet-granularity", lambda: SupernetConfig(granularity="x"),
+     r"^variant\.granularity='x' is not one of \['layer', 'neuron'\]"),
+    ("supernet-hidden", lambda: SupernetConfig(router_hidden=0),
+     r"^variant\.router_hidden=0 must be a positive integer$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4], ids=[b[0] for b in BAD_R4])
+def test_bad_configs_name_the_field_and_the_fix_r4(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_routing_attention_centroids_start_on_the_sphere_of_radius_sqrt_head_dim():
+    torch.manual_seed(21)
+    layer = RoutingAttention(16, 2, 1, 16, RoutingAttentionConfig(num_clusters=3))
+    norms = layer.centroids_HCd.norm(dim=-1)
+    assert_close(norms, torch.full_like(norms, layer.head_dim**0.5), "each centroid has norm sqrt(d)")
+
+
+def test_duo_forced_route_as_a_zero_dimensional_tensor_is_the_same_as_an_int():
+    torch.manual_seed(22)
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3), name="l").eval()
+    x = torch.randn(5, 8)
+    outs = []
+    for route in (1, torch.tensor(1)):
+        ctx = RoutingContext()
+        ctx.state[ROUTES_KEY] = {"l": route}
+        outs.append(layer(x, ctx))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_coe_experts_use_the_configured_activation_and_count_integers():
+    torch.manual_seed(23)
+    layer = ChainOfExperts(tiny_moe(activation="gelu"))
+    assert layer.experts.w_gate is None, "GELU experts are not gated"
+    x = torch.randn(3, 8)
+    expected = F.linear(F.gelu(F.linear(x, layer.experts.w_up[1])), layer.experts.w_down[1])
+    assert_close(layer.experts.expert(x, 1), expected, "a GELU expert")
+    assert isinstance(layer.active_params(), int)
+
+
+def test_moma_modality_without_tokens_does_not_stop_the_later_ones():
+    torch.manual_seed(24)
+    layer = MoMa(tiny_moe(num_experts=4, top_k=1), MoMaConfig(num_modalities=2, routing="topk")).eval()
+    x = torch.randn(1, 5, 8)
+    only_image = RoutingContext()
+    only_image.state[MODALITY_KEY] = torch.ones(1, 5, dtype=torch.long)
+    mixed = RoutingContext()
+    mixed.state[MODALITY_KEY] = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    y = layer(x, only_image)
+    y_mixed = layer(torch.cat([x, torch.randn(1, 1, 8)], 1), mixed)
+    assert y.abs().sum() > 0 and torch.equal(y, y_mixed[:, :5])
+
+
+def test_moepp_keeps_raw_probabilities_without_top_k_renormalisation():
+    torch.manual_seed(25)
+    layer = MoEPlusPlus(tiny_moe(router={"norm_topk_prob": False}), MoEPPConfig(capacity_factor=None,
+                                                                               gating_residual=False))
+    x = torch.randn(6, 8)
+    r = layer.route(x)
+    assert_close(r.weights_TK, r.scores_TE.gather(1, r.expert_ids_TK), "the chosen softmax probabilities")
+    assert (r.weights_TK.sum(-1) < 1 - 1e-3).all()
+
+
+def test_uoe_sequence_level_routing_treats_flat_tokens_as_one_sequence():
+    torch.manual_seed(26)
+    layer = UnionOfMLPExperts(tiny_moe(router={"aux_loss_coef": 0.0}), UoMEConfig(level="sequence"))
+    x = torch.randn(5, 8)
+    assert_close(layer(x), layer(x[None])[0], "[T, D] = one sequence of T tokens")
+
+
+def test_promoe_balance_loss_with_a_single_conditional_token():
+    torch.manual_seed(27)
+    layer = ProMoE(tiny_moe(router={"aux_loss_coef": 0.2}), ProMoEConfig())
+    x = torch.randn(4, 8)
+    flag = torch.tensor([True, False, True, True])
+    ctx = RoutingContext()
+    ctx.state[UNCONDITIONAL_KEY] = flag
+    layer(x, ctx)
+    probs = (F.normalize(x, dim=-1) @ F.normalize(layer.prototypes, dim=-1).t()).softmax(-1)
+    ids = probs.topk(2, -1).indices
+    assert_close(ctx.losses["aux_loss"], 0.2 * load_balancing_loss(probs[~flag], ids[~flag]),
+                 "the balance loss over the one conditional token")
+
+
+def test_drllm_blocks_receive_the_callers_context():
+    torch.manual_seed(28)
+    routers = LayerPathRouters(8, 2, DrLLMConfig()).train()
+    ctx = RoutingContext()
+    seen = []
+    blocks = [lambda h, c: seen.append(c) or h + 1.0 for _ in range(2)]
+    routers(torch.randn(2, 3, 8), blocks, ctx)
+    assert len(seen) >= 2 and all(c is ctx for c in seen)
+
+
+def test_mumoe_matched_rank_floor_is_one():
+    assert matched_rank(MuMoEConfig(), 1, 1, 4) == 1  # 1 * 1 // (4 + 1 + 1 + 1) = 0 -> at least rank 1
+    assert matched_rank(MuMoEConfig(), 2, 3, 1) == 1  # 6 // 7 = 0
+    assert matched_rank(MuMoEConfig(), 8, 12, 4) == 96 // 25
