@@ -18,21 +18,28 @@ from moekit.layers.attention import rope_tables
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import selection_entropy_loss
+from moekit.layers.step_hook import training_step_hook
+from moekit.layers.variants._common import flatten
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
 from moekit.layers.variants.coe import ChainOfExperts
 from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters
 from moekit.layers.variants.duo import ROUTES_KEY, DuoConfig, DuoFFN
+from moekit.layers.variants.ftp import KEEP_KEY, STATIC_KEY, FTPConfig
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.moma import MoMa, MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig, _run_active
 from moekit.layers.variants.mumoe import CPMultilinear, MuMoEConfig, TRMultilinear, matched_rank
+from moekit.layers.variants.pr_moe import ResidualMoEConfig
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
 from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
-from moekit.layers.variants.supernet import SupernetConfig
+from moekit.layers.variants.supernet import ARCH_KEY, SupernetConfig, SupernetFFN
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
 from moekit.layers.variants.uoe import UnionOfMLPExperts, UoMEConfig
+from moekit.models import LanguageModel
+from moekit.recipes import load_preset
 from moekit.routing import load_balancing_loss
+from moekit.training import with_overrides
 from moekit.types import MODALITY_KEY
 
 from .reference import assert_close
@@ -319,3 +326,116 @@ def test_mumoe_matched_rank_floor_is_one():
     assert matched_rank(MuMoEConfig(), 1, 1, 4) == 1  # 1 * 1 // (4 + 1 + 1 + 1) = 0 -> at least rank 1
     assert matched_rank(MuMoEConfig(), 2, 3, 1) == 1  # 6 // 7 = 0
     assert matched_rank(MuMoEConfig(), 8, 12, 4) == 96 // 25
+
+
+# ------------------------------------------------------------------ seed 8's live survivors
+
+
+BAD_R4_SEED8 = [
+    ("moma-routing", lambda: MoMaConfig(routing="x"), r"^variant\.routing='x' is not one of \['expert_choice', 'topk'\]"),
+    ("moma-groups", lambda: MoMa(tiny_moe(num_experts=5), MoMaConfig(num_modalities=2)),
+     r"^moe\.num_experts=5 is not divisible by variant\.num_modalities=2; use a multiple of 2 experts \(e\.g\. 4\) "
+     r"so every modality gets an equal group$"),
+    ("prmoe-residual", lambda: ResidualMoEConfig(residual="x"),
+     r"^variant\.residual='x' is not one of \['paper', 'deepspeed'\]"),
+    ("ftp-router", lambda: FTPConfig(router="x"), r"^model\.depth_routing\.router='x' must be 'learned' or 'static'$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4_SEED8], ids=[b[0] for b in BAD_R4_SEED8])
+def test_bad_configs_name_the_field_and_the_fix_seed8(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_smha_refuses_a_kv_cache_with_the_fix():
+    cos, sin = rope_tables(4, 2, 10000.0)
+    with pytest.raises(ValueError, match=r"^SMHA attention has no KV cache; generate without one "
+                                         r"\(moekit sample --no-cache\)$"):
+        SelectiveMultiHeadAttention(8, 2, 1)(torch.randn(1, 4, 8), cos, sin, cache=object())
+
+
+def test_routing_attention_and_rmoe_losses_are_keyed_by_the_layer():
+    torch.manual_seed(30)
+    layer = RoutingAttention(16, 2, 1, 8, RoutingAttentionConfig(num_clusters=2, commitment_coef=0.5),
+                             name="ra").train()
+    cos, sin = rope_tables(8, 8, 10000.0)
+    ctx = RoutingContext()
+    layer(torch.randn(1, 8, 16), cos, sin, ctx=ctx)
+    assert "routing_commitment_loss" in ctx.layer_losses["ra"]
+    rmoe = build_ffn("rmoe", tiny_moe(router={"aux_loss_coef": 0.1}), {"rnn_dim": 6}, layer_index=0, num_layers=1,
+                     name="r")
+    ctx = RoutingContext()
+    rmoe(torch.randn(5, 8), ctx)
+    assert "aux_loss" in ctx.layer_losses["r"]
+
+
+def test_ftp_guide_loss_with_one_routed_block_is_its_bce():
+    cfg = with_overrides(load_preset("ftp"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
+                                              "model.num_layers": "2", "model.dense_hidden_dim": "32"})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model.replace(depth_routing={**cfg.model.depth_routing, "sparsity": [0.0, 0.5]}))
+    torch.manual_seed(7)
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    out = training_step_hook(model.train())(lambda ctx: model(x, ctx), y, False)
+    keeps, statics = out.ctx.state[KEEP_KEY], out.ctx.state[STATIC_KEY]
+    assert_close(out.ctx.losses["ftp_guide_loss"], F.binary_cross_entropy(keeps[1], statics[1]),
+                 "one routed block: the mean over routed blocks is its BCE")
+    assert_close(out.ctx.losses["ftp_sparsity_loss"], (1 - keeps[1].mean() - 0.5) ** 2, "its sparsity term")
+
+
+def test_supernet_reports_the_mean_largest_mixture_weight_under_its_default_name():
+    torch.manual_seed(31)
+    layer = SupernetFFN(tiny_moe(num_experts=1, top_k=1), SupernetConfig(), num_layers=2, layer_index=1)
+    ctx = RoutingContext(collect_stats=True)
+    arch = (0.5, 1.0)
+    ctx.state[ARCH_KEY] = arch
+    layer(torch.randn(3, 8), ctx)
+    extra = ctx.stats["supernet"].extra
+    assert_close(torch.as_tensor(extra["alpha_max"]), layer.mixture(arch).max(0).values.mean(), "mean max alpha")
+    assert extra["width"] == float(layer.width(1.0))
+
+
+def test_mod_router_and_tr_output_core_start_at_their_scales():
+    torch.manual_seed(32)
+    mod = MixtureOfDepths(256)
+    assert abs(mod.router.weight.std().item() * 16 - 1) < 0.2, "MoD router N(0, 1/D)"
+    tr = TRMultilinear(2, 4, 64, 2, 2, 4)  # G_O [r3=4, O=64, r1=2] ~ U(+-1/sqrt(r3 r1))
+    bound = 8**-0.5
+    assert tr.g_out.abs().max() <= bound and tr.g_out.max() > 0.5 * bound and tr.g_out.min() < -0.5 * bound
+
+
+def test_mor_skips_sequences_without_active_tokens_and_reports_zero_for_unreached_steps():
+    calls = []
+    h = torch.randn(2, 4, 8)
+    active = torch.tensor([[True, False, True, False], [False] * 4])
+    _run_active(h, active, torch.ones(2, 4), lambda x, c: calls.append(x.shape) or x, None, None)
+    assert calls == [(1, 2, 8)], "only the sequence with active tokens runs"
+    torch.manual_seed(33)
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3), name="m").eval()
+    with torch.no_grad():
+        for router in mor.routers:
+            router.weight.fill_(-1.0)  # every threshold decision says no after the first (full) step
+    ctx = RoutingContext(collect_stats=True)
+    mor(torch.ones(1, 4, 8), lambda x, c: torch.zeros_like(x), ctx)
+    extra = ctx.stats["m"].extra
+    assert float(extra["fraction_processed"]) == pytest.approx(1 / 3), "steps 1 and 2 process no token"
+    assert float(extra["mean_depth"]) == pytest.approx(1.0)
+
+
+def test_topp_sequence_level_balance_loss_averages_over_sequences_and_flat_input_is_one_sequence():
+    torch.manual_seed(34)
+    layer = TopPMoE(tiny_moe(router={"aux_loss_coef": 0.1, "aux_loss_level": "sequence"}), TopPConfig(threshold=0.6))
+    x = torch.randn(2, 4, 8)
+    x[1] = x[1] * 3 + 1  # the two sequences route differently
+    ctx = RoutingContext()
+    layer(x, ctx)
+    r = layer.route(x.reshape(-1, 8))
+    per_sequence = [load_balancing_loss(r.scores_TE[s:s + 4], r.expert_ids_TK[s:s + 4]) for s in (0, 4)]
+    assert_close(ctx.losses["aux_loss"], 0.1 * (per_sequence[0] + per_sequence[1]) / 2, "mean over sequences")
+    whole = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
+    assert abs(float(whole - (per_sequence[0] + per_sequence[1]) / 2)) > 1e-4, "the test needs distinct sequences"
+    assert flatten(torch.randn(5, 8), 8)[1] == 1 and flatten(torch.randn(3, 5, 8), 8)[1] == 3
+    ctx = RoutingContext()
+    layer(x[0], ctx)
+    assert_close(ctx.losses["aux_loss"], 0.1 * per_sequence[0], "[T, D] input is one sequence")
