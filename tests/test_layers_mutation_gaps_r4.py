@@ -17,7 +17,7 @@ from moekit.layers import build_ffn
 from moekit.layers.attention import rope_tables
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
-from moekit.layers.attention.switchhead import selection_entropy_loss
+from moekit.layers.attention.switchhead import SwitchHeadConfig, selection_entropy_loss
 from moekit.layers.step_hook import training_step_hook
 from moekit.layers.variants._common import flatten
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
@@ -339,6 +339,10 @@ BAD_R4_SEED8 = [
     ("prmoe-residual", lambda: ResidualMoEConfig(residual="x"),
      r"^variant\.residual='x' is not one of \['paper', 'deepspeed'\]"),
     ("ftp-router", lambda: FTPConfig(router="x"), r"^model\.depth_routing\.router='x' must be 'learned' or 'static'$"),
+    ("switchhead-heads", lambda: SwitchHeadConfig(num_heads=0),
+     r"^attention_options\.num_heads=0 must be a positive integer or left out \(the model's\)$"),
+    ("switchhead-head-dim", lambda: SwitchHeadConfig(head_dim=0),
+     r"^attention_options\.head_dim=0 must be a positive integer or left out \(the model's\)$"),
 ]
 
 
