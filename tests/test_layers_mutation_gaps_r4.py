@@ -367,11 +367,12 @@ def test_routing_attention_and_rmoe_losses_are_keyed_by_the_layer():
     ctx = RoutingContext()
     layer(torch.randn(1, 8, 16), cos, sin, ctx=ctx)
     assert "routing_commitment_loss" in ctx.layer_losses["ra"]
-    rmoe = build_ffn("rmoe", tiny_moe(router={"aux_loss_coef": 0.1}), {"rnn_dim": 6}, layer_index=0, num_layers=1,
-                     name="r")
-    ctx = RoutingContext()
-    rmoe(torch.randn(5, 8), ctx)
-    assert "aux_loss" in ctx.layer_losses["r"]
+    for scope in ("concat", "layer"):
+        rmoe = build_ffn("rmoe", tiny_moe(router={"aux_loss_coef": 0.1}), {"rnn_dim": 6, "aux_scope": scope},
+                         layer_index=0, num_layers=1, name="r")
+        ctx = RoutingContext()
+        rmoe(torch.randn(5, 8), ctx)
+        assert "aux_loss" in ctx.layer_losses["r"], scope
 
 
 def test_ftp_guide_loss_with_one_routed_block_is_its_bce():
