@@ -15,6 +15,7 @@ from moekit import RoutingContext
 from moekit.configs import ConfigError
 from moekit.layers import build_ffn
 from moekit.layers.attention import rope_tables
+from moekit.layers.attention.mom import MixtureOfMemories, MoMConfig
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import SwitchHeadConfig, selection_entropy_loss
@@ -26,14 +27,18 @@ from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters
 from moekit.layers.variants.duo import ROUTES_KEY, DuoConfig, DuoFFN
 from moekit.layers.variants.ftp import KEEP_KEY, STATIC_KEY, FTPConfig
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
+from moekit.layers.variants.moepp import STATE_KEY as MOEPP_STATE_KEY
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.moma import MoMa, MoMaConfig
 from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig, _run_active
 from moekit.layers.variants.mumoe import CPMultilinear, MuMoEConfig, TRMultilinear, matched_rank
-from moekit.layers.variants.pr_moe import ResidualMoEConfig
+from moekit.layers.variants.pr_moe import ResidualMoE, ResidualMoEConfig
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
 from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
+from moekit.layers.variants.readme import _rope as _readme_rope
+from moekit.layers.variants.smoe_dropout import k_schedule
 from moekit.layers.variants.supernet import ARCH_KEY, SupernetConfig, SupernetFFN
+from moekit.layers.variants.thor import THOR, THORConfig
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
 from moekit.layers.variants.uoe import UnionOfMLPExperts, UoMEConfig
 from moekit.models import LanguageModel
@@ -210,7 +215,7 @@ def test_promoe_repr_shows_its_settings():
 def test_zero_coefficients_add_no_loss_and_losses_are_keyed_by_the_layer():
     torch.manual_seed(20)
     x = torch.randn(1, 4, 8)
-    cos, sin = rope_tables(4, 2, 10000.0)
+    cos, sin = rope_tables(4, 4, 10000.0)
     for coef in (0.0, 0.1):
         ctx = RoutingContext()
         SelectiveMultiHeadAttention(8, 2, 1, SMHAConfig(aux_loss_coef=coef), name="a")(x, cos, sin, ctx=ctx)
@@ -444,3 +449,117 @@ def test_topp_sequence_level_balance_loss_averages_over_sequences_and_flat_input
     ctx = RoutingContext()
     layer(x[0], ctx)
     assert_close(ctx.losses["aux_loss"], 0.1 * per_sequence[0], "[T, D] input is one sequence")
+
+
+# ------------------------------------------------------------------ seed 9's live survivors (a sample drawn after
+# the tests above)
+
+
+def test_mom_and_routing_attention_weights_start_at_their_documented_scales():
+    torch.manual_seed(40)
+    dim = 64
+    mom = MixtureOfMemories(dim, 4, 2, MoMConfig())
+    for name, w in (("w_k", mom.w_k_NDD), ("router", mom.w_router.weight), ("q", mom.w_q.weight),
+                    ("z", mom.w_z.weight)):
+        assert abs(w.std().item() * dim**0.5 - 1) < 0.2, f"MoM {name}: N(0, 1/D)"
+    ra = RoutingAttention(dim, 2, 1, 16, RoutingAttentionConfig(num_clusters=2))
+    expected = dim**-0.5 / 2**0.5  # GPT-2's residual scaling 1 / sqrt(2 L) with L = 1
+    assert abs(ra.w_out.weight.std().item() / expected - 1) < 0.1
+
+
+def test_routing_attention_boundary_settings_are_accepted():
+    cfg = RoutingAttentionConfig(local_window=1, ema_decay=0.0)  # a window of itself only; no moving average
+    torch.manual_seed(41)
+    layer = RoutingAttention(16, 2, 1, 8, cfg)
+    cos, sin = rope_tables(8, 8, 10000.0)
+    assert torch.isfinite(layer(torch.randn(1, 8, 16), cos, sin)).all()
+
+
+def test_readme_planner_rotary_uses_the_frequencies_10000_to_the_minus_2i_over_d():
+    torch.manual_seed(42)
+    q = torch.randn(1, 1, 5, 6)  # d = 6: pairs (i, i + 3) rotated by s * 10000^(-2i/6), i = 0, 1, 2
+    out = _readme_rope(q)
+    for s in range(5):
+        for i in range(3):
+            a = s * 10000.0 ** (-2 * i / 6)
+            x0, x1 = q[0, 0, s, i], q[0, 0, s, i + 3]
+            assert_close(out[0, 0, s, i], x0 * math.cos(a) - x1 * math.sin(a), f"position {s} pair {i}")
+            assert_close(out[0, 0, s, i + 3], x1 * math.cos(a) + x0 * math.sin(a), f"position {s} pair {i}")
+
+
+def test_thor_evaluation_routes_are_drawn_from_the_given_generator():
+    x = torch.randn(8, 3, 8)
+    for level, shape in ((1, (8, 1)), (0, (24,))):
+        layer = THOR(tiny_moe(top_k=1), THORConfig(eval_level=level)).eval()
+        torch.manual_seed(43)  # the global generator must not matter
+        ids = layer.route(x, torch.Generator().manual_seed(5)).expert_ids_TK[:, 0]
+        expected = torch.randint(4, shape, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(ids, expected.expand(8, 3).reshape(-1) if level == 1 else expected), level
+
+
+def test_moma_groups_record_their_losses_in_the_callers_context():
+    torch.manual_seed(44)
+    layer = MoMa(tiny_moe(num_experts=4, top_k=1, router={"aux_loss_coef": 0.1}),
+                 MoMaConfig(num_modalities=2, routing="topk"), name="mm")
+    ctx = RoutingContext()
+    ctx.state[MODALITY_KEY] = torch.tensor([[0, 1, 0, 1, 1]])
+    layer(torch.randn(1, 5, 8), ctx)
+    assert "aux_loss" in ctx.layer_losses["mm.m0"] and "aux_loss" in ctx.layer_losses["mm.m1"]
+
+
+def test_residual_moe_builder_applies_its_options():
+    moe = tiny_moe()
+    x = torch.randn(5, 8)
+    torch.manual_seed(45)
+    built = build_ffn("residual-moe", moe, {"residual": "deepspeed"}, layer_index=0, num_layers=1, name="r")
+    torch.manual_seed(45)
+    direct = ResidualMoE(moe, ResidualMoEConfig(residual="deepspeed"), name="r")
+    assert_close(built(x), direct(x), "the builder passes residual='deepspeed' on")
+    torch.manual_seed(45)
+    paper = ResidualMoE(moe, ResidualMoEConfig(), name="r")
+    assert not torch.allclose(paper(x), direct(x)), "the two residual forms differ"
+
+
+def test_moepp_gating_residual_has_no_bias_and_losses_are_keyed_by_the_layer():
+    torch.manual_seed(46)
+    layer = MoEPlusPlus(tiny_moe(router={"z_loss_coef": 0.1}), MoEPPConfig(), name="pp")
+    x = torch.randn(5, 8)
+    ctx = RoutingContext()
+    ctx.state[MOEPP_STATE_KEY] = torch.zeros(5, layer.pool)
+    assert_close(layer.logits(x, ctx), layer.logits(x, None), "W_g applied to zero logits adds nothing")
+    ctx = RoutingContext()
+    layer(x, ctx)
+    assert "z_loss" in ctx.layer_losses["pp"]
+    topp = TopPMoE(tiny_moe(router={"aux_loss_coef": 0.0}), TopPConfig(threshold=0.5, entropy_coef=0.1), name="tp")
+    ctx = RoutingContext()
+    topp(x, ctx)
+    assert "topp_entropy_loss" in ctx.layer_losses["tp"]
+
+
+def test_promoe_rcl_coefficient_zero_adds_no_loss():
+    torch.manual_seed(47)
+    for coef in (0.0, 0.5):
+        ctx = RoutingContext()
+        ProMoE(tiny_moe(), ProMoEConfig(rcl_coef=coef))(torch.randn(5, 8), ctx)
+        assert ("promoe_rcl_loss" in ctx.losses) == (coef > 0), sorted(ctx.losses)
+
+
+def test_smoe_dropout_cosine_schedule_grows_slower_at_first_and_faster_late():
+    # frac 0.2: linear round(3 * 0.2) = 1 -> k = 2; cosine (1 - cos(0.2 pi)) / 2 = 0.095 -> round(0.29) = 0 -> k = 1
+    assert k_schedule(2, 1, 4, 10, "linear") == 2 and k_schedule(2, 1, 4, 10, "cosine") == 1
+    # frac 0.8: linear round(2.4) = 2 -> k = 3; cosine (1 - cos(0.8 pi)) / 2 = 0.905 -> round(2.71) = 3 -> k = 4
+    assert k_schedule(8, 1, 4, 10, "linear") == 3 and k_schedule(8, 1, 4, 10, "cosine") == 4
+    assert k_schedule(0, 1, 4, 10, "cosine") == 1 and k_schedule(10, 1, 4, 10, "cosine") == 4
+
+
+def test_topp_batch_level_balance_loss_pools_the_sequences():
+    torch.manual_seed(48)
+    layer = TopPMoE(tiny_moe(router={"aux_loss_coef": 0.1, "aux_loss_level": "batch"}), TopPConfig(threshold=0.6))
+    x = torch.randn(2, 4, 8)
+    x[1] = x[1] * 3 + 1
+    ctx = RoutingContext()
+    layer(x, ctx)
+    r = layer.route(x.reshape(-1, 8))
+    pooled = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
+    assert_close(ctx.losses["aux_loss"], 0.1 * pooled, "one loss over both sequences' tokens")
+    assert abs(float(pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2))) > 1e-4
