@@ -661,10 +661,10 @@ def test_moepp_zero_computation_share_counts_the_first_constant_expert():
 def test_drllm_statistics_count_skipped_layers_and_searches_refuse_beyond_max_paths():
     routers = LayerPathRouters(8, 3, DrLLMConfig(), name="d")
     ctx = RoutingContext(collect_stats=True)
-    ctx.state[DRLLM_PATH_KEY] = torch.tensor([[0, 1, 2], [0, 0, 1]])
+    ctx.state[DRLLM_PATH_KEY] = torch.tensor([[0, 1, 2], [0, 0, 0]])  # skips 1 and 3 layers, executes 3 and 0
     routers(torch.randn(2, 3, 8), [lambda h, c: h + 1.0] * 3, ctx)
     extra = ctx.stats["d"].extra
-    assert float(extra["layers_skipped"]) == pytest.approx(1.5) and float(extra["layers_executed"]) == 2.0
+    assert float(extra["layers_skipped"]) == pytest.approx(2.0) and float(extra["layers_executed"]) == 1.5
     cfg = with_overrides(load_preset("drllm"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
                                                 "model.num_layers": "2", "model.dense_hidden_dim": "32",
                                                 "model.depth_routing.max_paths": "8"})
@@ -687,3 +687,14 @@ def test_mumoe_with_one_expert_reports_zero_token_entropy():
 def test_hierarchical_mumoe_second_gate_norm_has_no_affine_parameters():
     layer = MultilinearMoE(tiny_moe(router={"aux_loss_coef": 0.0}), MuMoEConfig(hierarchy_experts=3))
     assert not any(n.startswith(("gate_norm.", "gate_norm2.")) for n, _ in layer.named_parameters())
+
+
+def test_moepp_second_layer_trains_every_parameter_it_has():
+    torch.manual_seed(57)
+    layers = [MoEPlusPlus(tiny_moe(), MoEPPConfig(capacity_factor=None), name=f"pp{i}") for i in range(2)]
+    ctx = RoutingContext()
+    x = torch.randn(6, 8)
+    y = layers[1](layers[0](x, ctx), ctx)  # the second layer adds W_g z of the first layer's logits
+    (y.square().sum() + ctx.total_loss()).backward()
+    dead = [n for n, p in layers[1].named_parameters() if p.grad is None and not n.startswith("experts.")]
+    assert dead == [], f"parameters that nothing trains: {dead}"
