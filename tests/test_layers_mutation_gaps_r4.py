@@ -18,26 +18,33 @@ from moekit.layers.attention import rope_tables
 from moekit.layers.attention.mom import MixtureOfMemories, MoMConfig
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
-from moekit.layers.attention.switchhead import SwitchHeadConfig, selection_entropy_loss
+from moekit.layers.attention.switchhead import (
+    SwitchHead,
+    SwitchHeadConfig,
+    selection_entropy_loss,
+    sparse_sigmoid_gates,
+)
 from moekit.layers.step_hook import next_token_ce, training_step_hook
 from moekit.layers.variants._common import flatten
 from moekit.layers.variants.blockffn import BlockFFN, BlockFFNConfig
 from moekit.layers.variants.coe import ChainOfExperts
 from moekit.layers.variants.drllm import PATH_KEY as DRLLM_PATH_KEY
-from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters
+from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters, search_paths
 from moekit.layers.variants.duo import ROUTES_KEY, DuoConfig, DuoFFN
 from moekit.layers.variants.ftp import KEEP_KEY, STATIC_KEY, FTPConfig
+from moekit.layers.variants.gmoe import GMoEConfig
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import STATE_KEY as MOEPP_STATE_KEY
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
+from moekit.layers.variants.mofme import MoFME
 from moekit.layers.variants.moma import MoMa, MoMaConfig
-from moekit.layers.variants.mor import MixtureOfRecursions, MoRConfig, _run_active
+from moekit.layers.variants.mor import KV_SHARE_KEY, MixtureOfRecursions, MoRConfig, _run_active
 from moekit.layers.variants.mumoe import CPMultilinear, MultilinearMoE, MuMoEConfig, TRMultilinear, matched_rank
 from moekit.layers.variants.pr_moe import ResidualMoE, ResidualMoEConfig
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
-from moekit.layers.variants.readme import ReadMEConfig, ReadMEPlanner
+from moekit.layers.variants.readme import ReadMEConfig, ReadMEMoE, ReadMEPlanner
 from moekit.layers.variants.readme import _rope as _readme_rope
-from moekit.layers.variants.smoe_dropout import k_schedule
+from moekit.layers.variants.smoe_dropout import SMoEDropout, SMoEDropoutConfig, k_schedule
 from moekit.layers.variants.supernet import ARCH_KEY, SupernetConfig, SupernetFFN
 from moekit.layers.variants.thor import THOR, THORConfig, consistency_loss
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
@@ -698,3 +705,248 @@ def test_moepp_second_layer_trains_every_parameter_it_has():
     (y.square().sum() + ctx.total_loss()).backward()
     dead = [n for n, p in layers[1].named_parameters() if p.grad is None and not n.startswith("experts.")]
     assert dead == [], f"parameters that nothing trains: {dead}"
+
+
+# ------------------------------------------------------------------ seed 11's live survivors (a sample drawn after
+# every test above up to seed 10)
+
+
+def test_attention_and_selector_linears_are_bias_free():
+    D, H = 8, 2
+    smha = SelectiveMultiHeadAttention(D, H, 1)
+    assert sum(p.numel() for p in smha.parameters()) == H * D + 3 * D * D + D * D, "gate, qkv and output: no bias"
+    sh = SwitchHead(D, H, 1, SwitchHeadConfig())
+    E, Dh = sh.num_experts, sh.head_dim
+    expected = 2 * H * E * D * Dh + 2 * D * H * Dh + 2 * D * H * E  # values, outputs, q, k, two selectors
+    assert sum(p.numel() for p in sh.parameters()) == expected
+    uoe = UnionOfMLPExperts(tiny_moe())
+    assert sum(p.numel() for p in uoe.parameters()) == 4 * 8 + 4 * 3 * 8 * 12, "selector D x E, SwiGLU experts"
+
+
+def test_rope_tables_are_computed_in_float64_before_the_cast():
+    cos, sin = rope_tables(4096, 8, 10000.0)
+    s = 4095
+    for i in range(4):
+        angle = s * 10000.0 ** (-2 * i / 8)
+        assert abs(float(cos[s, i]) - math.cos(angle)) < 1e-6 and abs(float(sin[s, i]) - math.sin(angle)) < 1e-6, i
+
+
+def test_readme_experts_use_the_configured_activation():
+    torch.manual_seed(60)
+    layer = ReadMEMoE(tiny_moe(activation="gelu"), ReadMEConfig())
+    assert layer.experts.w_gate is None, "GELU experts are not gated"
+
+
+def test_supernet_down_projection_starts_at_one_over_sqrt_f():
+    torch.manual_seed(61)
+    sup = SupernetFFN(tiny_moe(dim=16, hidden_dim=64, num_experts=1, top_k=1), SupernetConfig())
+    assert abs(sup.w_down_MDF.std().item() * 64**0.5 - 1) < 0.1
+
+
+def test_moma_expert_choice_load_counts_only_chosen_tokens():
+    torch.manual_seed(62)
+    layer = MoMa(tiny_moe(num_experts=4, top_k=1), MoMaConfig(num_modalities=2), name="mm").train()
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state[MODALITY_KEY] = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1]])
+    layer(torch.randn(1, 8, 8), ctx)
+    # modality 0: 5 tokens, 2 experts, capacity ceil(1 * 1 * 5 / 2) = 3 each; modality 1: 3 tokens -> 2 each
+    assert ctx.stats["mm.m0"].counts_E.tolist() == [3, 3] and ctx.stats["mm.m1"].counts_E.tolist() == [2, 2]
+
+
+def test_mor_expert_choice_divides_router_logits_by_the_temperature():
+    x = torch.randn(2, 6, 8)
+    outs = []
+    for temperature, scale in ((2.0, 1.0), (1.0, 0.5)):
+        torch.manual_seed(63)
+        mor = MixtureOfRecursions(8, MoRConfig(num_recursions=2, temperature=temperature, aux_coef=0.0)).train()
+        with torch.no_grad():
+            for router in mor.routers:
+                router.weight.mul_(scale)
+        outs.append(mor(x, lambda h, c: torch.tanh(h), RoutingContext()))
+    assert_close(outs[0], outs[1], "logits / 2 with W equals logits with W / 2")
+
+
+def test_router_requirements_list_every_wrong_field():
+    with pytest.raises(ConfigError, match=r"; set router\.capacity_factor=None \(got 1\.0\), "
+                                          r"router\.eval_capacity_factor=None \(got 2\.0\)$"):
+        ReadMEPlanner(tiny_moe(router={"capacity_factor": 1.0, "eval_capacity_factor": 2.0}), ReadMEConfig())
+
+
+# ------------------------------------------------------------------ seeds 12 and 13's live survivors (drawn with
+# seed 11 on the same suite)
+
+
+BAD_R4_SEED13 = [
+    ("gmoe-temperature", lambda: GMoEConfig(temperature=0.0),
+     r"^variant\.temperature=0\.0 must be positive, or None for sqrt\(dim\)$"),
+    ("mor-capacities", lambda: MoRConfig(num_recursions=2, capacities=(1.0, 0.0)),
+     r"^variant\.capacities=\(1\.0, 0\.0\) must be in \(0, 1\]$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4_SEED13], ids=[b[0] for b in BAD_R4_SEED13])
+def test_bad_configs_name_the_field_and_the_fix_seed13(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_boundary_settings_are_accepted_seed12():
+    MoEPPConfig(tau=1.0)  # ZC experts weighted like FFN experts
+    torch.manual_seed(70)
+    smha = SelectiveMultiHeadAttention(12, 3, 1)  # an odd head count: half of it, rounded down, at least 1
+    assert smha.top_k == 1
+    cos, sin = rope_tables(4, 4, 10000.0)
+    assert torch.isfinite(smha(torch.randn(1, 4, 12), cos, sin)).all()
+
+
+def test_sparse_sigmoid_gates_drop_nothing_by_default_even_in_training():
+    torch.manual_seed(71)
+    logits = torch.randn(2, 3, 2, 4)
+    train = sparse_sigmoid_gates(logits, 2, training=True)
+    plain = sparse_sigmoid_gates(logits, 2)
+    assert torch.equal(train[0], plain[0]) and torch.equal(train[1], plain[1])
+
+
+def test_switchhead_expert_dropout_masks_both_selections_in_training_only():
+    torch.manual_seed(72)
+    layer = SwitchHead(16, 2, 1, SwitchHeadConfig(expert_dropout=0.9, top_k=2))
+    x = torch.randn(2, 8, 16)
+    layer.train()
+    *_, (gates_v, ids_v), (gates_o, ids_o) = layer.select(x)
+    for name, gates, ids in (("value", gates_v, ids_v), ("output", gates_o, ids_o)):
+        chosen = gates.gather(-1, ids)
+        assert (chosen == 0).float().mean() > 0.3, f"{name} side: masked experts get gate 0 in training"
+    layer.eval()
+    *_, (gates_v, ids_v), (gates_o, ids_o) = layer.select(x)
+    assert (gates_v.gather(-1, ids_v) > 0).all() and (gates_o.gather(-1, ids_o) > 0).all()
+
+
+def test_zero_coefficients_add_no_loss_seed12_13():
+    torch.manual_seed(73)
+    x = torch.randn(1, 4, 8)
+    rmoe = build_ffn("rmoe", tiny_moe(router={"aux_loss_coef": 0.0, "z_loss_coef": 0.0}), {"rnn_dim": 6},
+                     layer_index=0, num_layers=1, name="r")
+    ctx = RoutingContext()
+    rmoe(x, ctx)
+    assert "z_loss" not in ctx.losses
+    bf = BlockFFN(tiny_moe(num_experts=6, activation="gelu"), BlockFFNConfig(locality_coef=0.0, chunk_coef=0.1))
+    ctx = RoutingContext()
+    bf(x, ctx)
+    assert "blockffn_locality_loss" not in ctx.losses and "blockffn_chunk_loss" in ctx.losses
+
+
+def test_residual_moe_dense_branch_uses_the_configured_activation_and_moma_counts_integers():
+    layer = ResidualMoE(tiny_moe(activation="gelu"), ResidualMoEConfig())
+    assert layer.dense.w_gate is None, "a GELU MLP is not gated"
+    ec = MoMa(tiny_moe(), MoMaConfig(routing="expert_choice"))
+    assert isinstance(ec.active_params(), int)
+
+
+def test_blockffn_flat_tokens_are_one_sequence_and_sum_normalisation_is_applied():
+    torch.manual_seed(74)
+    layer = BlockFFN(tiny_moe(num_experts=6, activation="gelu"), BlockFFNConfig(locality_coef=0.3, chunk_len=2))
+    x = torch.randn(6, 8)
+    flat, seq = RoutingContext(), RoutingContext()
+    layer(x, flat)
+    layer(x[None], seq)
+    for name in ("blockffn_locality_loss", "blockffn_chunk_loss"):
+        assert_close(flat.losses[name], seq.losses[name], f"{name}: [T, D] is one sequence of T tokens")
+    summed = BlockFFN(tiny_moe(num_experts=6, activation="gelu"), BlockFFNConfig(norm="sum"))
+    r = summed.route(torch.randn(5, 8))
+    active = r.scores_TE > 0
+    expected = r.scores_TE / r.scores_TE.sum(-1, keepdim=True)
+    assert_close(r.weights_TK[active.any(-1)], expected[active.any(-1)], "a = r / sum r")
+
+
+def test_mumoe_default_name_and_batchnorm_gates_without_affine_parameters():
+    layer = MultilinearMoE(tiny_moe(router={"aux_loss_coef": 0.0}), MuMoEConfig(gate_norm="batchnorm",
+                                                                               hierarchy_experts=3))
+    assert not any(n.startswith(("gate_norm.", "gate_norm2.")) for n, _ in layer.named_parameters())
+    ctx = RoutingContext(collect_stats=True)
+    MultilinearMoE(tiny_moe(router={"aux_loss_coef": 0.0}))(torch.randn(3, 8), ctx)
+    assert "mumoe" in ctx.stats
+
+
+def test_readme_planner_head_init_and_layer_switch_rates():
+    torch.manual_seed(75)
+    planner = ReadMEPlanner(tiny_moe(router={"aux_loss_coef": 0.0}), ReadMEConfig(planner_dim=64, planner_heads=2,
+                                                                                 per_layer=True), num_layers=2)
+    assert abs(planner.head.weight.std().item() * 64**0.5 - 1) < 0.15, "head N(0, 1/P)"
+    ctx = RoutingContext(collect_stats=True)
+    plan = planner(torch.randn(1, 6, 8), ctx)
+    layer = ReadMEMoE(tiny_moe(router={"aux_loss_coef": 0.0}), ReadMEConfig(per_layer=True), layer_index=1, name="l1")
+    layer(torch.randn(1, 6, 8), ctx)
+    ids = plan.expert_ids_LTK[:, :, 0]
+    assert_close(torch.as_tensor(ctx.stats["l1"].extra["switch_rate"]), (ids[1] != ids[0]).float().mean(),
+                 "layer 1 against layer 0's plan")
+
+
+def test_mofme_batch_balance_loss_pools_every_token_under_the_layer_name():
+    torch.manual_seed(76)
+    layer = MoFME(tiny_moe(router={"aux_loss_coef": 0.2}), name="fm").eval()
+    x = torch.randn(2, 3, 8)
+    x[1] = 2 * x[1] + 1
+    ctx = RoutingContext()
+    layer(x, ctx)
+    r, _ = layer.route(x.reshape(-1, 8))
+    pooled = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
+    assert_close(ctx.layer_losses["fm"]["aux_loss"], 0.2 * pooled, "batch level: one loss over all tokens")
+    assert abs(float(pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2))) > 1e-5
+
+
+def test_thor_step_returns_the_first_pass_logits():
+    torch.manual_seed(77)
+    layer = THOR(tiny_moe(top_k=1), THORConfig(), name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head}).train()
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    seen = []
+
+    def forward(ctx):
+        seen.append(head(layer(x, ctx)))
+        return seen[-1], ctx
+
+    out = training_step_hook(model)(forward, targets, False)
+    assert out.logits_BSV is seen[0]
+
+
+def test_mor_expert_choice_reuses_shared_kv_from_the_second_recursion_on():
+    torch.manual_seed(78)
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, kv_sharing=True)).train()
+    flags = []
+
+    def block(h, c):
+        flags.append(c.state[KV_SHARE_KEY]["reuse"])
+        return h
+
+    mor(torch.randn(1, 6, 8), block, RoutingContext())
+    assert flags == [False, True, True]
+
+
+def test_smoe_dropout_on_step_follows_the_configured_schedule():
+    layer = SMoEDropout(tiny_moe(num_experts=4, top_k=1, router={"aux_loss_coef": 0.0}),
+                        SMoEDropoutConfig(total_steps=10, schedule="cosine"))
+    layer.on_step(2)
+    assert layer.train_top_k == k_schedule(2, 1, 4, 10, "cosine") == 1
+    layer.on_step(8)
+    assert layer.train_top_k == 4
+
+
+def test_promoe_top1_cosine_with_a_single_conditional_token():
+    torch.manual_seed(79)
+    layer = ProMoE(tiny_moe(), ProMoEConfig(), name="p")
+    x = torch.randn(4, 8)
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state[UNCONDITIONAL_KEY] = torch.tensor([True, True, False, True])
+    layer(x, ctx)
+    cos = F.normalize(x[2], dim=-1) @ F.normalize(layer.prototypes, dim=-1).t()
+    assert_close(torch.as_tensor(ctx.stats["p"].extra["top1_cosine"]), cos.max(), "its best cosine")
+
+
+def test_drllm_search_prefers_fewer_applications_even_against_a_much_lower_loss():
+    table = {(0,): 6.0, (1,): 5.0, (2,): 0.0}  # skip is worse than all-execute; repeat is far better
+
+    def run(path_BL):
+        return torch.tensor([table[tuple(path_BL[0].tolist())]])
+
+    assert search_paths(run, 1, 1).tolist() == [[1]], "one application within tolerance beats two"
