@@ -51,7 +51,7 @@ from moekit.layers.variants.topp import TopPConfig, TopPMoE
 from moekit.layers.variants.uoe import UnionOfMLPExperts, UoMEConfig
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
-from moekit.routing import load_balancing_loss
+from moekit.routing import load_balancing_loss, z_loss
 from moekit.training import with_overrides
 from moekit.types import MODALITY_KEY
 
@@ -950,3 +950,120 @@ def test_drllm_search_prefers_fewer_applications_even_against_a_much_lower_loss(
         return torch.tensor([table[tuple(path_BL[0].tolist())]])
 
     assert search_paths(run, 1, 1).tolist() == [[1]], "one application within tolerance beats two"
+
+
+def test_duo_random_routes_report_the_load_of_its_three_options():
+    torch.manual_seed(80)
+    layer = DuoFFN(tiny_moe(num_experts=1, top_k=1), DuoConfig(small_hidden_dim=3), name="d").train()
+    ctx = RoutingContext(collect_stats=True)
+    layer(torch.randn(6, 8), ctx)
+    counts = ctx.stats["d"].counts_E
+    assert counts.shape == (3,) and int(counts.sum()) == 6, "skip, small and big: one route per token"
+
+
+# ------------------------------------------------------------------ seed 14's live survivors (drawn with seeds 11
+# to 13 on the same suite)
+
+
+BAD_R4_SEED14 = [
+    ("smha-heads", lambda: SMHAConfig(heads_per_token=0),
+     r"^attention_options\.heads_per_token=0 must be a positive integer or left out \(half\)$"),
+    ("supernet-sampling", lambda: SupernetConfig(sampling="x"),
+     r"^variant\.sampling='x' is not one of \['sandwich', 'random'\]"),
+    ("mor-coefs", lambda: MoRConfig(temperature=0.0),
+     r"^variant\.temperature must be > 0, aux_coef and balance_coef >= 0$"),
+    ("mor-inference-router", lambda: MoRConfig(routing="token_choice", inference_router="aux"),
+     r"^variant\.inference_router='aux' is for routing='expert_choice' \(token choice is causal already\); "
+     r"remove it or use expert choice$"),
+    ("moepp-tau", lambda: MoEPPConfig(tau=0.0), r"^variant\.tau=0\.0 must be in \(0, 1\] \(paper: 0\.75\)$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4_SEED14], ids=[b[0] for b in BAD_R4_SEED14])
+def test_bad_configs_name_the_field_and_the_fix_seed14(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_sparse_sigmoid_gates_default_to_sigmoid_values():
+    logits = torch.randn(1, 2, 2, 4)
+    gates, ids = sparse_sigmoid_gates(logits, 2)
+    assert_close(gates.gather(-1, ids), logits.sigmoid().gather(-1, ids), "sigmoid of the chosen logits")
+
+
+def test_ftp_routers_are_two_layer_gelu_mlps_and_its_step_collects_statistics_when_asked():
+    cfg = with_overrides(load_preset("ftp"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
+                                              "model.num_layers": "2", "model.dense_hidden_dim": "32"})
+    torch.manual_seed(81)
+    model = LanguageModel(cfg.model.replace(depth_routing={**cfg.model.depth_routing, "sparsity": [0.0, 0.5]}))
+    router = model.depth_router.routers[1]
+    f = torch.randn(5, 4)
+    assert_close(router(f), router[-1](F.gelu(router[0](f))), "Linear -> GELU -> Linear")
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    step = training_step_hook(model.train())
+    assert step(lambda ctx: model(x, ctx), y, True).ctx.stats, "statistics when asked"
+    assert not step(lambda ctx: model(x, ctx), y, False).ctx.stats
+
+
+def test_supernet_step_collects_statistics_only_when_asked():
+    torch.manual_seed(82)
+    layer = build_ffn("supernet", tiny_moe(hidden_dim=12, num_experts=1, top_k=1), {"widths": [0.25, 0.5]},
+                      layer_index=0, num_layers=1, name="l")
+    head = torch.nn.Linear(8, 11)
+    model = torch.nn.ModuleDict({"ffn": layer, "head": head})
+    x, targets = torch.randn(2, 4, 8), torch.randint(0, 11, (2, 4))
+    step = training_step_hook(model)
+    assert not step(lambda ctx: (head(layer(x, ctx)), ctx), targets, False).ctx.stats
+    assert "l" in step(lambda ctx: (head(layer(x, ctx)), ctx), targets, True).ctx.stats
+
+
+def test_mor_one_step_capacity_warmup_starts_at_full_capacity():
+    c = MoRConfig(num_recursions=3, cap_warmup_steps=1)
+    assert c.warmed(0) == (1, 1, 1), "step 0 of the cosine warm-up: every token recurses"
+    assert c.warmed(1) == c.schedule()
+
+
+def test_moepp_reports_its_load_and_names_mismatched_gating_residuals():
+    torch.manual_seed(83)
+    layer = MoEPlusPlus(tiny_moe(), MoEPPConfig(capacity_factor=None), name="pp")
+    ctx = RoutingContext(collect_stats=True)
+    layer(torch.randn(5, 8), ctx)
+    counts = ctx.stats["pp"].counts_E
+    assert counts.shape == (layer.pool,) and int(counts.sum()) == 5 * 2, "top-2 slots of 5 tokens over the pool"
+    ctx = RoutingContext()
+    ctx.state[MOEPP_STATE_KEY] = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match=r"^MoE\+\+ gating residual: previous layer's logits have shape \(5, 3\), "
+                                         r"this layer's \(5, 8\); every MoE\+\+ layer needs the same pool"):
+        layer.logits(torch.randn(5, 8), ctx)
+
+
+def test_smoe_dropout_accepts_a_one_step_schedule():
+    layer = SMoEDropout(tiny_moe(num_experts=4, top_k=1, router={"aux_loss_coef": 0.0}),
+                        SMoEDropoutConfig(total_steps=1))
+    layer.on_step(1)
+    assert layer.train_top_k == 4, "k_max after the single step"
+
+
+def test_drllm_statistics_with_an_odd_number_of_decisions():
+    routers = LayerPathRouters(8, 3, DrLLMConfig(), name="d")
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state[DRLLM_PATH_KEY] = torch.tensor([[0, 1, 2]])  # one sequence, three layers
+    routers(torch.randn(1, 3, 8), [lambda h, c: h + 1.0] * 3, ctx)
+    assert ctx.stats["d"].counts_E.tolist()[:3] == [1, 1, 1]
+
+
+def test_topp_z_loss_is_its_coefficient_times_the_z_loss():
+    torch.manual_seed(84)
+    layer = TopPMoE(tiny_moe(router={"aux_loss_coef": 0.0, "z_loss_coef": 0.3}), TopPConfig(threshold=0.5))
+    x = torch.randn(5, 8)
+    ctx = RoutingContext()
+    layer(x, ctx)
+    assert_close(ctx.losses["z_loss"], 0.3 * z_loss(layer.route(x).logits_TE), "coef * z")
+
+
+def test_mumoe_tensor_ring_matched_rank_formula():
+    cfg = MuMoEConfig(factorization="tr")  # r1 = r2 = 4; r3 = (D F - 16 N) / (4 (D + F + 1))
+    assert cfg.tr_rank == 4
+    assert matched_rank(cfg, 16, 64, 4) == 2  # (1024 - 64) // 324 = 2 (with D + F - 1: 960 // 316 = 3)
+    assert matched_rank(cfg, 768, 3072, 64) == 153  # GPT-2, as the docstring says
+    assert matched_rank(cfg, 8, 12, 4) == 1  # (96 - 64) // 84 = 0 -> at least 1
