@@ -1067,3 +1067,15 @@ def test_mumoe_tensor_ring_matched_rank_formula():
     assert matched_rank(cfg, 16, 64, 4) == 2  # (1024 - 64) // 324 = 2 (with D + F - 1: 960 // 316 = 3)
     assert matched_rank(cfg, 768, 3072, 64) == 153  # GPT-2, as the docstring says
     assert matched_rank(cfg, 8, 12, 4) == 1  # (96 - 64) // 84 = 0 -> at least 1
+
+
+def test_moma_causal_evaluation_load_counts_the_auxiliary_routers_choices_only():
+    torch.manual_seed(85)
+    layer = MoMa(tiny_moe(num_experts=4, top_k=1), MoMaConfig(num_modalities=2), name="mm").eval()
+    x = torch.randn(1, 8, 8)
+    ctx = RoutingContext(collect_stats=True)
+    ctx.state[MODALITY_KEY] = torch.zeros(1, 8, dtype=torch.long)
+    layer(x, ctx)
+    chosen = layer.aux_routers[0](x[0]) > 0  # [T, 2]: the experts each token joins
+    assert 0 < int(chosen.sum()) < chosen.numel(), "the test needs some tokens left out"
+    assert ctx.stats["mm.m0"].counts_E.tolist() == chosen.sum(0).tolist()
