@@ -16,6 +16,7 @@ from moekit.configs import ConfigError
 from moekit.layers import build_ffn
 from moekit.layers.attention import rope_tables
 from moekit.layers.attention.mom import MixtureOfMemories, MoMConfig
+from moekit.layers.attention.registry import build_attention
 from moekit.layers.attention.routing_attention import RoutingAttention, RoutingAttentionConfig
 from moekit.layers.attention.smha import SelectiveMultiHeadAttention, SMHAConfig
 from moekit.layers.attention.switchhead import (
@@ -31,7 +32,7 @@ from moekit.layers.variants.coe import ChainOfExperts
 from moekit.layers.variants.drllm import PATH_KEY as DRLLM_PATH_KEY
 from moekit.layers.variants.drllm import DrLLMConfig, LayerPathRouters, search_paths
 from moekit.layers.variants.duo import ROUTES_KEY, DuoConfig, DuoFFN
-from moekit.layers.variants.ftp import KEEP_KEY, STATIC_KEY, FTPConfig
+from moekit.layers.variants.ftp import KEEP_KEY, STATIC_KEY, FTPConfig, TokenPruner
 from moekit.layers.variants.gmoe import GMoEConfig
 from moekit.layers.variants.mod import POSITIONS_KEY, MixtureOfDepths, MoDConfig
 from moekit.layers.variants.moepp import STATE_KEY as MOEPP_STATE_KEY
@@ -1079,3 +1080,95 @@ def test_moma_causal_evaluation_load_counts_the_auxiliary_routers_choices_only()
     chosen = layer.aux_routers[0](x[0]) > 0  # [T, 2]: the experts each token joins
     assert 0 < int(chosen.sum()) < chosen.numel(), "the test needs some tokens left out"
     assert ctx.stats["mm.m0"].counts_E.tolist() == chosen.sum(0).tolist()
+
+
+# ------------------------------------------------------------------ seed 15's live survivors (a sample drawn on the
+# final suite of round 4)
+
+
+def test_build_attention_passes_the_context_length_on():
+    layer = build_attention("routing", {}, dim=16, num_heads=2, num_layers=1, context=64)
+    assert layer.num_clusters == 8, "C = round(sqrt(context)) by default"
+
+
+def test_rmoe_z_loss_is_keyed_by_the_layer():
+    torch.manual_seed(90)
+    rmoe = build_ffn("rmoe", tiny_moe(router={"aux_loss_coef": 0.0, "z_loss_coef": 0.1}), {"rnn_dim": 6},
+                     layer_index=0, num_layers=1, name="r")
+    ctx = RoutingContext()
+    rmoe(torch.randn(5, 8), ctx)
+    assert "z_loss" in ctx.layer_losses["r"]
+
+
+def test_smoe_dropout_scores_are_per_token_probabilities():
+    torch.manual_seed(91)
+    layer = SMoEDropout(tiny_moe(router={"aux_loss_coef": 0.0}))
+    scores = layer.route(torch.randn(5, 8)).scores_TE
+    assert_close(scores.sum(-1), torch.ones(5), "each token's scores sum to 1")
+
+
+# ------------------------------------------------------------------ seed 16's live survivors (drawn with seed 15 on
+# the final suite of round 4)
+
+
+BAD_R4_SEED16 = [
+    ("smoe-k-range", lambda: SMoEDropout(tiny_moe(num_experts=4), SMoEDropoutConfig(k_min=3, k_max=2)),
+     r"^SMoE-Dropout needs 1 <= k_min=3 <= k_max=2 <= num_experts=4$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4_SEED16], ids=[b[0] for b in BAD_R4_SEED16])
+def test_bad_configs_name_the_field_and_the_fix_seed16(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_mom_output_projection_starts_at_the_residual_scale():
+    torch.manual_seed(92)
+    dim = 64
+    for num_layers in (1, 2):
+        mom = MixtureOfMemories(dim, 4, num_layers, MoMConfig())
+        expected = dim**-0.5 / (2 * num_layers) ** 0.5
+        assert abs(mom.w_out.weight.std().item() / expected - 1) < 0.1, num_layers
+
+
+def test_zero_coefficients_are_accepted_seed16():
+    THORConfig(consistency_coef=0.0)
+    torch.manual_seed(93)
+    layer = MoEPlusPlus(tiny_moe(), MoEPPConfig(balance_coef=0.0))
+    ctx = RoutingContext()
+    layer(torch.randn(4, 8), ctx)
+    assert "moepp_balance_loss" not in ctx.losses
+
+
+def test_ftp_evaluation_applies_a_routed_block_where_its_keep_probability_exceeds_one_half():
+    pruner = TokenPruner(2, FTPConfig(sparsity=[0.0, 0.5])).eval()
+    with torch.no_grad():
+        pruner.routers[1][-1].bias.fill_(5.0)  # keep ~ 0.99 for every token
+    x = torch.randn(1, 4, 8)
+    ctx = RoutingContext()
+    y = pruner(x, [lambda h, c: torch.ones_like(h)] * 2, ctx)
+    assert (ctx.state[KEEP_KEY][1] > 0.5).all()
+    assert_close(y, x + 2.0, "block 0 always runs; block 1 runs on the kept tokens")
+
+
+def test_ftp_step_without_routed_blocks_reports_zero_router_losses_as_tensors():
+    cfg = with_overrides(load_preset("ftp"), {"model.dim": "16", "model.num_heads": "2", "model.context": "8",
+                                              "model.num_layers": "2", "model.dense_hidden_dim": "32"})
+    torch.manual_seed(94)
+    model = LanguageModel(cfg.model.replace(depth_routing={**cfg.model.depth_routing, "sparsity": [0.0, 0.0]}))
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    out = training_step_hook(model.train())(lambda ctx: model(x, ctx), y, False)
+    for name in ("ftp_guide_loss", "ftp_sparsity_loss"):
+        value = out.ctx.losses[name]
+        assert torch.is_tensor(value) and float(value) == 0.0, name
+
+
+def test_uoe_balance_loss_is_its_coefficient_times_the_switch_loss():
+    torch.manual_seed(95)
+    layer = UnionOfMLPExperts(tiny_moe(router={"aux_loss_coef": 0.3}), UoMEConfig())
+    x = torch.randn(5, 8)
+    ctx = RoutingContext()
+    layer(x, ctx)
+    r = layer.route(x[None])
+    assert_close(ctx.losses["aux_loss"], 0.3 * load_balancing_loss(r.scores_TE, r.expert_ids_TK), "coef * loss")
