@@ -1336,3 +1336,65 @@ def test_mumoe_cp_matched_rank_and_repr():
     assert matched_rank(MuMoEConfig(), 768, 3072, 64) == 604  # GPT-2, 64 experts, as the docstring says
     layer = MultilinearMoE(tiny_moe(router={"aux_loss_coef": 0.0}), MuMoEConfig())
     assert f"factorization=cp, rank={layer.rank}, tr_rank=4, gate=entmax15, gate_norm=layernorm" in repr(layer)
+
+
+BAD_R4_SEED20 = [
+    ("mom-memories", lambda: MoMConfig(num_memories=0),
+     r"^attention_options\.num_memories=0 must be a positive integer$"),
+    ("readme-layers", lambda: ReadMEPlanner(tiny_moe(router={"aux_loss_coef": 0.0}), ReadMEConfig(), num_layers=0),
+     r"^num_layers=0 must be positive$"),
+    ("drllm-tolerance", lambda: DrLLMConfig(tolerance=-0.5),
+     r"^model\.depth_routing\.tolerance=-0\.5 must be >= 0$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [b[1:] for b in BAD_R4_SEED20], ids=[b[0] for b in BAD_R4_SEED20])
+def test_bad_configs_name_the_field_and_the_fix_seed20(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_mor_threshold_evaluation_reuses_shared_kv_from_the_second_recursion_on():
+    mor = MixtureOfRecursions(8, MoRConfig(num_recursions=3, kv_sharing=True)).eval()
+    with torch.no_grad():
+        for router in mor.routers:
+            router.weight.fill_(1.0)  # every token passes every threshold
+    flags = []
+
+    def block(h, c):
+        flags.append(c.state[KV_SHARE_KEY]["reuse"])
+        return torch.zeros_like(h)
+
+    mor(torch.ones(1, 4, 8), block, RoutingContext())
+    assert flags == [False, True, True]
+
+
+def test_moepp_renormalises_its_top_k_by_default():
+    torch.manual_seed(107)
+    layer = MoEPlusPlus(tiny_moe(), MoEPPConfig(capacity_factor=None, gating_residual=False))
+    r = layer.route(torch.randn(6, 8))
+    assert_close(r.weights_TK.sum(-1), torch.ones(6), "norm_topk_prob (the default) renormalises the top-2")
+
+
+def test_statistics_are_detached_and_default_names_of_blockffn():
+    torch.manual_seed(108)
+    layer = ProMoE(tiny_moe(), ProMoEConfig(), name="p")
+    ctx = RoutingContext(collect_stats=True)
+    layer(torch.randn(4, 8), ctx)
+    extra = ctx.stats["p"].extra
+    assert "top1_cosine" in extra
+    assert not any(torch.is_tensor(v) and v.requires_grad for v in extra.values()), "statistics hold no graph"
+    ctx = RoutingContext()
+    BlockFFN(tiny_moe(num_experts=6, activation="gelu"), BlockFFNConfig(chunk_len=2))(torch.randn(1, 4, 8), ctx)
+    assert "blockffn_chunk_loss" in ctx.layer_losses["blockffn"]
+
+
+def test_topp_route_takes_its_tokens_as_one_sequence_by_default():
+    torch.manual_seed(109)
+    layer = TopPMoE(tiny_moe(router={"aux_loss_coef": 0.1, "aux_loss_level": "sequence"}), TopPConfig(threshold=0.6))
+    x = torch.randn(6, 8)
+    x[3:] = 3 * x[3:] + 1
+    default, one = RoutingContext(), RoutingContext()
+    layer.route(x, default)
+    layer.route(x, one, 1)
+    assert_close(default.losses["aux_loss"], one.losses["aux_loss"], "num_sequences defaults to 1")
