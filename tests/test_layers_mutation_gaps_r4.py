@@ -353,7 +353,8 @@ def test_mumoe_matched_rank_floor_is_one():
 
 
 BAD_R4_SEED8 = [
-    ("moma-routing", lambda: MoMaConfig(routing="x"), r"^variant\.routing='x' is not one of \['expert_choice', 'topk'\]"),
+    ("moma-routing", lambda: MoMaConfig(routing="x"),
+     r"^variant\.routing='x' is not one of \['expert_choice', 'topk'\]"),
     ("moma-groups", lambda: MoMa(tiny_moe(num_experts=5), MoMaConfig(num_modalities=2)),
      r"^moe\.num_experts=5 is not divisible by variant\.num_modalities=2; use a multiple of 2 experts \(e\.g\. 4\) "
      r"so every modality gets an equal group$"),
@@ -460,7 +461,8 @@ def test_topp_sequence_level_balance_loss_averages_over_sequences_and_flat_input
     per_sequence = [load_balancing_loss(r.scores_TE[s:s + 4], r.expert_ids_TK[s:s + 4]) for s in (0, 4)]
     assert_close(ctx.losses["aux_loss"], 0.1 * (per_sequence[0] + per_sequence[1]) / 2, "mean over sequences")
     whole = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
-    assert abs(float(whole - (per_sequence[0] + per_sequence[1]) / 2)) > 1e-4, "the test needs distinct sequences"
+    gap = (whole - (per_sequence[0] + per_sequence[1]) / 2).detach()
+    assert abs(float(gap)) > 1e-4, "the test needs distinct sequences"
     assert flatten(torch.randn(5, 8), 8)[1] == 1 and flatten(torch.randn(3, 5, 8), 8)[1] == 3
     ctx = RoutingContext()
     layer(x[0], ctx)
@@ -578,7 +580,7 @@ def test_topp_batch_level_balance_loss_pools_the_sequences():
     r = layer.route(x.reshape(-1, 8))
     pooled = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
     assert_close(ctx.losses["aux_loss"], 0.1 * pooled, "one loss over both sequences' tokens")
-    assert abs(float(pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2))) > 1e-4
+    assert abs(float((pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2)).detach())) > 1e-4
 
 
 # ------------------------------------------------------------------ seed 10's live survivors (drawn with seed 9 on
@@ -648,7 +650,7 @@ def test_thor_step_adds_both_passes_auxiliary_losses():
 
     out = training_step_hook(model)(forward, targets, False)
     (l1, a1), (l2, a2) = seen
-    assert float(a1) > 0 and float(a2) > 0
+    assert float(a1.detach()) > 0 and float(a2.detach()) > 0
     expected = (next_token_ce(l1, targets) + next_token_ce(l2, targets) + a1 + a2
                 + 3.0 / targets.numel() * consistency_loss(l1, l2))
     assert_close(out.loss, expected, "CE1 + CE2 + aux1 + aux2 + alpha / N * consistency")
@@ -899,7 +901,7 @@ def test_mofme_batch_balance_loss_pools_every_token_under_the_layer_name():
     r, _ = layer.route(x.reshape(-1, 8))
     pooled = load_balancing_loss(r.scores_TE, r.expert_ids_TK)
     assert_close(ctx.layer_losses["fm"]["aux_loss"], 0.2 * pooled, "batch level: one loss over all tokens")
-    assert abs(float(pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2))) > 1e-5
+    assert abs(float((pooled - load_balancing_loss(r.scores_TE, r.expert_ids_TK, 2)).detach())) > 1e-5
 
 
 def test_thor_step_returns_the_first_pass_logits():
@@ -1188,7 +1190,8 @@ def test_uoe_balance_loss_is_its_coefficient_times_the_switch_loss():
 BAD_R4_SEED17 = [
     ("prmoe-dense", lambda: ResidualMoEConfig(dense_hidden_dim=-1),
      r"^variant\.dense_hidden_dim=-1 must be >= 0 \(0 means the default\)$"),
-    ("duo-eval-route", lambda: DuoConfig(eval_route="x"), r"^variant\.eval_route='x' is not one of \['big', 'random'\]"),
+    ("duo-eval-route", lambda: DuoConfig(eval_route="x"),
+     r"^variant\.eval_route='x' is not one of \['big', 'random'\]"),
     ("readme-planner", lambda: ReadMEConfig(planner_dim=0),
      r"^variant\.planner_dim and planner_heads must be positive, planner_layers >= 0$"),
     ("mor-threshold", lambda: MoRConfig(threshold=1.0), r"^variant\.threshold=1\.0 must be in \(0, 1\)"),
@@ -1290,7 +1293,8 @@ def test_ftp_static_router_reads_the_attention_the_previous_block_received():
 
 
 BAD_R4_SEED19 = [
-    ("mod-capacity", lambda: MoDConfig(capacity=1.5), r"^variant\.capacity=1\.5 must be in \(0, 1\] \(paper: 0\.125\)$"),
+    ("mod-capacity", lambda: MoDConfig(capacity=1.5),
+     r"^variant\.capacity=1\.5 must be in \(0, 1\] \(paper: 0\.125\)$"),
     ("promoe-rcl-coef", lambda: ProMoEConfig(rcl_coef=-1.0), r"^variant\.rcl_coef=-1\.0 must be >= 0; 0 disables it$"),
 ]
 
