@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="overrides KEY=VALUE for every preset")
     p.add_argument("--out", default=None)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: CPU seconds (steadier on a shared machine; see moekit.bench.timing)")
     args = p.parse_args(argv)
     tune_cpu_allocator()
     torch.set_num_threads(args.threads)
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "threads": args.threads, "load_before": load, "overrides": overrides,
-              "timing": compare_steps(harnesses, repeats=args.repeats)}
+              "timing": compare_steps(harnesses, repeats=args.repeats, clock=args.clock),
+              "clock": args.clock}
     for name, r in result["timing"].items():
         print(f"{name:<40} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
               f"x{r['tokens_per_s_ratio']:.3f} of {args.presets[0]}'s tokens/s")

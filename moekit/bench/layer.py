@@ -20,7 +20,7 @@ from torch import nn
 from ..experts import FeedForward
 from ..layers import MoE, MoEConfig
 from ..routing import RouterConfig
-from .timing import alternate, peak_memory, saved_activation_bytes
+from .timing import alternate, peak_memory, run_environment, saved_activation_bytes
 
 __all__ = ["SHAPES", "bench_layer", "format_table"]
 
@@ -92,8 +92,9 @@ def _check_agreement(candidates: dict[str, nn.Module], x: torch.Tensor, name: st
 
 def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 10,
                 engines: tuple[str, ...] = ("sorted",), tokens: int | None = None,
-                tick: Callable[[], None] | None = None) -> dict:
-    """Benchmark one shape; returns absolute medians and ratios to dense-equivalent.
+                tick: Callable[[], None] | None = None, clock: str = "wall") -> dict:
+    """Benchmark one shape; returns absolute medians and ratios to dense-equivalent, timed on ``clock``
+    (``wall`` or ``cpu``: :mod:`moekit.bench.timing`).
 
     ``tick()`` is called after every timing round: ``2 * (repeats + 2)`` times (forward, then forward+backward).
     """
@@ -134,8 +135,12 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
             (module(xg) * g).sum().backward()
         return run
 
-    forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick)
-    train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick)
+    env_before = run_environment()
+    forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
+                        clock=clock)
+    train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
+                      clock=clock)
+    env_after = run_environment()
     memory = {}
     for n, m in candidates.items():
         xg = x.detach().requires_grad_(True)
@@ -150,13 +155,14 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
                 "forward_ratio": forward[n] / forward[base], "train_ratio": train[n] / train[base],
                 "memory_ratio": memory[n] / memory[base]} for n in candidates}
     return {"shape": name, **dataclasses.asdict(s), "tokens": T, "device": device, "dtype": str(dtype),
-            "threads": torch.get_num_threads(), "repeats": repeats,
+            "threads": torch.get_num_threads(), "repeats": repeats, "clock": clock,
+            "environment": {**env_before, "load_average_after": env_after["load_average"]},
             "memory_kind": "cuda peak" if device.startswith("cuda") else "saved activations", "results": rows}
 
 
 def format_table(result: dict) -> str:
     lines = [f"## {result['shape']}  (T={result['tokens']}, {result['device']}, {result['dtype']}, "
-             f"threads={result['threads']}; memory = {result['memory_kind']})",
+             f"threads={result['threads']}, clock={result.get('clock', 'wall')}; memory = {result['memory_kind']})",
              f"{'candidate':<24}{'fwd ms':>10}{'fwd x':>8}{'fwd+bwd ms':>12}{'fwd+bwd x':>11}{'mem x':>8}"]
     for n, r in result["results"].items():
         lines.append(f"{n:<24}{r['forward_s'] * 1e3:>10.1f}{r['forward_ratio']:>8.2f}"

@@ -65,9 +65,11 @@ class StepHarness:
 
 
 def compare_steps(harnesses: dict[str, StepHarness], repeats: int = 8, warmup: int = 2,
-                  tick: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
-    """Median seconds per training step of each harness, alternated; tokens/s and the ratio to the first."""
-    times = alternate({name: h for name, h in harnesses.items()}, repeats=repeats, warmup=warmup, tick=tick)
+                  tick: Callable[[], None] | None = None, clock: str = "wall") -> dict[str, dict[str, float]]:
+    """Median seconds per training step of each harness, alternated; tokens/s and the ratio to the first
+    (on ``clock``: ``wall``, or ``cpu`` for CPU seconds, :mod:`moekit.bench.timing`)."""
+    times = alternate({name: h for name, h in harnesses.items()}, repeats=repeats, warmup=warmup, tick=tick,
+                      clock=clock)
     first = next(iter(harnesses))
     rate = {n: harnesses[n].tokens_per_step / t for n, t in times.items()}
     return {n: {"step_s": times[n], "tokens_per_s": rate[n], "tokens_per_s_ratio": rate[n] / rate[first]}

@@ -1,6 +1,13 @@
 """Timing helpers: candidates run alternately (A B A B ...) after a warm-up; medians are compared.
 
 Absolute times are for reading; the figures that count are ratios measured in the same run.
+
+Clocks: ``wall`` (``time.perf_counter``, the default) or ``cpu`` (``time.process_time``: CPU seconds of this
+process, all its threads together). On a machine shared with other CPU-heavy processes the wall clock also
+counts the time this process waited for a core, which changes from one call to the next; the CPU clock does
+not (issue 20: with 3-5 runnable processes on 2 cores, wall-clock medians of the same layer moved by up to 50%
+between runs while CPU-time medians moved by ~1%). With one torch thread the CPU time is the time the work
+takes; with several it is their sum, i.e. it does not show a parallel speed-up. CUDA work needs ``wall``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["alternate", "saved_activation_bytes", "peak_memory"]
+__all__ = ["CLOCKS", "alternate", "saved_activation_bytes", "peak_memory", "run_environment"]
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -20,9 +29,15 @@ def _sync(device: torch.device | str | None) -> None:
 
 
 def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-              device: torch.device | str | None = None, tick: Callable[[], None] | None = None) -> dict[str, float]:
+              device: torch.device | str | None = None, tick: Callable[[], None] | None = None,
+              clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds (``tick()`` after each round,
-    warm-up rounds included: ``warmup + repeats`` calls)."""
+    warm-up rounds included: ``warmup + repeats`` calls) on ``clock`` (``wall`` or ``cpu``, module doc)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"clock='cpu' measures host CPU time and cannot time work on {device}; use clock='wall'")
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -33,10 +48,10 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
         if tick is not None:
             tick()
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -71,3 +86,15 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | N
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def run_environment() -> dict:
+    """What a benchmark JSON records about the run: date (UTC), torch version, CPU threads, load average."""
+    import datetime
+    import os
+    import platform
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "load_average": None if load is None else [round(v, 2) for v in load]}

@@ -6,6 +6,7 @@ Examples::
     moekit bench                          # mixtral-s and fine-s, CPU float32 (several minutes)
     moekit bench --shapes fine-s --repeats 5 --out bench_out/layer.json
     moekit bench --device cuda            # GPU shapes too, bfloat16
+    moekit bench --clock cpu --threads 1  # CPU seconds: steadier than wall time on a shared machine
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def register(subparsers) -> None:
                    help="moekit engines to time (default: sorted; sorted and grouped_mm on CUDA)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time (default); cpu: CPU seconds of this process, which a shared "
+                   "machine's other processes do not inflate (CPU only; with several threads, their sum)")
     add_threads_argument(p, "torch's")
     p.set_defaults(func=run)
 
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
+    if gpu and args.clock == "cpu":
+        raise UsageError("--clock cpu measures host CPU time, not CUDA work; use --clock wall with --device cuda")
     repeats: int = args.repeats if args.repeats is not None else (QUICK_REPEATS if args.quick else 10)
     tokens: int | None = args.tokens if args.tokens is not None else (QUICK_TOKENS if args.quick else None)
     if repeats < 1 or (tokens is not None and tokens < 1):
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for name in shapes:
-            result = bench_layer(name, args.device, dtype, repeats, engines, tokens, tick=tick)
+            result = bench_layer(name, args.device, dtype, repeats, engines, tokens, tick=tick, clock=args.clock)
             print(format_table(result), flush=True)
             results.append(result)
     finally:

@@ -5,7 +5,7 @@ from .alltoall import ExpertShard, alltoall_engine
 from .compiled import sorted_op_engine
 from .reference import reference_engine
 from .registry import ENGINES, Engine, get_engine, register_engine, resolve_engine
-from .sorted import grouped_mm_engine, sorted_engine
+from .sorted import grouped_mm_engine, sorted_blocked_engine, sorted_engine
 
 __all__ = ["ENGINES", "Engine", "get_engine", "register_engine", "resolve_engine", "reference_engine",
-           "sorted_engine", "grouped_mm_engine", "sorted_op_engine", "alltoall_engine", "ExpertShard"]
+           "sorted_engine", "sorted_blocked_engine", "grouped_mm_engine", "sorted_op_engine", "alltoall_engine", "ExpertShard"]

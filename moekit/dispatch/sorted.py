@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..experts import ExpertBank, hidden
-from ..ops import sorted_moe_ffn
+from ..ops import blocked_moe_ffn, sorted_moe_ffn
 from ..types import Routing
 from .registry import register_engine
 
-__all__ = ["sorted_engine", "grouped_mm_engine"]
+__all__ = ["sorted_engine", "sorted_blocked_engine", "grouped_mm_engine", "BLOCK_ROWS"]
 
 
 def _sort(routing: Routing, num_experts: int):
@@ -39,6 +39,23 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
     weights_N = routing.weights_TK.reshape(-1)[valid_N]
     return sorted_moe_ffn(x_TD, weights_N, valid_N // K, counts[1:], bank.w_gate, bank.w_up, bank.w_down,
                           bank.activation, bank.b_gate, bank.b_up, bank.b_down)
+
+
+BLOCK_ROWS = 512  # most rows per block of the ``sorted_blocked`` engine (docs/benchmarks.md)
+
+
+@register_engine("sorted_blocked", priority=5)
+def sorted_blocked_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
+    """The ``sorted`` engine's computation, one block of at most :data:`BLOCK_ROWS` rows of one expert at a
+    time (:func:`moekit.ops.blocked_moe_ffn`): gather, products, activation and weighted scatter of a block
+    while it is in cache, and the hidden activation recomputed in backward instead of saved."""
+    T, K = routing.expert_ids_TK.shape
+    _, order_N, counts = _sort(routing, bank.num_experts)
+    counts = counts.tolist()
+    valid_N = order_N[counts[0]:]
+    weights_N = routing.weights_TK.reshape(-1)[valid_N]
+    return blocked_moe_ffn(x_TD, weights_N, valid_N // K, counts[1:], bank.w_gate, bank.w_up, bank.w_down,
+                           bank.activation, bank.b_gate, bank.b_up, bank.b_down, block_rows=BLOCK_ROWS)
 
 
 def _grouped_mm_supported(x: torch.Tensor, bank: ExpertBank) -> str | None:

@@ -70,9 +70,9 @@ class _SortedMoEFFN(torch.autograd.Function):
             if h_gate_NF is not None:
                 _linear(x_ND[seg], w_gate_EFD[e], b_gate_EF, e, h_gate_NF[seg])
         a_NF = hidden(activation, h_gate_NF, h_up_NF)
-        out_ND = x_ND  # reuse the gathered input's buffer: each segment is read before it is overwritten
+        out_ND = x_ND  # reuse the gathered input's buffer: the gate/up products above have read all of it
         for e, seg in _segments(counts):
-            out_ND[seg] = _linear(a_NF[seg], w_down_EDF[e], b_down_ED, e)
+            _linear(a_NF[seg], w_down_EDF[e], b_down_ED, e, out_ND[seg])  # in place: no temporary, no copy
         out_ND.mul_(weights_N.to(out_ND.dtype)[:, None])
         y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND)
         ctx.save_for_backward(x_TD, weights_N, token_N, w_gate_EFD, w_up_EFD, w_down_EDF, b_down_ED, h_gate_NF,

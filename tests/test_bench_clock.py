@@ -1,0 +1,55 @@
+"""The benchmarks' CPU clock (issue 20): CPU seconds ignore the time a process waits, so ratios measured on a
+shared machine stop depending on the other processes; it refuses what it cannot time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from moekit.bench.layer import SHAPES, Shape, bench_layer
+from moekit.bench.timing import alternate
+from moekit.cli.main import main
+
+
+def _busy(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_clock_counts_work_and_not_waiting():
+    fns = {"sleep": lambda: time.sleep(0.05), "work": lambda: _busy(0.02)}
+    wall = alternate(fns, repeats=3, warmup=0, clock="wall")
+    cpu = alternate(fns, repeats=3, warmup=0, clock="cpu")
+    assert wall["sleep"] >= 0.05 and cpu["sleep"] < 0.01  # waiting costs wall time, not CPU time
+    assert 0.02 <= cpu["work"] < 0.04
+
+
+def test_clock_refusals_name_the_fix():
+    with pytest.raises(ValueError, match=r"clock must be one of \['cpu', 'wall'\], got 'gpu'"):
+        alternate({"a": lambda: None}, repeats=1, clock="gpu")
+    with pytest.raises(ValueError, match="cannot time work on cuda; use clock='wall'"):
+        alternate({"a": lambda: None}, repeats=1, device="cuda", clock="cpu")
+
+
+def test_bench_records_clock_and_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(SHAPES, "test-s", Shape(32, 16, 4, 2, 1, 64))
+    result = bench_layer("test-s", repeats=1, tokens=32, engines=("sorted", "sorted_blocked"), clock="cpu")
+    assert result["clock"] == "cpu"
+    env = result["environment"]
+    assert env["torch"] and env["date_utc"].startswith("20") and len(env["load_average"]) == 3
+    assert result["results"]["moekit-sorted_blocked"]["train_ratio"] > 0
+    out = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--tokens", "32", "--repeats", "1", "--clock", "cpu", "--threads", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["clock"] == "cpu"
+    assert "clock=cpu" in capsys.readouterr().out
+
+
+def test_bench_cli_refuses_an_unknown_clock(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--clock", "sundial"])
+    assert exc.value.code == 2
+    assert "--clock" in capsys.readouterr().err
