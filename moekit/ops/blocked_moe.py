@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.activations import hidden, hidden_backward
+from .sorted_moe import _expert_grad, _linear
 
 __all__ = ["blocked_moe_ffn", "row_blocks"]
 
@@ -56,28 +57,12 @@ def row_blocks(counts: list[int], block_rows: int | None) -> Iterator[tuple[int,
         start += n
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b_EX: torch.Tensor | None, e: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T (+ b_EX[e])``, written into ``out`` when given."""
-    if b_EX is None:
-        return torch.mm(x, w.t(), out=out)
-    return torch.addmm(b_EX[e], x, w.t(), out=out)
-
-
 def _weight_grad(g_nX: torch.Tensor, a_nY: torch.Tensor, out_XY: torch.Tensor, first: bool) -> None:
     """``out_XY (+)= g_nX.T @ a_nY``: written by an expert's first block, accumulated by the others."""
     if first:
         torch.mm(g_nX.t(), a_nY, out=out_XY)
     else:
         out_XY.addmm_(g_nX.t(), a_nY)
-
-
-def _expert_grad(w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    grad = w.new_empty(w.shape)  # contiguous even when ``w`` is a strided view (e.g. of a checkpoint tensor)
-    empty = [e for e, n in enumerate(counts) if n == 0]
-    if empty:
-        grad[empty] = 0
-    return grad
 
 
 class _BlockedMoEFFN(torch.autograd.Function):
