@@ -31,6 +31,15 @@ __all__ = ["Companion", "FinetuneResult", "apply_all", "finetune"]
 Companion = tuple[str, list[str] | None, dict[str, Any]]
 
 
+def base_config(base_run: Path, overrides: dict[str, Any]):
+    """The base run's config with dotted ``train.*`` / ``data.*`` overrides (the model stays the base's)."""
+    wrong = [k for k in overrides if not k.startswith(("train.", "data."))]
+    if wrong:
+        raise ConfigError(f"finetune keeps the base run's model; only train.* and data.* can be overridden, not "
+                          f"{wrong}")
+    return with_overrides(read_run_config(base_run), overrides)
+
+
 def apply_all(model: nn.Module, method: str, targets: list[str] | None, options: dict[str, Any],
               companions: list[Companion] | None = None) -> Adapters:
     """Apply ``method`` and then every companion (each on modules the earlier ones left alone)."""
@@ -62,12 +71,8 @@ def finetune(base_run: str | Path, out_dir: str | Path, method: str, *, targets:
     """
     options = dict(options or {})
     overrides = dict(overrides or {})
-    wrong = [k for k in overrides if not k.startswith(("train.", "data."))]
-    if wrong:
-        raise ConfigError(f"finetune keeps the base run's model; only train.* and data.* can be overridden, not "
-                          f"{wrong}")
     base_run, out_dir = Path(base_run), Path(out_dir)
-    cfg = with_overrides(read_run_config(base_run), overrides)
+    cfg = base_config(base_run, overrides)
     read_state(base_run)  # a base run without a complete checkpoint fails here, before anything is written
     with torch.device("meta"):  # every adapter check (method, options, targets, ranks) before anything is written
         probe = apply_all(LanguageModel(cfg.model), method, targets, options, companions)

@@ -29,7 +29,6 @@ from ..data import load_data
 from ..data.dataset import train_batch
 from ..data.synthetic import arithmetic_line, copy_line, sort_line
 from ..models import LanguageModel
-from ..training import with_overrides
 from ..training.checkpoint import (
     CONFIG_FILE,
     adapters_path,
@@ -40,8 +39,8 @@ from ..training.checkpoint import (
     write_json,
 )
 from ..training.config import RunConfig
-from ..training.runs import read_run_config
 from .api import apply
+from .finetune import base_config
 from .loops import Sampler, mome_train, sema_continual
 
 __all__ = ["LOOPS", "LOOP_TASKS", "LoopResult", "loop_finetune", "task_sampler"]
@@ -121,12 +120,8 @@ def loop_finetune(base_run: str | Path, out_dir: str | Path, loop: str, *, tasks
         overrides: dotted ``train.*`` / ``data.*`` overrides of the base run's config.
     """
     overrides = dict(overrides or {})
-    wrong = [k for k in overrides if not k.startswith(("train.", "data."))]
-    if wrong:
-        raise ConfigError(f"finetune keeps the base run's model; only train.* and data.* can be overridden, not "
-                          f"{wrong}")
     base_run, out_dir = Path(base_run), Path(out_dir)
-    cfg = with_overrides(read_run_config(base_run), overrides)
+    cfg = base_config(base_run, overrides)
     _check(loop, tasks, rates, cfg)
     method = LOOPS[loop]
     read_state(base_run)  # a base run without a complete checkpoint fails here, before anything is written
