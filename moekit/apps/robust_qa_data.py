@@ -1,8 +1,9 @@
 """Robust QA data and metrics (spec §39): cloze span-QA examples from standard-library docstrings, EDA
-augmentation, and SQuAD exact match / token F1. Pure Python; the model and the fine-tune are in
-:mod:`moekit.apps.robust_qa`, which re-exports everything here.
+augmentation, and SQuAD exact match / token F1. The model and the fine-tune are in :mod:`moekit.apps.robust_qa`,
+which re-exports everything here.
 
-Data (built here, no download): paragraphs of Python standard-library docstrings. A question is one sentence of
+Data (built here, no download): paragraphs of Python standard-library docstrings
+(:func:`moekit.analysis.text.module_docstrings`). A question is one sentence of
 the paragraph with a 1–3 word span replaced by "what" (a cloze question); the answer is that span in the
 paragraph. In-domain modules (text, numbers, data structures) give the training and in-domain test examples;
 systems/network modules (os, socket, email, ...) give the out-of-domain test. **EDA** (Wei & Zou 2019) augments
@@ -15,13 +16,12 @@ Metrics: SQuAD exact match and token F1 (lower-cased, punctuation and articles r
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import random
 import re
 import string
-import warnings
 from collections import Counter
+
+from ..analysis.text import module_docstrings
 
 __all__ = ["IN_DOMAIN", "OUT_OF_DOMAIN", "STOPWORDS", "SYNONYMS", "eda", "exact_match", "f1_score",
            "make_examples"]
@@ -65,25 +65,13 @@ STOPWORDS = frozenset("a an the of to in on at for by with and or is are be been
 def _paragraphs(modules: tuple[str, ...]) -> list[str]:
     """Docstring paragraphs (whitespace collapsed) of ``modules``, in a fixed order, without doctest lines."""
     out: dict[str, None] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in modules:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:  # pragma: no cover - stripped-down Pythons
+    for doc in module_docstrings(modules):
+        for para in re.split(r"\n\s*\n", doc):
+            if ">>>" in para or "::" in para:
                 continue
-            docs = [inspect.getdoc(module) or ""]
-            for _, obj in sorted(vars(module).items()):
-                if ((inspect.isfunction(obj) or inspect.isclass(obj))
-                        and getattr(obj, "__module__", "") == module.__name__):
-                    docs.append(inspect.getdoc(obj) or "")
-            for doc in docs:
-                for para in re.split(r"\n\s*\n", doc):
-                    if ">>>" in para or "::" in para:
-                        continue
-                    text = re.sub(r"\s+", " ", para).strip()
-                    if 60 <= len(text) <= 300:
-                        out.setdefault(text, None)
+            text = re.sub(r"\s+", " ", para).strip()
+            if 60 <= len(text) <= 300:
+                out.setdefault(text, None)
     return list(out)
 
 
