@@ -2,11 +2,11 @@
 
 Quality is bits/byte against expert memory; QMoE's bits per parameter; forward speed is against the float model.
 
-Without ``--run`` it trains a ``default``-preset run once (``--train-seconds``, default 120 s: a reduced budget
-for a shared machine; the preset's own budget is 240 s; the run is reused when the output folder already holds
-its checkpoint) into ``OUT/default``. It then runs a sweep (bits/byte on the validation split, expert bytes on
-disk and resident) and times a forward pass of a ``[4, context]`` batch, float and compressed alternated
-(A B A B ...), reporting median ratios.
+Without ``--run`` it trains a ``--preset`` run (default ``default``: 8 experts x 512, top-2, the shape of the
+documented figures) once (``--train-seconds``, default 120 s: a reduced budget for a shared machine; the preset's
+own budget is 240 s; the run is reused when the output folder already holds its checkpoint) into ``OUT/default``.
+It then runs a sweep (bits/byte on the validation split, expert bytes on disk and resident) and times a forward
+pass of a ``[4, context]`` batch, float and compressed alternated (A B A B ...), reporting median ratios.
 
 ``--points all`` (the default) sweeps :data:`moekit.compression.runs.SWEEP_POINTS` and times six methods;
 ``--points mc-smoe`` sweeps MC-SMoE (M-SMoE merging, then low-rank + row-sparse experts) beside M-SMoE alone,
@@ -77,6 +77,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out/compress")
     p.add_argument("--run", help="compress this trained run folder instead of training OUT/default")
+    p.add_argument("--preset", default="default", help="the preset trained into OUT/default when --run is not given")
     p.add_argument("--points", choices=sorted(POINTS), default="all", help="which sweep and speed methods")
     p.add_argument("--train-seconds", type=float, default=120.0)
     p.add_argument("--calibration-tokens", type=int, default=8192)
@@ -87,8 +88,8 @@ def main() -> None:
     out = Path(args.out)
     run_dir = Path(args.run) if args.run else out / "default"
     if not args.run and not has_checkpoint(run_dir):
-        assert cli(["train", "--out", str(run_dir), "--no-progress", f"--train.max_seconds={args.train_seconds}",
-                    "--train.threads=2"]) == 0
+        assert cli(["train", "--preset", args.preset, "--out", str(run_dir), "--no-progress",
+                    f"--train.max_seconds={args.train_seconds}", "--train.threads=2"]) == 0
     sweep_points, speed_points = POINTS[args.points]
     rows, sweep_s = [], 0.0
     if not args.speed_only:
