@@ -47,13 +47,24 @@ def flops(layer, x) -> int:
     return counter.get_total_flops()
 
 
-def bench_moepp(args, rows):
+def vanilla(args):
+    """``(cfg, x, base, t_base)``: the vanilla MoE a variant is compared with (16 experts, top-2, sorted engine,
+    no auxiliary loss), its input ``[tokens, dim]`` and its median forward + backward time."""
     cfg = MoEConfig(dim=args.dim, hidden_dim=2 * args.dim, num_experts=16, top_k=2, engine="sorted",
                     router=RouterConfig(aux_loss_coef=0.0))
     x = torch.randn(args.tokens, args.dim)
     torch.manual_seed(0)
     base = MoE(cfg)
-    t_base = timed(fwd_bwd(base, x), args.repeats)
+    return cfg, x, base, timed(fwd_bwd(base, x), args.repeats)
+
+
+def row(variant: str, setting: str, base, layer, x, t_base: float, t: float) -> dict:
+    return dict(variant=variant, setting=setting, baseline_s=t_base, variant_s=t, speedup=t_base / t,
+                flop_ratio=flops(base, x) / flops(layer, x))
+
+
+def bench_moepp(args, rows):
+    cfg, x, base, t_base = vanilla(args)
     for bias in (0.0, 1.0):  # bias > 0 raises the ZC logits, mimicking a router trained with small tau
         layer = MoEPlusPlus(cfg, MoEPPConfig(capacity_factor=None))
         with torch.no_grad():
@@ -62,18 +73,11 @@ def bench_moepp(args, rows):
         layer(x, ctx)
         share = ctx.stats_summary()["moepp"]["zc_share"]
         t = timed(fwd_bwd(layer, x), args.repeats)
-        rows.append(dict(variant="moepp", setting=f"16 FFN + 4 ZC, top-2, zc_share={share:.2f}",
-                         baseline_s=t_base, variant_s=t, speedup=t_base / t,
-                         flop_ratio=flops(base, x) / flops(layer, x)))
+        rows.append(row("moepp", f"16 FFN + 4 ZC, top-2, zc_share={share:.2f}", base, layer, x, t_base, t))
 
 
 def bench_topp(args, rows):
-    cfg = MoEConfig(dim=args.dim, hidden_dim=2 * args.dim, num_experts=16, top_k=2, engine="sorted",
-                    router=RouterConfig(aux_loss_coef=0.0))
-    x = torch.randn(args.tokens, args.dim)
-    torch.manual_seed(0)
-    base = MoE(cfg)
-    t_base = timed(fwd_bwd(base, x), args.repeats)
+    cfg, x, base, t_base = vanilla(args)
     for sharpen in (1.0, 8.0, 16.0):
         layer = TopPMoE(cfg, TopPConfig(threshold=0.4))
         layer.moe.load_state_dict(base.state_dict())
@@ -83,9 +87,8 @@ def bench_topp(args, rows):
         layer(x, ctx)
         k = ctx.stats_summary()["topp"]["experts_per_token"]
         t = timed(fwd_bwd(layer, x), args.repeats)
-        rows.append(dict(variant="topp", setting=f"P=0.4, router x{sharpen:g}, experts/token={k:.2f} vs 2",
-                         baseline_s=t_base, variant_s=t, speedup=t_base / t,
-                         flop_ratio=flops(base, x) / flops(layer, x)))
+        rows.append(row("topp", f"P=0.4, router x{sharpen:g}, experts/token={k:.2f} vs 2", base, layer, x, t_base,
+                        t))
 
 
 def bench_mod(args, rows):

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_an_interrupted_commit_keeps_the_previous_set(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert assert_whole(run) == 3 and leftovers(run) == []
     # interrupted while deleting the old set: the new one is already current
-    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(run, *set_of(5))
     monkeypatch.undo()
@@ -164,7 +165,7 @@ def test_full_disk_during_a_save_keeps_the_previous_set_and_leaves_nothing(tmp_p
     assert assert_whole(run) == 3 and leftovers(run) == []
     # single files too: a failed write leaves the old file and no temporary one
     ckpt.write_json(run / "summary.json", {"a": 1})
-    monkeypatch.setattr(ckpt.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(OSError):
         ckpt.write_json(run / "summary.json", {"a": 2})
     monkeypatch.undo()
