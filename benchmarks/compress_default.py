@@ -1,4 +1,5 @@
-"""Compress a trained ``default``-preset run with every method and baseline: quality vs expert memory, QMoE's
+"""Compress a trained ``coarse``-preset run (the ``default`` before issue 20: 8 experts x 512, top-2) with every
+method and baseline: quality vs expert memory, QMoE's
 bits per parameter, and forward speed vs the float model.
 
 Trains the run once (``--train-seconds``, default 120 s: a reduced budget for a shared machine; the preset's own
@@ -58,7 +59,8 @@ def main() -> None:
     out = Path(args.out)
     run_dir = out / "default"
     if not (run_dir / "state.json").exists():
-        assert cli(["train", "--out", str(run_dir), "--no-progress", f"--train.max_seconds={args.train_seconds}",
+        assert cli(["train", "--preset", "coarse", "--out", str(run_dir), "--no-progress",
+                    f"--train.max_seconds={args.train_seconds}",
                     "--train.threads=2"]) == 0
     rows, sweep_s = [], 0.0
     if not args.speed_only:
