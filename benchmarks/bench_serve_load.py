@@ -1,8 +1,8 @@
 """A bounded loopback load test of ``moekit serve``: a fixed number of concurrent clients, each sending a fixed
 number of completion requests; reports requests/s, tokens/s and latency percentiles, and writes JSON.
 
-The server runs in this process (uvicorn on 127.0.0.1, a free port) on a random-weight run of the ``default``
-preset (or ``--run DIR``); clients are threads using httpx. Nothing leaves the machine.
+The server runs in this process (uvicorn on 127.0.0.1, a free port) on a random-weight run of the ``coarse``
+preset (the ``default`` before issue 20; or ``--run DIR``); clients are threads using httpx. Nothing leaves the machine.
 
 Usage: ``python benchmarks/bench_serve_load.py [--clients 4 --requests 5 --max-tokens 16 --max-batch 8]``
 """
@@ -33,7 +33,7 @@ from moekit.training.checkpoint import CONFIG_FILE, write_checkpoint, write_json
 
 
 def random_run(path: Path) -> Path:
-    cfg = load_preset("default")
+    cfg = load_preset("coarse")
     torch.manual_seed(0)
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / CONFIG_FILE, to_dict(cfg))

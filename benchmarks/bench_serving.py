@@ -3,7 +3,7 @@ the cache simulator's hit rates against Belady's bound and prefetch recall. Prin
 
 The model is a random-weight byte-level MoE LM written as a run folder (no training: tokens/s and cache
 behaviour depend on sizes and routing, not on quality; routing of an untrained router is flatter than a
-trained one's, which makes caching harder). Two configs: ``small`` (the ``default`` preset's layer sizes) and
+trained one's, which makes caching harder). Two configs: ``small`` (the ``coarse`` preset's layer sizes, the former ``default``) and
 ``large`` (32 experts x 8 layers, so experts dominate memory). Speed is a ratio to the fully resident model
 measured in the same process, alternating A B A B, medians. Peak RSS is measured in a fresh process per budget.
 
@@ -35,14 +35,14 @@ from moekit.training import load_run, with_overrides
 from moekit.training.checkpoint import CONFIG_FILE, write_checkpoint, write_json
 
 CONFIGS = {
-    "small": {},  # the default preset as shipped
+    "small": {},  # the coarse preset (the default before issue 20: 8 experts x 512, top-2)
     "large": {"model.moe.num_experts": 32, "model.num_layers": 8, "model.moe.top_k": 2},
 }
 BUDGETS = ("100%", "50%", "25%", "12.5%")
 
 
 def make_run(path: Path, name: str) -> Path:
-    cfg = with_overrides(load_preset("default"), CONFIGS[name])
+    cfg = with_overrides(load_preset("coarse"), CONFIGS[name])
     torch.manual_seed(0)
     model = LanguageModel(cfg.model)
     path.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run(Path(tmp) / "run", args.config)
-        cfg = with_overrides(load_preset("default"), CONFIGS[args.config]).model
+        cfg = with_overrides(load_preset("coarse"), CONFIGS[args.config]).model
         print(f"config {args.config}: {dataclasses.asdict(cfg.moe)['num_experts']} experts x "
               f"{cfg.num_layers} layers, dim {cfg.dim}, expert hidden {cfg.moe.hidden_dim}", flush=True)
         parts = args.parts.split(",")

@@ -181,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = with_overrides(load_preset("default"), {**MODEL, "train.max_steps": args.steps})
+        cfg = with_overrides(load_preset("coarse"), {**MODEL, "train.max_steps": args.steps})
         t0 = time.perf_counter()
         run = Path(args.run) if args.run else train(cfg, Path(args.keep or Path(tmp) / "run"), progress=False).out_dir
         train_seconds = None if args.run else time.perf_counter() - t0

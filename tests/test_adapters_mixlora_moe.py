@@ -69,8 +69,8 @@ def test_finetune_mixlora_on_a_moe_run_is_one_line(tmp_path, capsys):
     base = tmp_path / "base"
     assert main(["train", "--preset", "default", "--out", str(base), "--no-progress", "--train.max_steps=1",
                  "--model.dim=16", "--model.num_layers=1", "--model.num_heads=2", "--model.context=16",
-                 "--model.moe.hidden_dim=16", "--model.moe.num_experts=2", "--data.max_files=4",
-                 "--data.max_bytes=30000", "--train.batch_size=2", "--train.eval_every=0", "--train.eval_batches=1",
+                 "--model.moe.hidden_dim=16", "--model.moe.num_experts=2", "--model.moe.top_k=2",
+                 "--data.max_files=4", "--data.max_bytes=30000", "--train.batch_size=2", "--train.eval_every=0", "--train.eval_batches=1",
                  "--train.max_seconds=none", "--train.device=cpu", "--train.threads=1"]) == 0
     capsys.readouterr()
     out = tmp_path / "ft"

@@ -67,7 +67,7 @@ def test_config_file_lays_over_preset(tmp_path, capsys):
 def test_user_errors_are_one_line_exit_2(capsys, tmp_path, run_dir):
     fails_with(capsys, ["info", "--model.moe.topk=1"], "unknown config key 'model.moe.topk'",
                "did you mean 'model.moe.top_k'")
-    fails_with(capsys, ["info", "--model.moe.top_k=9"], "top_k=9 exceeds num_experts=8", "lower top_k")
+    fails_with(capsys, ["info", "--model.moe.top_k=33"], "top_k=33 exceeds num_experts=32", "lower top_k")
     fails_with(capsys, ["info", "--train.lr=fast"], "train.lr='fast' is not a number")
     fails_with(capsys, ["train", "--preset", "tinny"], "unknown preset 'tinny'", "did you mean 'tiny'")
     fails_with(capsys, ["info", "stray"], "unrecognised argument 'stray'")

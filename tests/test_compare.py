@@ -70,7 +70,7 @@ def test_equal_flops_budget_is_realised_within_one_percent(quick_study):
 def test_equal_flops_gives_cheaper_arms_more_steps():
     """Arms whose FLOPs per token differ by ~30% get step counts in inverse proportion, FLOPs equal within 1%."""
     study = load_study("moe-vs-dense")
-    cheap = study_from_dict({"budget": {"kind": "flops", "flops": 4e12}, "base": "default",
+    cheap = study_from_dict({"budget": {"kind": "flops", "flops": 4e12}, "base": "coarse",
                              "overrides": study.overrides,
                              "arms": [{"name": "top2"}, {"name": "top1", "overrides": {"model.moe.top_k": 1}},
                                       {"name": "dense", "preset": "dense"}]}, "three")
@@ -82,8 +82,8 @@ def test_equal_flops_gives_cheaper_arms_more_steps():
     for s in specs:
         assert s.flops_per_token == count(s.config.model).flops_per_token
         assert abs(s.planned_flops - 4e12) <= FLOPS_TOLERANCE * 4e12
-    tiny_budget = study_from_dict({**{"budget": {"kind": "flops", "flops": 1e11}}, "overrides": study.overrides,
-                                   "arms": [{"name": "a"}]}, "tiny")
+    tiny_budget = study_from_dict({"budget": {"kind": "flops", "flops": 1e11}, "base": "coarse",
+                                   "overrides": study.overrides, "arms": [{"name": "a"}]}, "tiny")
     with pytest.raises(ConfigError, match="cannot be matched within 1%; raise budget.flops"):
         plan_study(tiny_budget)
 
