@@ -13,6 +13,8 @@ and evaluation step, and prints Markdown tables of
 
 - the variants' own figures along training: `experts_per_token` (top-p), `ffn_per_token`, `zc_share` and
   `drop_rate` (MoE++), with `load_cv` for every arm;
+  (`drop_rate` of a top-p layer counts the unused padding slots of its variable-width selection, not
+  dropped tokens: leave it out with `--stats`);
 - validation bits/byte per seed and the paired difference of each arm to `--reference ARM` (per seed, mean, sd).
 
 With `--plot PATH` it also draws the statistics against training steps (one panel per statistic, one line per
@@ -63,24 +65,26 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--reference", default=None, help="arm for the paired differences")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--stats", default=",".join(STATS), help="comma-separated statistics to show")
     args = parser.parse_args()
+    stats = tuple(k for k in args.stats.split(",") if k)
     runs: dict[str, dict[int, list[dict]]] = defaultdict(dict)
     for folder in args.folders:
         got = read_run(folder)
         if got and got[2]:
             runs[got[0]][got[1]] = got[2]
     for arm, seeds in sorted(runs.items()):
-        keys = [k for k in STATS if any(k in e for evals in seeds.values() for e in evals)]
+        keys = [k for k in stats if any(k in e for evals in seeds.values() for e in evals)]
         steps = sorted({e["step"] for evals in seeds.values() for e in evals})
         print(f"\n{arm} (seeds {sorted(seeds)}): mean ± sd over seeds at each evaluation\n")
         print("| step | bits/byte | " + " | ".join(keys) + " |")
         print("|---" * (2 + len(keys)) + "|")
         for step in steps:
             at = [e for evals in seeds.values() for e in evals if e["step"] == step]
-            cells = [f"{step}", "%.4f ± %.4f" % mean_sd([e["val_bpb"] for e in at])]
+            cells = [f"{step}", "{:.4f} ± {:.4f}".format(*mean_sd([e["val_bpb"] for e in at]))]
             for k in keys:
                 vals = [e[k] for e in at if k in e]
-                cells.append("%.3f ± %.3f" % mean_sd(vals) if vals else "-")
+                cells.append("{:.3f} ± {:.3f}".format(*mean_sd(vals)) if vals else "-")
             print("| " + " | ".join(cells) + " |")
     if args.reference and args.reference in runs:
         ref = {s: evals[-1]["val_bpb"] for s, evals in runs[args.reference].items()}
@@ -94,14 +98,14 @@ def main() -> None:
                 per = ", ".join(f"seed {s}: {d:+.4f}" for s, d in sorted(diffs.items()))
                 print(f"- {arm}: {per}; mean {m:+.4f} ± {sd:.4f} (n={len(diffs)})")
     if args.plot:
-        plot(runs, args.plot)
+        plot(runs, args.plot, stats)
 
 
-def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
+def plot(runs: dict[str, dict[int, list[dict]]], path: Path, stats: tuple[str, ...] = STATS) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in STATS if any(k in e for seeds in runs.values() for evals in seeds.values() for e in evals)]
+    keys = [k for k in stats if any(k in e for seeds in runs.values() for evals in seeds.values() for e in evals)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for arm, seeds in sorted(runs.items()):
