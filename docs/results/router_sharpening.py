@@ -15,7 +15,8 @@ and evaluation step, and prints Markdown tables of
   `drop_rate` (MoE++), with `load_cv` for every arm;
   (`drop_rate` of a top-p layer counts the unused padding slots of its variable-width selection, not
   dropped tokens: leave it out with `--stats`);
-- validation bits/byte per seed and the paired difference of each arm to `--reference ARM` (per seed, mean, sd).
+- validation bits/byte per seed and the paired difference of each arm to `--reference ARM` (per seed, mean, sd),
+  at the end and at each evaluation.
 
 With `--plot PATH` it also draws the statistics against training steps (one panel per statistic, one line per
 arm, a band of ± sd over seeds where there are several).
@@ -97,6 +98,13 @@ def main() -> None:
                 m, sd = mean_sd(list(diffs.values()))
                 per = ", ".join(f"seed {s}: {d:+.4f}" for s, d in sorted(diffs.items()))
                 print(f"- {arm}: {per}; mean {m:+.4f} ± {sd:.4f} (n={len(diffs)})")
+                curve = {s: {e["step"]: e["val_bpb"] for e in evals} for s, evals in seeds.items() if s in ref}
+                ref_curve = {s: {e["step"]: e["val_bpb"] for e in runs[args.reference][s]} for s in curve}
+                along = []
+                for step in sorted(set.intersection(*(set(c) & set(ref_curve[s]) for s, c in curve.items()))):
+                    m, sd = mean_sd([curve[s][step] - ref_curve[s][step] for s in curve])
+                    along.append(f"{step}: {m:+.3f} ± {sd:.3f}")
+                print(f"  along training (step: mean ± sd of the paired differences): {'; '.join(along)}")
     if args.plot:
         plot(runs, args.plot, stats)
 
