@@ -3,7 +3,12 @@
 
 Usage (from the repository root, after the `moekit compare` runs):
 
-    python docs/results/router_sharpening.py RUN_FOLDER [RUN_FOLDER ...]   # e.g. /tmp/j31-runs/long/runs/*
+    python docs/results/router_sharpening.py RUN_FOLDER [RUN_FOLDER ...] [--reference ARM] [--stats A,B] [--plot PNG]
+
+The figures of docs/results.md sections 3-4 came from
+`... /tmp/j31-runs/topp2x/runs/* --reference top2 --stats experts_per_token,load_cv` (and `moepp2x`, `--reference
+moe`), and `routers_along_training.png` from `... /tmp/j31-runs/long/runs/* --reference top2
+--stats experts_per_token,ffn_per_token,zc_share,load_cv --plot docs/results/routers_along_training.png`.
 
 Each RUN_FOLDER is one `moekit train`/`moekit compare` run folder (`<arm>-seed<seed>-<hash>`); unfinished
 runs are skipped. Its
