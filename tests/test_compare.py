@@ -180,3 +180,20 @@ def test_shipped_studies_plan_in_both_modes(name):
         assert len(study.seeds) >= (2 if quick else 3)
         specs = plan_study(study)
         assert len(specs) == len(study.arms) * len(study.seeds)
+
+
+def test_coe_study_runs_the_papers_outer_residual_ablation():
+    """The ``coe`` study's third arm is its CoE arm with only the block's outer residual added back (the paper's
+    ablation, reported ~ plain MoE), in both modes; and ``moepp``'s and ``topp``'s reference runs are one
+    configuration (same cache key), so a folder of one serves the other."""
+    for quick in (False, True):
+        by_arm = {s.arm: s.config for s in plan_study(load_study("coe", quick=quick)) if s.seed == 0}
+        assert set(by_arm) == {"moe-top4", "coe-2x-top2", "coe-2x-top2-outer"}
+        plain, outer = by_arm["coe-2x-top2"], by_arm["coe-2x-top2-outer"]
+        assert plain.model.variant["outer_residual"] is False and outer.model.variant["outer_residual"] is True
+        assert with_overrides(outer, {"model.variant.outer_residual": False}).model == plain.model
+        assert outer.train == plain.train and outer.data == plain.data
+    moepp = {s.seed: s for s in plan_study(load_study("moepp")) if s.arm == "moe"}
+    topp = {s.seed: s for s in plan_study(load_study("topp")) if s.arm == "top2"}
+    assert {k: run_key(s.config) for k, s in moepp.items()} == {k: run_key(s.config) for k, s in topp.items()}
+    assert all(s.config.train.max_steps == 800 for s in moepp.values())  # twice the first runs' 400 steps

@@ -46,6 +46,10 @@ def test_tiny_run_learns_and_writes_its_folder(tiny_run):
     vals = [r for r in tiny_run.records if "val_loss" in r]
     assert [r["step"] for r in vals] == [20, 40]
     assert vals[-1]["val_loss"] == pytest.approx(summary["val_loss"])
+    # each evaluation logs its per-layer routing statistics; the last one is the summary's
+    assert all(set(r["layers"]) == {"layers.0.ffn", "layers.1.ffn"} for r in vals)
+    assert vals[-1]["layers"] == summary["layers"]
+    assert vals[0]["layers"] != vals[-1]["layers"]  # measured at each evaluation, not copied
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -484,7 +484,9 @@ class _Run:
         tc, step = self.cfg.train, self.state["step"]
         val = evaluate(self.model, self.data, batch_size=tc.batch_size, num_batches=tc.eval_batches,
                        dtype=tc.dtype, device=self.device)
-        self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
+        # the per-layer routing statistics (variants' own included) go with each evaluation, so that a
+        # router's sharpening can be read along the curve, not only at the end (summary.json's "layers")
+        self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "layers": val["layers"]})
         if self.tb is not None:
             self.tb.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
             self.tb.write_layers(step, val["layers"])
