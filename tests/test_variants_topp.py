@@ -40,6 +40,18 @@ def test_layer_matches_reference_loop_and_counts_experts():
     assert 1 <= expected <= 4
 
 
+def test_padding_slots_are_not_reported_as_drops():
+    # Top-p has no capacity limit: the -1 slots of tokens that chose fewer experts than the widest token are
+    # padding, so the drop rate is 0 while the routing does hold empty slots.
+    torch.manual_seed(0)
+    layer = TopPMoE(tiny_moe(), TopPConfig(threshold=0.5), name="l0")
+    x = torch.randn(2, 5, 8)
+    ctx = RoutingContext(collect_stats=True)
+    layer(x, ctx)
+    assert (layer.route(x.reshape(-1, 8)).expert_ids_TK < 0).any(), "the test needs padded slots"
+    assert ctx.stats_summary()["l0"]["drop_rate"] == 0.0
+
+
 def test_threshold_one_uses_every_expert():
     layer = TopPMoE(tiny_moe(), TopPConfig(threshold=1.0))
     assert torch.all(layer.route(torch.randn(7, 8)).expert_ids_TK >= 0)

@@ -73,6 +73,9 @@ class TopPMoE(nn.Module):
         routing = self.route(x_TD, ctx, num_sequences)
         y_TD = self.moe.combine(x_TD, routing, ctx)
         add_extra(ctx, self.name, experts_per_token=(routing.expert_ids_TK >= 0).sum() / x_TD.shape[0])
+        if ctx is not None and self.name in ctx.stats:
+            # Top-p has no capacity limit: its -1 slots pad tokens that chose fewer than K experts, not drops.
+            ctx.stats[self.name].num_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         return y_TD.view(x.shape)
 
 
