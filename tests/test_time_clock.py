@@ -5,6 +5,8 @@ step "costs" one CPU second whatever the machine is doing: no timed assertion an
 """
 
 import json
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from moekit.compare.plots import mean_time_curve
 from moekit.compare.runner import RunOutcome
 from moekit.compare.study import study_from_dict
 from moekit.configs import ConfigError
+from moekit.parallel import init_from_env, run_local
 from moekit.recipes import load_preset
 from moekit.training import train, with_overrides
 from moekit.training import trainer as trainer_mod
@@ -197,3 +200,19 @@ def test_quick_time_study_end_to_end(tmp_path):
         assert 0.5 <= run["summary"]["cpu_time_s"] < 0.5 + run["summary"]["train_time_s"]
         assert run["val_curve"][-1]["cpu_time"] == pytest.approx(run["summary"]["cpu_time_s"])
     assert (tmp_path / "val_vs_time.png").stat().st_size > 0
+
+
+def _two_rank_worker(root: str) -> dict:
+    """Each rank's CPU clock runs at its own rate: rank 0 one second per step, rank 1 a quarter."""
+    rank = init_from_env(1, timeout=timedelta(seconds=90)).rank
+    trainer_mod._cpu_seconds = FakeCPU(1.0 if rank == 0 else 0.25)  # type: ignore[attr-defined]
+    cfg = tiny(**{"train.max_steps": 100_000, "train.max_seconds": 3.5, "train.time_clock": "cpu"})
+    result = train(cfg, Path(root) / "run", progress=False)
+    return {"step": result.summary["step"]}
+
+
+def test_under_two_ranks_rank_zeros_cpu_clock_decides_for_both(tmp_path):
+    ranks = run_local(_two_rank_worker, 2, str(tmp_path), timeout=240)
+    # rank 1 alone would train 14 steps; rank 0's 4 CPU seconds end the run on both (else a collective hangs)
+    assert [r["step"] for r in ranks] == [4, 4]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["cpu_time_s"] == pytest.approx(4.0)
