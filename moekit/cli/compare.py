@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, metavar="N", help="use the first N seeds (default: the study's list)")
     p.add_argument("--budget", type=float, metavar="AMOUNT",
                    help="replace the study's budget amount (tokens, FLOPs or seconds, per its kind)")
+    p.add_argument("--budget-clock", choices=("wall", "cpu"), metavar="CLOCK",
+                   help="time budgets: count wall time ('wall') or each run's CPU seconds in training steps ('cpu', "
+                        "fair on a shared machine with --threads 1)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="runs at a time, one process each (default: min(runs, cores)); 0 trains in this process")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads per run (default: cores // workers)")
@@ -60,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(args.study, quick=args.quick)
     if args.seeds is not None:
         study = study.with_seeds(args.seeds)
-    if args.budget is not None:
-        study = study.with_budget(args.budget)
+    if args.budget_clock is not None and study.budget.kind != "time":
+        raise UsageError(f"--budget-clock applies to time budgets only; study {study.name!r} has a "
+                         f"{study.budget.kind!r} budget")
+    if args.budget is not None or args.budget_clock is not None:
+        study = study.with_budget(args.budget, args.budget_clock)
     if args.plan:
         print(f"{study.name}: {study.budget.describe()}, seeds {list(study.seeds)}")
         print(describe_plan(plan_study(study, args.overrides)))

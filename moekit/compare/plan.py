@@ -7,14 +7,17 @@ Budgets (``tokens_per_step = batch_size * grad_accum * context``, ``F_i`` = trai
 - ``flops``:  ``steps_i = round(flops / (F_i * tokens_per_step_i))``; the realised budget
   ``steps_i * F_i * tokens_per_step_i`` must be within 1% of the asked one, else the plan is refused (a
   budget of fewer than about 50 steps cannot be matched that closely; raise it).
-- ``time``:   ``train.max_seconds = seconds`` and an unbounded step count; the cosine schedule follows time.
+- ``time``:   ``train.max_seconds = seconds``, ``train.time_clock = clock`` (``wall`` or ``cpu``: training-step
+  CPU seconds) and an unbounded step count; the cosine schedule follows that clock. Validation keeps the
+  arm's own ``train.eval_every`` (in steps; set it in the study's overrides).
 
 Every run validates ``evals`` times (every ``steps // evals`` steps) and checkpoints at each validation, so
 an interrupted study loses at most one interval per run.
 
 Cache key: a run's folder is ``<arm>-seed<seed>-<hash>``, the hash taken over its resolved ``model``,
 ``data``, ``train`` and ``parallel`` settings, except ``train.threads`` (which changes with ``--workers`` but
-not what is computed). Changing anything that matters gives a new folder; rerunning an unchanged study finds
+not what is computed), and ``train.time_clock`` when it is the default ``wall`` (so the folders of runs made
+before that field existed are still found). Changing anything that matters gives a new folder; rerunning an unchanged study finds
 its finished runs.
 """
 
@@ -81,13 +84,15 @@ def run_key(cfg: RunConfig) -> str:
     d = to_dict(cfg)
     material = {"model": d["model"], "data": d["data"], "parallel": d["parallel"],
                 "train": {**d["train"], "threads": None}}
+    if material["train"].get("time_clock") == "wall":
+        del material["train"]["time_clock"]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _budgeted(study: Study, cfg: RunConfig, flops_per_token: int, tokens_per_step: int) -> dict[str, Any]:
     b = study.budget
     if b.kind == "time":
-        return {"train.max_steps": _TIME_BUDGET_STEPS, "train.max_seconds": b.amount}
+        return {"train.max_steps": _TIME_BUDGET_STEPS, "train.max_seconds": b.amount, "train.time_clock": b.clock}
     per_step = tokens_per_step * (flops_per_token if b.kind == "flops" else 1)
     steps = max(1, round(b.amount / per_step))
     if b.kind == "flops" and abs(steps * per_step - b.amount) > FLOPS_TOLERANCE * b.amount:
@@ -129,7 +134,9 @@ def describe_plan(specs: list[RunSpec]) -> str:
         seen.add(s.arm)
         c = count(s.config.model)
         steps = s.config.train.max_steps
-        steps_text = f"{steps:,} steps" if s.planned_flops is not None else f"{s.config.train.max_seconds:g} s"
+        tc = s.config.train
+        steps_text = (f"{steps:,} steps" if s.planned_flops is not None else
+                      f"{tc.max_seconds:g} s ({'CPU seconds of training steps' if tc.time_clock == 'cpu' else 'wall'})")
         flops = f", {s.planned_flops:.3g} FLOPs" if s.planned_flops is not None else ""
         lines.append(f"{s.arm}: {c.total_params:,} params ({c.active_params:,} active), "
                      f"{s.flops_per_token / 1e6:.2f} MFLOP/token, {s.tokens_per_step:,} tokens/step, "

@@ -169,7 +169,8 @@ def results_json(study: Study, results: list[ArmResult], outcomes: list[RunOutco
              "summary": None if o.summary is None else {k: v for k, v in o.summary.items() if k != "load"},
              "val_curve": o.val_curve} for o in outcomes]
     return {"study": study.name, "description": study.description, "claim": study.claim,
-            "source": study.source, "budget": {"kind": study.budget.kind, "amount": study.budget.amount},
+            "source": study.source, "budget": {"kind": study.budget.kind, "amount": study.budget.amount,
+                                                  **({"clock": study.budget.clock} if study.budget.kind == "time" else {})},
             "seeds": list(study.seeds), "reference": study.reference, "command": command,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_line(),
             "arms": [arm_dict(r) for r in results], "runs": runs}

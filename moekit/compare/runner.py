@@ -74,7 +74,9 @@ def read_outcome(spec: RunSpec, out_dir: Path, cached: bool = False) -> RunOutco
     folder = folder_of(out_dir, spec)
     summary = read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
     extra = read_json(folder / COMPARE_FILE) if (folder / COMPARE_FILE).is_file() else {}
-    curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"]}
+    # elapsed / cpu_time: the clocks at each validation (runs written before they were recorded lack them)
+    curve = [{"step": r["step"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"],
+              **{k: r[k] for k in ("elapsed", "cpu_time") if k in r}}
              for r in read_metrics(folder / "metrics.jsonl") if "val_loss" in r]
     # the run summary's per-layer statistics include the variants' own (averaged over validation batches)
     routing = (summary or {}).get("layers", {})

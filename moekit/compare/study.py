@@ -14,6 +14,7 @@ users write their own and pass the path. The format::
     [budget]
     kind = "flops"              # "tokens" (same tokens), "flops" (same training FLOPs) or "time" (same seconds)
     flops = 6e12                # or tokens = 1_000_000, or seconds = 120
+    # clock = "cpu"             # time budgets only: "wall" (default) or "cpu" (training-step CPU seconds)
 
     [overrides]                 # every arm; dotted keys or nested tables
     "model.dim" = 128
@@ -50,6 +51,7 @@ __all__ = ["Budget", "Arm", "Study", "load_study", "list_studies", "flatten_over
 
 BudgetKind = Literal["tokens", "flops", "time"]
 BUDGET_KINDS = ("tokens", "flops", "time")
+TIME_CLOCKS = ("wall", "cpu")
 _BUDGET_FIELD = {"tokens": "tokens", "flops": "flops", "time": "seconds"}
 
 
@@ -60,16 +62,24 @@ class Budget:
     Attributes:
         kind: ``tokens``: equal training tokens; ``flops``: equal training FLOPs (forward + backward, from
             :func:`moekit.models.count`), so an arm with more FLOPs per token takes fewer steps; ``time``:
-            equal wall time (``train.max_seconds``), which is only fair on an otherwise idle machine.
+            equal time (``train.max_seconds``, counted by ``clock``).
         amount: tokens, FLOPs or seconds.
+        clock: time budgets only (``train.time_clock``): ``wall`` counts wall time of training and validation,
+            which is only fair on an otherwise idle machine; ``cpu`` counts each run's CPU seconds in training
+            steps, which other jobs on a shared machine do not eat into (run with ``--threads 1``).
     """
 
     kind: BudgetKind
     amount: float
+    clock: Literal["wall", "cpu"] = "wall"
 
     def __post_init__(self) -> None:
         check_choice("budget", "kind", self.kind, BUDGET_KINDS)
         check(self.amount > 0, f"budget {_BUDGET_FIELD[self.kind]}={self.amount} must be positive")
+        check_choice("budget", "clock", self.clock, TIME_CLOCKS)
+        check(self.kind == "time" or self.clock == "wall",
+              f"budget clock={self.clock!r} applies to time budgets only (kind = \"time\"), not kind={self.kind!r}; "
+              f"remove clock or set kind = \"time\"")
 
     @classmethod
     def from_table(cls, table: Any, where: str) -> "Budget":
@@ -79,20 +89,23 @@ class Budget:
         kind = table["kind"]
         check_choice(where, "kind", kind, BUDGET_KINDS)
         key = _BUDGET_FIELD[kind]
-        extra = set(table) - {"kind", key}
-        check(key in table and not extra, f"{where} of kind {kind!r} takes exactly one amount, {key} = ...; "
+        extra = set(table) - {"kind", key, "clock"}  # a clock on another kind: Budget says why not
+        allowed = f"{key} = ..." + (" (and optionally clock = \"wall\" or \"cpu\")" if kind == "time" else "")
+        check(key in table and not extra, f"{where} of kind {kind!r} takes exactly one amount, {allowed}; "
                                           f"got keys {sorted(table)}")
         try:
             amount = float(table[key])
         except (TypeError, ValueError):
             raise ConfigError(f"{where}.{key}={table[key]!r} is not a number") from None
-        return cls(kind=kind, amount=amount)
+        return cls(kind=kind, amount=amount, clock=table.get("clock", "wall"))
 
     def describe(self) -> str:
         if self.kind == "tokens":
             return f"equal training tokens ({self.amount:,.0f} per run)"
         if self.kind == "flops":
             return f"equal training FLOPs ({self.amount:.3g} per run)"
+        if self.clock == "cpu":
+            return f"equal CPU time ({self.amount:g} CPU seconds of training steps per run)"
         return f"equal wall time ({self.amount:g} s of training per run)"
 
 
@@ -138,9 +151,11 @@ class Study:
               f"study {self.name!r}: seeds={list(self.seeds)} must be a non-empty list of distinct integers")
         check(self.evals >= 1, f"study {self.name!r}: evals={self.evals} must be >= 1")
 
-    def with_budget(self, amount: float) -> "Study":
-        """The study with its budget amount (tokens, FLOPs or seconds, per its kind) replaced."""
-        return replace(self, budget=Budget(kind=self.budget.kind, amount=amount))
+    def with_budget(self, amount: float | None = None, clock: str | None = None) -> "Study":
+        """The study with its budget amount (tokens, FLOPs or seconds, per its kind) and/or clock replaced."""
+        b = self.budget
+        return replace(self, budget=Budget(kind=b.kind, amount=b.amount if amount is None else amount,
+                                           clock=b.clock if clock is None else clock))  # type: ignore[arg-type]
 
     def with_seeds(self, num_seeds: int) -> "Study":
         """The first ``num_seeds`` seeds of the study (continued 0, 1, 2, ... past its own list)."""

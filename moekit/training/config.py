@@ -38,7 +38,15 @@ class TrainConfig:
         max_seconds: optional wall-time budget (training and validation, not start-up). The run stops at
             whichever of ``max_steps`` and ``max_seconds`` comes first, and the schedule follows the one that
             is further along. Runs with a time budget are not bit-reproducible (how far they get depends on
-            the machine's load).
+            the machine's load). ``time_clock`` says which clock it counts.
+        time_clock: the clock of ``max_seconds``. ``wall``: wall time of training and validation (rank 0's
+            ``time.perf_counter``), so other jobs on a shared machine slow the run and shorten what it trains.
+            ``cpu``: this process's CPU seconds (``time.process_time``) spent in *training steps only*
+            (validation, checkpoints and start-up are not counted: evaluations are equal in number across the
+            arms of a study but not in cost, and an equal-time comparison is of training). With one torch
+            thread (``train.threads=1``) that is the steps' own duration whatever else the machine runs; with
+            N threads it is the sum over them (about N times the wall time on an idle machine). Under torchrun
+            rank 0's count decides for every rank. The schedule follows the same clock.
         expected_tokens_per_s: training tokens/s this config reaches on the reference machine (2 idle CPU
             cores, float32), or ``None``. Gives the duration estimate printed before the first step, and a
             warning when the measured rate is below a third of it (a busy or slower machine: the run then
@@ -75,6 +83,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_seconds: float | None = None
+    time_clock: Literal["wall", "cpu"] = "wall"
     expected_tokens_per_s: float | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -123,6 +132,7 @@ class TrainConfig:
         check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         check(self.checkpoint_seconds is None or self.checkpoint_seconds >= 0,
               f"train.checkpoint_seconds={self.checkpoint_seconds} must be >= 0 (0 or none: no checkpoints by time)")
+        check_choice("train", "time_clock", self.time_clock, ("wall", "cpu"))
         check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         check_choice("train", "dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))

@@ -77,8 +77,8 @@ from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
 
-__all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "train",
-           "train_step"]
+__all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "spent_time",
+           "train", "train_step"]
 
 # In train.on_nonfinite="skip" mode, this many non-finite steps in a row still stop the run.
 MAX_SKIPPED_IN_A_ROW = 10
@@ -217,7 +217,9 @@ def budget_plan(cfg: RunConfig, world_size: int = 1) -> str:
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * world_size
     text = f"budget: {tc.max_steps:,} steps x {tokens_per_step:,} tokens = {tc.max_steps * tokens_per_step:,} tokens"
     if tc.max_seconds is not None:
-        text += (f", or {format_duration(tc.max_seconds)} of wall time if that comes first (a time budget: how far "
+        clock = ("of wall time" if tc.time_clock == "wall" else
+                 "of this process's CPU time in training steps (train.time_clock=cpu)")
+        text += (f", or {format_duration(tc.max_seconds)} {clock} if that comes first (a time budget: how far "
                  f"the run gets depends on the machine's load)")
     if tc.expected_tokens_per_s:
         seconds = tc.max_steps * tokens_per_step / (tc.expected_tokens_per_s * world_size)
@@ -233,9 +235,19 @@ def spent_budget(cfg: RunConfig, state: dict) -> str | None:
     tc = cfg.train
     if state["step"] >= tc.max_steps:
         return f"--train.max_steps={2 * tc.max_steps}"
-    if tc.max_seconds is not None and state.get("elapsed", 0.0) >= tc.max_seconds:
+    if tc.max_seconds is not None and spent_time(tc.time_clock, state) >= tc.max_seconds:
         return f"--train.max_seconds={2 * tc.max_seconds:g}"
     return None
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU seconds, all threads summed (``train.time_clock="cpu"``; a seam for tests)."""
+    return time.process_time()
+
+
+def spent_time(clock: str, state: dict) -> float:
+    """Seconds of a run's time budget spent, by ``train.time_clock``: wall ``elapsed`` or training-step ``cpu_time``."""
+    return float(state.get("elapsed" if clock == "wall" else "cpu_time", 0.0))
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
@@ -353,9 +365,9 @@ class _Run:
         train_batch(self.data, 1, cfg.model.context, tc.seed, 0)
         next(val_batches(self.data, 1, cfg.model.context, 1))
         self.peak = measure_matmul_peak(self.device)
-        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_time": 0.0, "cpu_time": 0.0}
         if resume:
-            self.state = par.load(out_dir, self.model, self.optimizer)
+            self.state = {"cpu_time": 0.0, **par.load(out_dir, self.model, self.optimizer)}
             call_on_step(self.model, self.state["step"])  # hooks that keep state re-derive it from the step
         self.resume = resume
         self.log: MetricsLog | _NoLog = _NoLog()  # opened by loop(), once the run is known to start
@@ -364,7 +376,7 @@ class _Run:
         self.skipped_in_a_row = 0
         self.tb = TensorBoardLog(out_dir / "tensorboard") if tensorboard and par.is_main else None
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
-        self.session_start = (self.state["step"], self.state["elapsed"])
+        self.session_start = (self.state["step"], spent_time(tc.time_clock, self.state))
         self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val: dict[str, Any] | None = None
@@ -387,9 +399,10 @@ class _Run:
                 while state["step"] < stop_at:
                     # Every rank takes the same decision, on rank 0's clock (the schedule follows it too).
                     elapsed, stopped = self.par.agree(time.perf_counter() - self.start, stop.requested)
-                    if stopped or (tc.max_seconds is not None and elapsed >= tc.max_seconds):
+                    spent = elapsed if tc.time_clock == "wall" else self.par.agree(state["cpu_time"], False)[0]
+                    if stopped or (tc.max_seconds is not None and spent >= tc.max_seconds):
                         break
-                    self._step(elapsed)
+                    self._step(elapsed, spent)
                 self._save()
                 _, stopped = self.par.agree(0.0, stop.requested)
                 if stopped or (until_step is not None and state["step"] < tc.max_steps):
@@ -409,15 +422,16 @@ class _Run:
                 self.tb.close()
         return self._finish()
 
-    def _step(self, elapsed: float) -> None:
+    def _step(self, elapsed: float, spent: float) -> None:
+        """One step; ``elapsed`` is the agreed wall time, ``spent`` the time budget's clock (see time_clock)."""
         tc, state, step = self.cfg.train, self.state, self.state["step"]
-        lr = learning_rate(tc, step, max(step / tc.max_steps, elapsed / tc.max_seconds if tc.max_seconds else 0.0))
+        lr = learning_rate(tc, step, max(step / tc.max_steps, spent / tc.max_seconds if tc.max_seconds else 0.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         rec = train_step(self.model, self.optimizer, self.data, self.cfg, step, self.device,
                          collect_stats=step % tc.log_every == 0, groups=self.par.groups)
-        dt = time.perf_counter() - t0
+        dt, cpu_dt = time.perf_counter() - t0, _cpu_seconds() - cpu0
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if rec.get("skipped") else 0
         if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise NonFiniteError(f"step {step + 1}: {MAX_SKIPPED_IN_A_ROW} steps in a row had a non-finite loss or "
@@ -426,21 +440,23 @@ class _Run:
         if rec.get("skipped"):
             self.bar.write(f"step {step + 1}: non-finite loss or gradient norm; step skipped")
         state.update(step=step + 1, tokens=state["tokens"] + self.tokens_per_step,
-                     train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start)
+                     train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start,
+                     cpu_time=state["cpu_time"] + cpu_dt)
         self.load_cv = rec.get("load_cv", self.load_cv)
         record = {"step": step + 1, **rec, "lr": lr, "tokens": state["tokens"],
-                  "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"]}
+                  "tokens_per_s": self.tokens_per_step / dt, "elapsed": state["elapsed"], "cpu_time": state["cpu_time"]}
         self.log.write(record)
         if self.tb is not None:
             self.tb.write(record)
         fields = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{self.tokens_per_step / dt:,.0f}"}
         if self.load_cv is not None:
             fields["load_cv"] = f"{self.load_cv:.2f}"
-        fraction, eta, governs = budget_status(step + 1, state["elapsed"], tc.max_steps, tc.max_seconds,
+        fraction, eta, governs = budget_status(step + 1, spent_time(tc.time_clock, state), tc.max_steps, tc.max_seconds,
                                                start_step=self.session_start[0],
                                                start_elapsed=self.session_start[1])
         label = (f"step {step + 1:,}/{tc.max_steps:,}" if governs == "steps" else
-                 f"time {format_duration(state['elapsed'])}/{format_duration(tc.max_seconds)} (step {step + 1:,})")
+                 f"time {format_duration(spent_time(tc.time_clock, state))}/{format_duration(tc.max_seconds)} "
+                 f"(step {step + 1:,})")
         self.bar.update(step + 1, fields, force=step + 1 == tc.max_steps, fraction=fraction, eta=eta, label=label)
         self._check_throughput(self.tokens_per_step / dt, eta)
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
@@ -486,7 +502,8 @@ class _Run:
                        dtype=tc.dtype, device=self.device)
         # the per-layer routing statistics (variants' own included) go with each evaluation, so that a
         # router's sharpening can be read along the curve, not only at the end (summary.json's "layers")
-        self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "layers": val["layers"]})
+        self.log.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"], "layers": val["layers"],
+                        "elapsed": self.state["elapsed"], "cpu_time": self.state["cpu_time"]})
         if self.tb is not None:
             self.tb.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
             self.tb.write_layers(step, val["layers"])
@@ -505,7 +522,7 @@ class _Run:
                    "last_val_loss": self.val["val_loss"] if self.val else None,
                    "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0,
                    "wall_time_s": state["elapsed"], "train_time_s": state["train_time"],
-                   "total_params": counts.total_params, "active_params": counts.active_params,
+                   "cpu_time_s": state["cpu_time"], "total_params": counts.total_params, "active_params": counts.active_params,
                    "data": self.data.description}
         if self.par.is_main:
             write_json(self.out_dir / "summary.json", summary)
@@ -525,7 +542,8 @@ class _Run:
                    "val_bpb": val["val_bpb"], "tokens_per_s": tokens_per_s,
                    "mfu": mfu, "peak_flops": self.peak,
                    "flops_per_token": counts.flops_per_token, "wall_time_s": state["elapsed"],
-                   "train_time_s": state["train_time"], "total_params": counts.total_params,
+                   "train_time_s": state["train_time"], "cpu_time_s": state["cpu_time"],
+                   "time_clock": self.cfg.train.time_clock, "total_params": counts.total_params,
                    "active_params": counts.active_params, "data": self.data.description,
                    "expected_tokens_per_s": self.cfg.train.expected_tokens_per_s,
                    "layers": val["layers"], "load": val["load"]}
