@@ -30,13 +30,13 @@ def _entry(rank: int, port: int, root: str, queue) -> None:
     import torch
 
     from moekit.parallel import init_from_env
-    from moekit.training import trainer
+    from moekit.training import step as step_module
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
     init_from_env(1, timeout=timedelta(seconds=TIMEOUT_S))
-    draw = trainer.train_batch
+    draw = step_module.train_batch
 
     def train_batch(data, batch_size, context, seed, step, index=0):
         if rank == KILLED and step == KILL_STEP:
@@ -44,7 +44,7 @@ def _entry(rank: int, port: int, root: str, queue) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return draw(data, batch_size, context, seed, step, index)
 
-    trainer.train_batch = train_batch
+    step_module.train_batch = train_batch  # what train_step draws its batches with
     cfg = with_overrides(load_preset("tiny"), {
         "train.max_steps": "6", "train.eval_every": "0", "train.checkpoint_every": "1",
         "parallel.ep_size": "2", "parallel.fsdp": "true", "parallel.timeout_s": str(TIMEOUT_S)})

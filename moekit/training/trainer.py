@@ -8,6 +8,9 @@ One optimizer step::
                               (a variant may replace loss_m through its training-step hook: moekit.layers.step_hook)
     clip the gradient norm; optimizer.step(); update_expert_biases(model); module.on_step(step) for hooks
 
+The step itself is :func:`moekit.training.step.train_step`; the budget's plan line and bookkeeping are in
+:mod:`moekit.training.budget`.
+
 Determinism: weights come from ``torch.manual_seed(train.seed)``; batch ``(step, m)`` is a pure function of
 ``(seed, step, m)``; a checkpoint holds the weights, the AdamW moments and the RNG state, so a resumed run
 takes exactly the steps an uninterrupted one takes (for step budgets; a time budget depends on the clock).
@@ -24,7 +27,6 @@ checkpoints that load into any layout).
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import statistics
@@ -40,12 +42,10 @@ import torch
 from torch import nn
 
 from ..configs import ConfigError, to_dict
-from ..data import TokenData, load_data, train_batch, val_batches
-from ..layers.step_hook import training_step_hook
+from ..data import load_data, train_batch, val_batches
 from ..models import LanguageModel, ModelConfig, count
-from ..parallel import ParallelGroups, has_sharded, read_sharded_info
-from ..routing import update_expert_biases
-from ..types import RoutingContext
+from ..parallel import has_sharded, read_sharded_info
+from .budget import budget_plan, spent_budget, spent_time
 from .checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -56,13 +56,8 @@ from .checkpoint import (
     write_json,
 )
 from .config import RunConfig
-from .distributed import (
-    Distributed,
-    micro_index,
-    reduce_and_clip,
-    world_mean,
-)
-from .evaluate import autocast, evaluate, resolve_device
+from .distributed import Distributed
+from .evaluate import evaluate, resolve_device
 from .metrics import (
     MetricsLog,
     Progress,
@@ -76,18 +71,13 @@ from .metrics import (
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
+from .step import MAX_SKIPPED_IN_A_ROW, NonFiniteError, call_on_step, train_step
 
 __all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "spent_time",
            "train", "train_step"]
 
-# In train.on_nonfinite="skip" mode, this many non-finite steps in a row still stop the run.
-MAX_SKIPPED_IN_A_ROW = 10
 SLOW_FACTOR = 3.0  # warn when the measured tokens/s is below expected_tokens_per_s / SLOW_FACTOR
 _RATE_STEPS = 5  # steps (after the first, which warms up) whose median rate checks the throughput
-
-
-class NonFiniteError(ConfigError):
-    """A step's loss or gradient norm is NaN or inf: the run stops without saving (the last checkpoint stays)."""
 
 
 @dataclass
@@ -103,68 +93,6 @@ class TrainResult:
     def losses(self) -> list[float]:
         """Training loss of every step, in step order."""
         return [r["loss"] for r in self.records if "loss" in r]
-
-
-def call_on_step(model: nn.Module, step: int) -> None:
-    """The train-step hook: ``module.on_step(step)`` for every module that has one (``step`` steps are done)."""
-    for module in model.modules():
-        on_step = getattr(module, "on_step", None)
-        if callable(on_step):
-            on_step(step)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: TokenData, cfg: RunConfig, step: int,
-               device: torch.device, collect_stats: bool = False, groups: ParallelGroups | None = None) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics.
-
-    With distributed ``groups`` (every rank calls it): this rank's micro-batches, gradients averaged over the
-    ranks, the whole model's norm clipped, and loss, CE and aux averaged over the ranks; routing statistics
-    stay this rank's.
-    """
-    tc = cfg.train
-    step_loss = training_step_hook(model)  # the plain step, or the one variant hook (moekit.layers.step_hook)
-    ce_sum, aux_sum, stats = 0.0, 0.0, {}
-    for micro in range(tc.grad_accum):
-        x_BS, y_BS = train_batch(data, tc.batch_size, cfg.model.context, tc.seed, step,
-                                 micro_index(groups, tc.grad_accum, micro))
-        x_BS, y_BS = x_BS.to(device), y_BS.to(device)
-
-        def forward(ctx: RoutingContext, x_BS: torch.Tensor = x_BS) -> tuple[torch.Tensor, RoutingContext]:
-            with autocast(device, tc.dtype):
-                return model(x_BS, ctx)
-
-        result = step_loss(forward, y_BS, collect_stats)
-        (result.loss / tc.grad_accum).backward()
-        if result.trainable is not None:  # the hook trains only these (e.g. routers on a frozen model)
-            keep = {id(p) for p in result.trainable}
-            for p in model.parameters():
-                if id(p) not in keep:
-                    p.grad = None
-        ce_sum += result.ce.item()
-        aux_sum += float(result.aux.detach()) if isinstance(result.aux, torch.Tensor) else float(result.aux)
-        stats.update(result.ctx.stats_summary())
-    grad_norm = float(reduce_and_clip(model, tc.grad_clip if tc.grad_clip > 0 else float("inf"), groups))
-    # World means before the update, so that every rank takes the same decision on non-finite values.
-    ce, aux = world_mean([ce_sum / tc.grad_accum, aux_sum / tc.grad_accum], groups)
-    finite = math.isfinite(grad_norm) and math.isfinite(ce) and math.isfinite(aux)
-    if finite:
-        optimizer.step()
-    elif tc.on_nonfinite == "stop":
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(
-            f"step {step + 1}: loss {ce + aux} / gradient norm {grad_norm} is not finite; training stopped and "
-            f"nothing was saved (the last checkpoint is kept). Lower --train.lr (now {tc.lr}) or raise "
-            f"--train.warmup_steps, or pass --train.on_nonfinite=skip to skip such steps")
-    optimizer.zero_grad(set_to_none=True)
-    update_expert_biases(model)
-    call_on_step(model, step + 1)
-    out = {"loss": ce + aux, "ce": ce, "aux": aux, "grad_norm": grad_norm}
-    if not finite:
-        out["skipped"] = 1
-    if stats:
-        out["load_cv"] = sum(s["load_cv"] for s in stats.values()) / len(stats)
-        out["dead_experts"] = sum(s["dead_experts"] for s in stats.values())
-    return out
 
 
 class _NoLog:
@@ -211,43 +139,9 @@ def _check_model(cfg: RunConfig, out_dir: Path) -> None:
                               f"with the run's own model settings (only train.*, data.* and parallel.* may change)")
 
 
-def budget_plan(cfg: RunConfig, world_size: int = 1) -> str:
-    """The line printed before the first step: the governing budget and, where known, its expected duration."""
-    tc = cfg.train
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * world_size
-    text = f"budget: {tc.max_steps:,} steps x {tokens_per_step:,} tokens = {tc.max_steps * tokens_per_step:,} tokens"
-    if tc.max_seconds is not None:
-        clock = ("of wall time" if tc.time_clock == "wall" else
-                 "of this process's CPU time in training steps (train.time_clock=cpu)")
-        text += (f", or {format_duration(tc.max_seconds)} {clock} if that comes first (a time budget: how far "
-                 f"the run gets depends on the machine's load)")
-    if tc.expected_tokens_per_s:
-        seconds = tc.max_steps * tokens_per_step / (tc.expected_tokens_per_s * world_size)
-        if tc.max_seconds is not None:
-            seconds = min(seconds, tc.max_seconds)
-        text += (f"; expected duration about {format_duration(seconds)} at {tc.expected_tokens_per_s:,.0f} "
-                 f"tokens/s (train.expected_tokens_per_s, 2 idle CPU cores), plus validation")
-    return text
-
-
-def spent_budget(cfg: RunConfig, state: dict) -> str | None:
-    """Which override continues a run whose checkpoint ``state`` has reached its budget, or ``None``."""
-    tc = cfg.train
-    if state["step"] >= tc.max_steps:
-        return f"--train.max_steps={2 * tc.max_steps}"
-    if tc.max_seconds is not None and spent_time(tc.time_clock, state) >= tc.max_seconds:
-        return f"--train.max_seconds={2 * tc.max_seconds:g}"
-    return None
-
-
 def _cpu_seconds() -> float:
     """This process's CPU seconds, all threads summed (``train.time_clock="cpu"``; a seam for tests)."""
     return time.process_time()
-
-
-def spent_time(clock: str, state: dict) -> float:
-    """Seconds of a run's time budget spent, by ``train.time_clock``: wall ``elapsed`` or training-step ``cpu_time``."""
-    return float(state.get("elapsed" if clock == "wall" else "cpu_time", 0.0))
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, until_step: int | None = None,
