@@ -68,10 +68,12 @@ def test_default_recipe_study_arms_are_the_presets_at_equal_flops():
     assert arms["dense"].model == load_preset("dense").model
     assert arms["default"].model == load_preset("coarse").model  # the default as it was before this study
     assert arms["fine-shared"].model == load_preset("default").model
+    mid = arms["mid-shared"].model.moe  # the medium grain: the same active FFN width as dense (4 x 256 = 1,024)
+    assert (mid.top_k + mid.num_shared_experts) * mid.hidden_dim == load_preset("dense").model.dense_hidden_dim
     specs = plan_study(study)
     # the budget is the former default's own 256 steps, matched within 1% by every arm
     assert [s.config.train.max_steps for s in specs if s.arm == "default"] == [256] * len(study.seeds)
     budget = study.budget.amount
     assert all(abs(s.planned_flops - budget) <= FLOPS_TOLERANCE * budget for s in specs)
     quick = plan_study(load_study("default-recipe", quick=True))
-    assert {s.arm for s in quick} == {"dense", "default", "fine-shared"}
+    assert {s.arm for s in quick} == {"dense", "default", "fine-shared", "mid-shared"}
