@@ -11,7 +11,7 @@ Examples::
 
     moekit presets
     moekit info --preset default
-    moekit train                                  # the default preset: 256 steps, about 4.5 minutes on 2 CPU cores
+    moekit train                                  # the default preset: 256 steps, about 4 minutes on 2 CPU cores
     moekit train --preset tiny --out runs/tiny --train.max_steps=100 --model.moe.top_k=1
     moekit eval runs/tiny
     moekit sample runs/tiny --prompt "def " --temperature 0.8

@@ -15,14 +15,14 @@ __all__ = ["register"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (default preset: a small MoE LM, 256 steps, ~4.5 minutes on 2 CPU cores)",
+    p = subparsers.add_parser("train", help="train a model (default preset: a small MoE LM, 256 steps, ~4 minutes on 2 CPU cores)",
                               description="Train a language model; the run folder gets config.json, "
                               "metrics.jsonl, summary.json, a checkpoint and plots. On several processes: "
                               "torchrun --nproc_per_node=N -m moekit train ... [--parallel.ep_size=E] "
                               "(data parallel; E consecutive processes share the experts). Ctrl-C or SIGTERM stops after the current "
                               "step with a checkpoint, summary and plots (exit status 130 / 143); --resume continues."
                               "\n\nExamples:\n"
-                              "  moekit train --out runs/default            # 256 steps, ~4.5 minutes on 2 CPU cores\n"
+                              "  moekit train --out runs/default            # 256 steps, ~4 minutes on 2 CPU cores\n"
                               "  moekit train --preset tiny --out runs/tiny --train.max_steps=100\n"
                               "  moekit train --resume --out runs/default --train.max_steps=512   # train on\n"
                               "  moekit train --train.max_seconds=120      # a time budget (depends on machine load)")
