@@ -77,3 +77,14 @@ def test_default_recipe_study_arms_are_the_presets_at_equal_flops():
     assert all(abs(s.planned_flops - budget) <= FLOPS_TOLERANCE * budget for s in specs)
     quick = plan_study(load_study("default-recipe", quick=True))
     assert {s.arm for s in quick} == {"dense", "default", "fine-shared", "mid-shared"}
+
+
+def test_default_recipe_time_study_trains_the_same_models_for_equal_cpu_seconds():
+    timed, flops = load_study("default-recipe-time"), load_study("default-recipe")
+    assert timed.budget.kind == "time" and timed.budget.clock == "cpu" and timed.budget.amount > 0
+    assert [a.name for a in timed.arms] == [a.name for a in flops.arms]
+    for a, b in zip(timed.arms, flops.arms):
+        assert arm_config(timed, a).model == arm_config(flops, b).model, a.name
+    for spec in plan_study(timed):
+        tc = spec.config.train
+        assert tc.time_clock == "cpu" and tc.max_seconds == timed.budget.amount, spec.arm
