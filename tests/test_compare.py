@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from moekit.cli.main import main
 from moekit.compare import FLOPS_TOLERANCE, load_study, plan_study, run_key, run_study
@@ -17,14 +16,6 @@ from moekit.compare.study import study_from_dict
 from moekit.configs import ConfigError
 from moekit.models import count
 from moekit.training import train, with_overrides
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

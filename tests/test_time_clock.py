@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 
 from moekit.cli.main import main
 from moekit.compare import load_study, plan_study, run_key
@@ -28,14 +27,6 @@ from moekit.training.trainer import budget_plan, spent_budget
 
 TINY = {"train.eval_every": 0, "train.eval_batches": 1, "train.device": "cpu", "train.checkpoint_every": 0,
         "train.checkpoint_seconds": 0, "data.max_files": 3, "train.warmup_steps": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FakeCPU:

@@ -28,10 +28,8 @@ checkpoints that load into any layout).
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +69,7 @@ from .metrics import (
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
+from .signals import StopFlag
 from .step import MAX_SKIPPED_IN_A_ROW, NonFiniteError, call_on_step, train_step
 
 __all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "spent_time",
@@ -103,33 +102,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-class _StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, checkpoint, write the summary
-    and plots; a second signal interrupts at once (the previous complete checkpoint is still there)."""
-
-    SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGTERM", None)) if s is not None)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.by: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "_StopFlag":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.by = True, signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 def _check_model(cfg: RunConfig, out_dir: Path) -> None:
@@ -289,7 +261,7 @@ class _Run:
                                   resume_step=state["step"] if self.resume else None)
         self.start = time.perf_counter() - state["elapsed"]
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 while state["step"] < stop_at:
                     # Every rank takes the same decision, on rank 0's clock (the schedule follows it too).
                     elapsed, stopped = self.par.agree(time.perf_counter() - self.start, stop.requested)
