@@ -164,6 +164,19 @@ def test_cli_list_plan_and_errors(capsys):
     assert "did you mean 'moe-vs-dense'" in capsys.readouterr().err
 
 
+def test_cli_arms_trains_a_subset_and_keeps_the_reference(capsys):
+    assert main(["compare", "default-recipe-time", "--quick", "--plan", "--arms", "mid-shared", "dense"]) == 0
+    planned = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert planned == ["dense", "mid-shared"]  # the study's order, not the command line's
+    assert main(["compare", "default-recipe-time", "--quick", "--plan", "--arms", "mid-shared"]) == 2
+    assert "--arms must keep the reference arm 'dense'" in capsys.readouterr().err
+    assert main(["compare", "default-recipe-time", "--quick", "--plan", "--arms", "dense", "mid"]) == 2
+    err = capsys.readouterr().err
+    assert "--arms mid: no such arm in study 'default-recipe-time-quick'" in err and "'fine-shared'" in err
+    assert main(["compare", "granularity", "--quick", "--plan", "--arms", "coarse"]) == 0  # the reference alone
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["coarse"]
+
+
 @pytest.mark.parametrize("name", ["moe-vs-dense", "coe", "moepp", "topp", "balancing", "granularity"])
 def test_shipped_studies_plan_in_both_modes(name):
     for quick in (False, True):

@@ -60,3 +60,22 @@ def test_clamped_swiglu_backward_at_the_clamp_limit_matches_autograd():
     grad_gate, grad_up = hidden_backward("clamped_swiglu", h_gate.detach(), h_up.detach(), grad_a.clone())
     torch.testing.assert_close(grad_gate, h_gate.grad)
     torch.testing.assert_close(grad_up, h_up.grad)
+
+
+def test_low_level_activation_functions_refuse_unknown_names():
+    """``hidden``/``hidden_backward`` (used by the fused engines, below the bank's config check) must not fall
+    back to ReLU for a name they do not know, e.g. ``silu`` passed where ``swiglu`` was meant."""
+    from moekit.experts.activations import hidden, hidden_backward
+    from moekit.ops import sorted_moe_ffn
+
+    h = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"unknown expert activation 'silu': use one of swiglu, clamped_swiglu"):
+        hidden("silu", h, h)
+    with pytest.raises(ValueError, match="unknown expert activation 'silu'"):
+        hidden_backward("silu", h, h, h.clone())
+    w = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="unknown expert activation 'silu'"):
+        sorted_moe_ffn(torch.randn(2, 8), torch.ones(2), torch.tensor([0, 1]), [1, 1], w, w, w.transpose(1, 2),
+                       "silu")
+    torch.testing.assert_close(hidden("relu", None, h), h.relu())
+    torch.testing.assert_close(hidden_backward("relu", None, h, torch.ones_like(h))[1], (h > 0).to(h.dtype))

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--list", action="store_true", help="list the shipped studies and exit")
     p.add_argument("--quick", action="store_true", help="the study's seconds-long [quick] version (for tests)")
     p.add_argument("--seeds", type=int, metavar="N", help="use the first N seeds (default: the study's list)")
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="train only these arms (default: all; the reference arm must be one of them)")
     p.add_argument("--budget", type=float, metavar="AMOUNT",
                    help="replace the study's budget amount (tokens, FLOPs or seconds, per its kind)")
     p.add_argument("--budget-clock", choices=("wall", "cpu"), metavar="CLOCK",
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(args.study, quick=args.quick)
     if args.seeds is not None:
         study = study.with_seeds(args.seeds)
+    if args.arms:
+        study = study.with_arms(args.arms)
     if args.budget_clock is not None and study.budget.kind != "time":
         raise UsageError(f"--budget-clock applies to time budgets only; study {study.name!r} has a "
                          f"{study.budget.kind!r} budget")

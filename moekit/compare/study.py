@@ -157,6 +157,15 @@ class Study:
         return replace(self, budget=Budget(kind=b.kind, amount=b.amount if amount is None else amount,
                                            clock=b.clock if clock is None else clock))  # type: ignore[arg-type]
 
+    def with_arms(self, names: list[str]) -> "Study":
+        """The study with only the named arms (in the study's order); the reference arm must stay."""
+        known = [a.name for a in self.arms]
+        unknown = [n for n in names if n not in known]
+        check(not unknown, f"--arms {' '.join(unknown)}: no such arm in study {self.name!r} (arms: {known})")
+        check(self.reference is None or self.reference in names,
+              f"--arms must keep the reference arm {self.reference!r}: the others are compared with it")
+        return replace(self, arms=tuple(a for a in self.arms if a.name in names))
+
     def with_seeds(self, num_seeds: int) -> "Study":
         """The first ``num_seeds`` seeds of the study (continued 0, 1, 2, ... past its own list)."""
         check(num_seeds >= 1, f"--seeds {num_seeds} must be >= 1")

@@ -38,7 +38,9 @@ def hidden(activation: str, h_gate: torch.Tensor | None, h_up: torch.Tensor) -> 
         return (h_up.clamp(-CLAMP_LIMIT, CLAMP_LIMIT) + 1) * (g * torch.sigmoid(CLAMP_ALPHA * g))
     if activation == "gelu":
         return F.gelu(h_up)
-    return F.relu(h_up)
+    if activation == "relu":
+        return F.relu(h_up)
+    raise ValueError(_unknown(activation))
 
 
 def hidden_backward(
@@ -65,4 +67,10 @@ def hidden_backward(
         return grad_gate, grad_up
     if activation == "gelu":
         return None, torch.ops.aten.gelu_backward(grad_a, h_up)
-    return None, torch.ops.aten.threshold_backward(grad_a, h_up, 0)
+    if activation == "relu":
+        return None, torch.ops.aten.threshold_backward(grad_a, h_up, 0)
+    raise ValueError(_unknown(activation))
+
+
+def _unknown(activation: str) -> str:
+    return f"unknown expert activation {activation!r}: use one of {', '.join(ACTIVATIONS)}"

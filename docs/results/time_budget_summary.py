@@ -1,14 +1,18 @@
-"""Summarise the equal-CPU-time `recipes_time` study over its budgets (docs/results.md, section 13).
+"""Summarise an equal-CPU-time study run at several budgets (docs/results.md, sections 12 and 13).
 
-Usage (from the repository root, after `moekit compare recipes_time --budget S --out DIR_S` for each budget):
+Usage (from the repository root, after `moekit compare STUDY --budget S --out DIR_S` for each budget):
 
-    python docs/results/recipes_time_summary.py /tmp/j29-runs/time-50 /tmp/j29-runs/time-100
+    python docs/results/time_budget_summary.py --name recipes_time /tmp/j29-runs/time-50 /tmp/j29-runs/time-100
+    python docs/results/time_budget_summary.py --name default-recipe-time \
+        docs/results/default-recipe-time_120_results.json DIR_300 DIR_900
 
-Reads each study folder's `results.json` (written by `moekit compare`; runs record the CPU seconds of their
-training steps at every validation) and writes, next to this script:
-- `recipes_time_val_vs_cpu.png`: validation bits/byte against CPU seconds of training steps, mean ± sd over
+Reads each study's `results.json` (a folder written by `moekit compare`, or a copy of its `results.json`; runs
+record the CPU seconds of their training steps at every validation) and writes, next to this script:
+- `NAME_val_vs_cpu.png`: validation bits/byte against CPU seconds of training steps, mean ± sd over
   seeds, one line per arm and budget (solid: the largest budget), final values as markers;
-- `recipes_time_summary.json`: per budget and arm the final bits/byte (mean, sd), the paired difference to
+- `NAME_vs_budget.png` (two budgets or more): final bits/byte against the budget, mean ± sd over seeds, and
+  the paired difference to dense per budget, mean ± sd;
+- `NAME_summary.json`: per budget and arm the final bits/byte (mean, sd), the paired difference to
   dense (mean, sd, per seed), steps and tokens reached (mean, min, max), training tokens/s of CPU time and the
   paired difference to dense along the largest budget's curves (each run's curve interpolated linearly in CPU
   seconds onto a common grid, then paired by seed);
@@ -17,9 +21,9 @@ and prints the same as Markdown tables.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,8 +39,8 @@ def _fmt(m: float, sd: float | None, signed: bool = False) -> str:
     return head if sd is None else f"{head} ± {sd:.3f}"
 
 
-def load(folder: Path) -> dict:
-    data = json.loads((folder / "results.json").read_text())
+def load(path: Path) -> dict:
+    data = json.loads((path / "results.json" if path.is_dir() else path).read_text())
     runs = [r for r in data["runs"] if r["finished"]]
     out: dict = {"budget": data["budget"]["amount"], "clock": data["budget"].get("clock", "wall"), "arms": {}}
     for arm in [a["arm"] for a in data["arms"]]:
@@ -97,7 +101,7 @@ def along(study: dict, step_s: float = 5.0) -> dict:
     return out
 
 
-def plot(studies: list[dict]) -> None:
+def plot(studies: list[dict], name: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,14 +130,56 @@ def plot(studies: list[dict]) -> None:
     ax.set_ylim(top=4.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("recipes_time: equal CPU time, mean ± sd over seeds (markers: final values)", fontsize=9)
+    ax.set_title(f"{name}: equal CPU time, mean ± sd over seeds (markers: final values)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(HERE / "recipes_time_val_vs_cpu.png", dpi=110)
+    fig.savefig(HERE / f"{name}_val_vs_cpu.png", dpi=110)
     plt.close(fig)
 
 
-def main(folders: list[str]) -> None:
-    studies = sorted((load(Path(f)) for f in folders), key=lambda s: s["budget"])
+def plot_budgets(studies: list[dict], record: dict, name: str) -> None:
+    """Final bits/byte and the paired difference to dense against the budget, mean ± sd over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    arms = list(dict.fromkeys(arm for s in studies for arm in s["arms"]))
+    budgets = [s["budget"] for s in studies]
+    for i, arm in enumerate(arms):
+        rows = [record["budgets"][f"{b:g}"].get(arm) for b in budgets]
+        pts = [(b, r) for b, r in zip(budgets, rows) if r is not None]
+        xs = [b for b, _ in pts]
+        for axis, key in ((ax, "bpb"), (bx, "delta")):
+            if arm == REF and key == "delta":
+                continue
+            m = [r[key][0] for _, r in pts]
+            sd = [r[key][1] or 0.0 for _, r in pts]
+            axis.plot(xs, m, "o-", color=colors[i % len(colors)], label=arm, lw=1.3, ms=4)
+            axis.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                              color=colors[i % len(colors)], alpha=0.15, lw=0)
+    bx.axhline(0.0, color="black", lw=0.8)
+    for axis in (ax, bx):
+        axis.set_xscale("log")
+        axis.minorticks_off()
+        axis.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        axis.set_xlabel("budget: CPU seconds of training steps per run")
+        axis.grid(alpha=0.3)
+    ax.set_ylabel("final validation bits / byte")
+    bx.set_ylabel("Δ bits / byte vs dense (paired by seed; < 0: MoE ahead)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: final value, mean ± sd over seeds", fontsize=9)
+    bx.set_title("difference to dense, mean ± sd over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(HERE / f"{name}_vs_budget.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="recipes_time", help="prefix of the files written next to this script")
+    p.add_argument("studies", nargs="+", help="study folders written by moekit compare, or their results.json")
+    args = p.parse_args(argv)
+    studies = sorted((load(Path(f)) for f in args.studies), key=lambda s: s["budget"])
     record: dict = {"budgets": {}}
     for study in studies:
         rows = summarise(study)
@@ -152,9 +198,11 @@ def main(folders: list[str]) -> None:
     print(f"\n**Paired Δ to dense along the {last['budget']:g} s curves** (CPU seconds: mean ± sd)\n")
     for arm, v in rows.items():
         print(f"- {arm}: " + "; ".join(f"{t:g}: {_fmt(m, sd, True)}" for t, m, sd in v[::2]))
-    (HERE / "recipes_time_summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    plot(studies)
+    (HERE / f"{args.name}_summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    plot(studies, args.name)
+    if len(studies) > 1:
+        plot_budgets(studies, record, args.name)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
