@@ -31,12 +31,17 @@ class Routing:
         weights_TK: combine weights, exactly 0 in empty slots, differentiable w.r.t. the router.
         scores_TE: the scores the selection was made from (softmax probabilities, sigmoid affinities...).
         logits_TE: the raw router logits (for the z-loss and statistics).
+        num_dropped: how many slots a capacity limit emptied (a device scalar), the ``drop_rate`` statistic's
+            numerator. ``None`` counts every ``-1`` slot as dropped, which is right when a capacity limit is
+            the only source of empty slots; routers whose empty slots are by design (expert choice, top-p,
+            ReLU-activated experts) set it, to zero when they have no capacity limit.
     """
 
     expert_ids_TK: torch.Tensor
     weights_TK: torch.Tensor
     scores_TE: torch.Tensor
     logits_TE: torch.Tensor
+    num_dropped: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -125,7 +125,7 @@ def routing_stats(routing: Routing, bias_E: torch.Tensor | None = None) -> Layer
     return LayerStats(
         counts_E=routing.counts_E(E),
         num_slots=ids_TK.numel(),
-        num_dropped=(ids_TK < 0).sum(),
+        num_dropped=(ids_TK < 0).sum() if routing.num_dropped is None else routing.num_dropped.detach(),
         token_entropy=entropy / math.log(E) if E > 1 else entropy,
         bias_E=None if bias_E is None else bias_E.detach().clone(),
     )

@@ -98,6 +98,7 @@ class Router(nn.Module):
             ids_TK, weights_TK = select_expert_choice(
                 scores_TE, capacity(T, self.num_experts, self.top_k, cf))
             selected_TK = ids_TK
+            num_dropped = ids_TK.new_zeros(())  # an expert's unchosen tokens are not drops
         else:
             ids_TK, weights_TK = select_topk(
                 scores_TE, self.top_k,
@@ -105,6 +106,7 @@ class Router(nn.Module):
                 num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, group_score=cfg.group_score,
                 normalize=cfg.renormalize(self.top_k), scale=cfg.routed_scaling_factor)
             selected_TK = ids_TK
+            num_dropped = None  # every empty slot below is a capacity drop
             limit = self._capacity_factor()
             if limit is not None:
                 ids_TK, weights_TK = limit_capacity(
@@ -117,7 +119,8 @@ class Router(nn.Module):
                     counted_TK.reshape(-1) + 1, minlength=self.num_experts + 1)[1:].float()
         if ctx is not None:
             self._add_losses(ctx, layer, logits_TE, scores_TE, selected_TK, num_sequences)
-        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE, logits_TE=logits_TE)
+        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE, logits_TE=logits_TE,
+                       num_dropped=num_dropped)
 
     def _capacity_factor(self) -> float | None:
         if not self.training and self.config.eval_capacity_factor is not None:

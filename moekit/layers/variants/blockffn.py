@@ -101,7 +101,7 @@ class BlockFFN(nn.Module):
                 add_extra(ctx, self.name, token_sparsity=1 - active_TE.float().mean(),
                           chunk_sparsity=1 - chunk_union_fraction(active_TE.view(B, S, E), c.chunk_len))
         return Routing(expert_ids_TK=ids_TE, weights_TK=a_TE.masked_fill(~active_TE, 0.0), scores_TE=r_TE,
-                       logits_TE=logits_TE)
+                       logits_TE=logits_TE, num_dropped=ids_TE.new_zeros(()))  # inactive experts are not drops
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         x_TD = x.reshape(-1, self.moe.config.dim)

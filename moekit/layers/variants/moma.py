@@ -165,7 +165,7 @@ class MoMa(nn.Module):
         experts_TE = torch.arange(E, device=xm_TD.device).expand_as(chosen_TE)
         ids_TE = torch.where(chosen_TE, experts_TE, torch.full_like(experts_TE, -1))
         return Routing(expert_ids_TK=ids_TE, weights_TK=scores_TE.masked_fill(~chosen_TE, 0.0),
-                       scores_TE=scores_TE, logits_TE=logits_TE)
+                       scores_TE=scores_TE, logits_TE=logits_TE, num_dropped=ids_TE.new_zeros(()))
 
     def _aux_loss(self, m: int, xm_TD: torch.Tensor, routing: Routing, ctx: RoutingContext | None) -> torch.Tensor:
         """BCE of the auxiliary router (on the detached input) towards the expert-choice decisions; returns the

@@ -147,7 +147,9 @@ class ProMoE(nn.Module):
             uncond_ids_TK[:, 0] = E
             ids_TK = torch.where(cond_T1, ids_TK, uncond_ids_TK)
             weights_TK = torch.where(cond_T1, weights_TK, (uncond_ids_TK == E).to(weights_TK.dtype))
-        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE, logits_TE=cos_TE)
+        # no capacity limit: the only empty slots pad the unconditional expert's single slot
+        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=scores_TE, logits_TE=cos_TE,
+                       num_dropped=ids_TK.new_zeros(()))
 
     def _add_losses(self, ctx: RoutingContext, x_TD, probs_TE, ids_TK, cond_T1) -> None:
         c, rcfg = self.config, self.moe_config.router

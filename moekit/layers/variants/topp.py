@@ -66,16 +66,15 @@ class TopPMoE(nn.Module):
                 ctx.add_loss("topp_entropy_loss", self.config.entropy_coef * router_entropy(probs_TE), self.name)
             if rcfg.z_loss_coef > 0:
                 ctx.add_loss("z_loss", rcfg.z_loss_coef * z_loss(logits_TE), self.name)
-        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE, logits_TE=logits_TE)
+        # no capacity limit: the -1 slots pad tokens that chose fewer than K experts, they are not drops
+        return Routing(expert_ids_TK=ids_TK, weights_TK=weights_TK, scores_TE=probs_TE, logits_TE=logits_TE,
+                       num_dropped=ids_TK.new_zeros(()))
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         x_TD, num_sequences = flatten(x, self.moe.config.dim)
         routing = self.route(x_TD, ctx, num_sequences)
         y_TD = self.moe.combine(x_TD, routing, ctx)
         add_extra(ctx, self.name, experts_per_token=(routing.expert_ids_TK >= 0).sum() / x_TD.shape[0])
-        if ctx is not None and self.name in ctx.stats:
-            # Top-p has no capacity limit: its -1 slots pad tokens that chose fewer than K experts, not drops.
-            ctx.stats[self.name].num_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         return y_TD.view(x.shape)
 
 
