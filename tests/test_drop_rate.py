@@ -12,6 +12,7 @@ from moekit.layers import build_ffn
 from moekit.layers.moe import routing_stats
 from moekit.layers.variants import MoMa, MoMaConfig
 from moekit.layers.variants.promoe import UNCONDITIONAL_KEY, ProMoE, ProMoEConfig
+from moekit.training.evaluate import _combined
 from moekit.types import MODALITY_KEY
 
 from .variants_util import tiny_moe
@@ -28,6 +29,17 @@ def test_routing_without_a_count_counts_every_empty_slot_and_a_count_overrides_i
                   logits_TE=torch.zeros(3, 2))
     assert routing_stats(Routing(**common)).summary()["drop_rate"] == 4 / 6
     assert routing_stats(Routing(**common, num_dropped=torch.tensor(1))).summary()["drop_rate"] == 1 / 6
+    one = torch.tensor([[-1]])  # one token, one slot, dropped: the rate is 1, not halved
+    assert routing_stats(Routing(expert_ids_TK=one, weights_TK=torch.zeros(1, 1), scores_TE=torch.ones(1, 1),
+                                 logits_TE=torch.zeros(1, 1))).summary()["drop_rate"] == 1.0
+
+
+def test_evaluation_sums_drops_over_batches():
+    ids = torch.tensor([[0, -1], [1, 0]])
+    common = dict(expert_ids_TK=ids, weights_TK=(ids >= 0).float(), scores_TE=torch.full((2, 2), 0.5),
+                  logits_TE=torch.zeros(2, 2))
+    parts = [routing_stats(Routing(**common, num_dropped=torch.tensor(n))) for n in (0, 1, 3)]
+    assert _combined(parts).summary()["drop_rate"] == 4 / 12
 
 
 def test_capacity_drops_are_counted_and_expert_choice_has_none():
