@@ -23,22 +23,23 @@ def _summary(layer, x, ctx, name):
     return ctx.stats_summary()[name]
 
 
+def _routing(ids: torch.Tensor, num_dropped: int | None = None) -> Routing:
+    """A routing over two experts with the given slots (-1: empty) and, optionally, its own drop count."""
+    T = ids.shape[0]
+    return Routing(expert_ids_TK=ids, weights_TK=(ids >= 0).float(), scores_TE=torch.full((T, 2), 0.5),
+                   logits_TE=torch.zeros(T, 2), num_dropped=None if num_dropped is None else torch.tensor(num_dropped))
+
+
 def test_routing_without_a_count_counts_every_empty_slot_and_a_count_overrides_it():
     ids = torch.tensor([[0, -1], [1, -1], [-1, -1]])
-    common = dict(expert_ids_TK=ids, weights_TK=(ids >= 0).float(), scores_TE=torch.full((3, 2), 0.5),
-                  logits_TE=torch.zeros(3, 2))
-    assert routing_stats(Routing(**common)).summary()["drop_rate"] == 4 / 6
-    assert routing_stats(Routing(**common, num_dropped=torch.tensor(1))).summary()["drop_rate"] == 1 / 6
-    one = torch.tensor([[-1]])  # one token, one slot, dropped: the rate is 1, not halved
-    assert routing_stats(Routing(expert_ids_TK=one, weights_TK=torch.zeros(1, 1), scores_TE=torch.ones(1, 1),
-                                 logits_TE=torch.zeros(1, 1))).summary()["drop_rate"] == 1.0
+    assert routing_stats(_routing(ids)).summary()["drop_rate"] == 4 / 6
+    assert routing_stats(_routing(ids, num_dropped=1)).summary()["drop_rate"] == 1 / 6
+    # one token, one slot, dropped: the rate is 1, not halved
+    assert routing_stats(_routing(torch.tensor([[-1]]))).summary()["drop_rate"] == 1.0
 
 
 def test_evaluation_sums_drops_over_batches():
-    ids = torch.tensor([[0, -1], [1, 0]])
-    common = dict(expert_ids_TK=ids, weights_TK=(ids >= 0).float(), scores_TE=torch.full((2, 2), 0.5),
-                  logits_TE=torch.zeros(2, 2))
-    parts = [routing_stats(Routing(**common, num_dropped=torch.tensor(n))) for n in (0, 1, 3)]
+    parts = [routing_stats(_routing(torch.tensor([[0, -1], [1, 0]]), num_dropped=n)) for n in (0, 1, 3)]
     assert _combined(parts).summary()["drop_rate"] == 4 / 12
 
 
