@@ -1,6 +1,6 @@
 """Mutation testing of moekit's core packages with mutmut, one package at a time.
 
-    python tools/mutation.py routing ops            # the packages to run (default: all five)
+    python tools/mutation.py routing ops            # the packages to run (default: the five core ones)
     python tools/mutation.py routing --max-children 2 --work /tmp/moekit-mutation
     python tools/mutation.py layers --only "moekit/layers/moe.py"   # a part of a package
     python tools/mutation.py routing --survivors   # re-test the last run's survivors with the current tests
@@ -60,7 +60,12 @@ TESTS: dict[str, list[str]] = {
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_layers_*.py")),
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_attention_*.py")),
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_variants_*.py"))],
+    # the budget and time-clock code of the trainer, and the study/compare code (seconds-long quick studies)
+    "training": ["tests/test_budget.py", "tests/test_time_clock.py", "tests/test_first_hour.py", "tests/test_train.py",
+                 "tests/test_default_recipe.py"],
+    "compare": ["tests/test_compare.py", "tests/test_time_clock.py", "tests/test_default_recipe.py"],
 }
+CORE = ("routing", "ops", "dispatch", "experts", "layers")  # the default packages; training, compare on request
 STATUS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault", "not checked",
           "caught by type check")
 
@@ -159,7 +164,7 @@ def score(dest: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("packages", nargs="*", default=list(TESTS), choices=list(TESTS))
+    parser.add_argument("packages", nargs="*", default=list(CORE), choices=list(TESTS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/moekit-mutation"))
     parser.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--only", action="append",
