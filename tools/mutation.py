@@ -61,8 +61,8 @@ TESTS: dict[str, list[str]] = {
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_attention_*.py")),
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_variants_*.py"))],
     # the budget and time-clock code of the trainer, and the study/compare code (seconds-long quick studies)
-    "training": ["tests/test_budget.py", "tests/test_time_clock.py", "tests/test_first_hour.py", "tests/test_train.py",
-                 "tests/test_default_recipe.py"],
+    "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_time_clock.py",
+                 "tests/test_first_hour.py", "tests/test_train.py", "tests/test_default_recipe.py"],
     "compare": ["tests/test_compare.py", "tests/test_time_clock.py", "tests/test_default_recipe.py"],
 }
 CORE = ("routing", "ops", "dispatch", "experts", "layers")  # the default packages; training, compare on request

@@ -28,7 +28,6 @@ checkpoints that load into any layout).
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -71,12 +70,10 @@ from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
 from .signals import StopFlag
 from .step import MAX_SKIPPED_IN_A_ROW, NonFiniteError, call_on_step, train_step
+from .throughput import SLOW_FACTOR, ThroughputCheck
 
 __all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "spent_time",
            "train", "train_step"]
-
-SLOW_FACTOR = 3.0  # warn when the measured tokens/s is below expected_tokens_per_s / SLOW_FACTOR
-_RATE_STEPS = 5  # steps (after the first, which warms up) whose median rate checks the throughput
 
 
 @dataclass
@@ -243,7 +240,9 @@ class _Run:
         self.tb = TensorBoardLog(out_dir / "tensorboard") if tensorboard and par.is_main else None
         self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
         self.session_start = (self.state["step"], spent_time(tc.time_clock, self.state))
-        self.rates: list[float] = []  # tokens/s of this session's first steps, for the throughput check
+        # the slow-machine warning, from this session's first steps (rank 0 only)
+        self.throughput = ThroughputCheck(tc.expected_tokens_per_s if par.is_main else None, par.world_size,
+                                          tc.max_seconds is not None)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val: dict[str, Any] | None = None
         self.load_cv = None
@@ -324,7 +323,11 @@ class _Run:
                  f"time {format_duration(spent_time(tc.time_clock, state))}/{format_duration(tc.max_seconds)} "
                  f"(step {step + 1:,})")
         self.bar.update(step + 1, fields, force=step + 1 == tc.max_steps, fraction=fraction, eta=eta, label=label)
-        self._check_throughput(self.tokens_per_step / dt, eta)
+        warning = self.throughput.add(self.tokens_per_step / dt, eta)
+        if warning is not None and self.show:
+            self.bar.write(warning)
+        elif warning is not None:
+            print(warning, file=sys.stderr, flush=True)
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
             self._validate()
             state["elapsed"] = time.perf_counter() - self.start
@@ -342,25 +345,6 @@ class _Run:
         self.par.save(self.out_dir, self.model, self.optimizer, state)
         self.last_save = (state["step"], state["elapsed"] if elapsed is None else elapsed)
         self.saved = True
-
-    def _check_throughput(self, tokens_per_s: float, eta: float | None) -> None:
-        """After the first few steps of a session, warn once when the machine is far slower than expected."""
-        self.rates.append(tokens_per_s)
-        expected = self.cfg.train.expected_tokens_per_s
-        if len(self.rates) != _RATE_STEPS + 1 or not expected or not self.par.is_main:
-            return
-        measured = statistics.median(self.rates[1:]) / self.par.world_size  # the first step warms up
-        if measured < expected / SLOW_FACTOR:
-            budget = ("the model it trains is the same (a step budget), only later" if self.cfg.train.max_seconds
-                      is None else "under its time budget it will train fewer steps than the preset intends")
-            text = (f"warning: this machine trains at {measured:,.0f} tokens/s per process, far below the "
-                    f"{expected:,.0f} tokens/s this config expects (train.expected_tokens_per_s, 2 idle CPU cores): "
-                    f"is it busy? About {format_duration(eta)} to go; {budget}. MFU is measured against a matmul "
-                    f"peak taken under the same load, so it does not show this.")
-            if self.show:
-                self.bar.write(text)
-            else:
-                print(text, file=sys.stderr, flush=True)
 
     def _validate(self) -> None:
         tc, step = self.cfg.train, self.state["step"]
