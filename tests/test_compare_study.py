@@ -79,3 +79,21 @@ def test_quick_table_errors(table, message):
     data = {**BASE} if table is None else {**BASE, "quick": table}
     with pytest.raises(ConfigError, match=message):
         study_from_dict(data, "s", quick=True)
+
+
+def test_study_keeps_its_description_claim_and_metrics():
+    s = study(description="what", claim="why", metrics=["load_cv", "dead_experts"])
+    assert (s.description, s.claim, s.metrics) == ("what", "why", ("load_cv", "dead_experts"))
+    assert study().description == "" and study().metrics == ()
+
+
+def test_unknown_keys_kinds_and_arm_names_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^study 's': unknown key 'zzz' \(valid: "):
+        study(zzz=1)
+    with pytest.raises(ConfigError, match=r"^budget.kind='steps' is not one of \['tokens', 'flops', 'time'\]$"):
+        Budget(kind="steps", amount=1)
+    with pytest.raises(ConfigError, match=r"^quick.budget of kind 'tokens' takes exactly one amount"):
+        quick({"budget": {"kind": "tokens", "flops": 5}})
+    for bad in ("a b", "", "a/b"):
+        with pytest.raises(ConfigError, match="arm name"):
+            study(arms=[{"name": bad}])
