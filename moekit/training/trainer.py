@@ -363,40 +363,38 @@ class _Run:
     def _stopped_early(self, by: str) -> TrainResult:
         """A signal stopped the run: a summary of what was done (no ``val_loss``: the run is not finished)
         and the plots, so that an early stop is still readable."""
-        state, counts = self.state, self.counts
         records = self._records()
         train_losses = [r["loss"] for r in records if "loss" in r]
-        summary = {"step": state["step"], "tokens": state["tokens"], "stopped_early": True, "stopped_by": by,
-                   "max_steps": self.cfg.train.max_steps,
-                   "last_loss": train_losses[-1] if train_losses else None,
-                   "last_val_loss": self.val["val_loss"] if self.val else None,
-                   "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0,
-                   "wall_time_s": state["elapsed"], "train_time_s": state["train_time"],
-                   "cpu_time_s": state["cpu_time"], "total_params": counts.total_params, "active_params": counts.active_params,
-                   "data": self.data.description}
+        summary = {**self._progress_summary(), "stopped_early": True, "stopped_by": by,
+                   "max_steps": self.cfg.train.max_steps, "last_loss": train_losses[-1] if train_losses else None,
+                   "last_val_loss": self.val["val_loss"] if self.val else None}
         if self.par.is_main:
             write_json(self.out_dir / "summary.json", summary)
             plot_run(self.out_dir, records, self.val["load"] if self.val else {})
         return TrainResult(self.out_dir, summary, records, stopped_by=by)
 
+    def _progress_summary(self) -> dict[str, Any]:
+        """The summary fields of a finished and of an interrupted run: how far it got, at what speed, on what."""
+        state, counts = self.state, self.counts
+        return {"step": state["step"], "tokens": state["tokens"],
+                "tokens_per_s": state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0,
+                "wall_time_s": state["elapsed"], "train_time_s": state["train_time"], "cpu_time_s": state["cpu_time"],
+                "total_params": counts.total_params, "active_params": counts.active_params,
+                "data": self.data.description}
+
     def _records(self) -> list[dict]:
         return read_metrics(self.out_dir / "metrics.jsonl") if self.par.is_main else []
 
     def _finish(self) -> TrainResult:
-        state, val, counts = self.state, self.val, self.counts
+        val, counts = self.val, self.counts
         assert val is not None  # the loop evaluates before it finishes
-        tokens_per_s = state["tokens"] / state["train_time"] if state["train_time"] > 0 else 0.0
+        summary = self._progress_summary()
         # tokens/s counts every rank's tokens; the measured peak is one device's
-        mfu = counts.flops_per_token * tokens_per_s / (self.peak * self.par.world_size)
-        summary = {"step": state["step"], "tokens": state["tokens"], "val_loss": val["val_loss"],
-                   "val_bpb": val["val_bpb"], "tokens_per_s": tokens_per_s,
-                   "mfu": mfu, "peak_flops": self.peak,
-                   "flops_per_token": counts.flops_per_token, "wall_time_s": state["elapsed"],
-                   "train_time_s": state["train_time"], "cpu_time_s": state["cpu_time"],
-                   "time_clock": self.cfg.train.time_clock, "total_params": counts.total_params,
-                   "active_params": counts.active_params, "data": self.data.description,
-                   "expected_tokens_per_s": self.cfg.train.expected_tokens_per_s,
-                   "layers": val["layers"], "load": val["load"]}
+        mfu = counts.flops_per_token * summary["tokens_per_s"] / (self.peak * self.par.world_size)
+        summary.update(val_loss=val["val_loss"], val_bpb=val["val_bpb"], mfu=mfu, peak_flops=self.peak,
+                       flops_per_token=counts.flops_per_token, time_clock=self.cfg.train.time_clock,
+                       expected_tokens_per_s=self.cfg.train.expected_tokens_per_s, layers=val["layers"],
+                       load=val["load"])
         if not self.par.is_main:
             return TrainResult(self.out_dir, summary, [])
         write_json(self.out_dir / "summary.json", summary)
