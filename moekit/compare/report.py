@@ -8,7 +8,9 @@ smaller than its sd is not distinguishable from seed noise at this number of see
 Columns: validation loss (nats/token) and bits per byte at the end of training; active and total
 parameters and training FLOPs per token (:func:`moekit.models.count`); the realised training FLOPs
 (``tokens * FLOPs per token``, from the run's own summary); tokens/s (training steps only, machine-load
-dependent); peak resident memory of the run's process; load CV (coefficient of variation of expert load on
+dependent); tokens per CPU second (the run's tokens over the CPU seconds of its training steps, all threads
+summed: other processes on a shared machine do not lower it, so with one thread per run it compares the arms'
+speed where tokens/s cannot; "-" for runs that predate the ``cpu_time_s`` summary field); peak resident memory of the run's process; load CV (coefficient of variation of expert load on
 the validation batches, averaged over MoE layers); and the study's own statistics (averaged over layers and
 validation batches, from the run summary).
 """
@@ -58,6 +60,7 @@ class ArmResult:
     steps: list[int]
     tokens: list[int]
     tokens_per_s: tuple[float, float | None]
+    tokens_per_cpu_s: float | None
     peak_rss_mb: float | None
     load_cv: float | None
     metrics: dict[str, float | None] = field(default_factory=dict)
@@ -72,6 +75,7 @@ def _arm_result(study: Study, arm: str, outcomes: list[RunOutcome]) -> ArmResult
     peaks = [o.peak_rss_mb for o in done if o.peak_rss_mb is not None]
     layers = [o.routing or s.get("layers") or {} for o, s in zip(done, sums)]
     cvs = [v for v in (_layer_mean(s, "load_cv") for s in layers) if v is not None]
+    per_cpu_s = [s["tokens"] / s["cpu_time_s"] for s in sums if s.get("cpu_time_s")]
     metrics = {}
     for key in study.metrics:
         vals = [v for v in (_layer_mean(s, key) for s in layers) if v is not None]
@@ -83,7 +87,9 @@ def _arm_result(study: Study, arm: str, outcomes: list[RunOutcome]) -> ArmResult
         flops_per_token=first.get("flops_per_token"),
         realised_flops=[float(s["tokens"]) * s["flops_per_token"] for s in sums],
         steps=[s["step"] for s in sums], tokens=[s["tokens"] for s in sums],
-        tokens_per_s=mean_sd([s["tokens_per_s"] for s in sums]), peak_rss_mb=max(peaks) if peaks else None,
+        tokens_per_s=mean_sd([s["tokens_per_s"] for s in sums]),
+        tokens_per_cpu_s=statistics.fmean(per_cpu_s) if len(per_cpu_s) == len(sums) and sums else None,
+        peak_rss_mb=max(peaks) if peaks else None,
         load_cv=statistics.fmean(cvs) if cvs else None, metrics=metrics,
         per_seed_bpb={o.spec.seed: s["val_bpb"] for o, s in zip(done, sums)})
 
@@ -114,7 +120,7 @@ def _num(value: float | int | None, fmt: str = "{:,.0f}") -> str:
 def _table(study: Study, results: list[ArmResult]) -> list[str]:
     head = ["arm", "seeds", "val loss", "bits/byte", "Δ bits/byte vs " + (study.reference or "-"),
             "active params", "total params", "MFLOP/token", "steps", "train FLOPs", "tokens/s",
-            "peak MiB", "load CV", *study.metrics]
+            "tokens/CPU s", "peak MiB", "load CV", *study.metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         steps = sorted(set(r.steps))
@@ -124,7 +130,7 @@ def _table(study: Study, results: list[ArmResult]) -> list[str]:
                _num(r.active_params), _num(r.total_params),
                _num(None if r.flops_per_token is None else r.flops_per_token / 1e6, "{:.2f}"),
                "/".join(str(s) for s in steps) or "-", flops, _num(r.tokens_per_s[0]) if r.seeds else "-",
-               _num(r.peak_rss_mb), _num(r.load_cv, "{:.3f}"),
+               _num(r.tokens_per_cpu_s), _num(r.peak_rss_mb), _num(r.load_cv, "{:.3f}"),
                *(_num(r.metrics.get(k), "{:.3f}") for k in study.metrics)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -148,7 +154,8 @@ def markdown_report(study: Study, results: list[ArmResult], *, command: str, wor
               f"machine: {machine_line()}; {workers} run(s) at a time.", ""]
     lines += _table(study, results)
     lines += ["", "Loss figures are mean ± sample sd over seeds; Δ is paired by seed. tokens/s and peak memory "
-              "(max resident set of the run's process) depend on the machine's load at the time.", ""]
+              "(max resident set of the run's process) depend on the machine's load at the time; tokens/CPU s "
+              "(per CPU second of the training steps, all threads summed) leaves out time spent waiting for a core.", ""]
     if study.budget.kind == "flops":
         lines += ["FLOPs per token come from `moekit.models.count` (6 × matmul parameters + attention scores); "
                   "for a variant module without its own `active_params()` this counts the whole module as "

@@ -1,0 +1,61 @@
+"""``moekit.compare.report``: per-arm figures, paired differences and the table, from hand-made run outcomes.
+
+No training here: each outcome carries a summary written by hand, so every figure in the table is known.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from moekit.compare.plan import RunSpec
+from moekit.compare.report import aggregate, markdown_report
+from moekit.compare.runner import RunOutcome
+from moekit.compare.study import study_from_dict
+from moekit.models import ModelConfig
+from moekit.training import RunConfig
+
+CONFIG = RunConfig(model=ModelConfig(dim=8, num_layers=1, num_heads=1, context=4))  # not read by the report
+STUDY = study_from_dict({"base": "tiny", "reference": "dense", "budget": {"kind": "tokens", "tokens": 1000},
+                         "arms": [{"name": "dense"}, {"name": "moe"}]}, "s")
+
+
+def outcome(arm: str, seed: int, bpb: float | None, *, tokens: int = 6000, cpu: float | None = 2.0,
+            tps: float = 1000.0) -> RunOutcome:
+    spec = RunSpec(arm=arm, seed=seed, config=CONFIG, folder=f"{arm}-{seed}", flops_per_token=10,
+                   tokens_per_step=100)
+    summary = None if bpb is None else {
+        "val_loss": bpb * 0.7, "val_bpb": bpb, "step": tokens // 100, "tokens": tokens, "tokens_per_s": tps,
+        "flops_per_token": 10, "active_params": 5, "total_params": 9,
+        **({"cpu_time_s": cpu} if cpu is not None else {})}
+    return RunOutcome(spec=spec, folder=Path(spec.folder), summary=summary)
+
+
+def row(lines: list[str], arm: str) -> list[str]:
+    line = next(x for x in lines if x.startswith(f"| {arm} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_paired_difference_uses_only_the_seeds_both_arms_finished():
+    dense, moe = aggregate(STUDY, [outcome("dense", 0, 2.0), outcome("dense", 1, 2.2), outcome("dense", 2, 2.4),
+                                   outcome("moe", 0, 1.9), outcome("moe", 1, 2.3), outcome("moe", 2, None)])
+    assert dense.delta_bpb is None and dense.seeds == [0, 1, 2]
+    assert moe.seeds == [0, 1] and moe.missing_seeds == [2]
+    assert moe.delta_bpb[0] == pytest.approx(0.0)  # (-0.1 + 0.1) / 2: seed 2 (unfinished) is left out
+    assert moe.delta_bpb[1] == pytest.approx(0.1 * 2 ** 0.5)
+    assert moe.val_bpb[0] == pytest.approx(2.1) and dense.val_bpb[0] == pytest.approx(2.2)
+
+
+def test_tokens_per_cpu_second_is_the_mean_over_seeds_and_shows_in_the_table():
+    results = aggregate(STUDY, [outcome("dense", 0, 2.0, cpu=2.0, tps=10.0), outcome("dense", 1, 2.1, cpu=3.0),
+                                outcome("moe", 0, 1.9, cpu=4.0), outcome("moe", 1, 2.0, cpu=None)])
+    dense, moe = results
+    assert dense.tokens_per_cpu_s == pytest.approx((3000 + 2000) / 2)
+    assert moe.tokens_per_cpu_s is None  # a run without cpu_time_s: no mean over a subset of the seeds
+    text = markdown_report(STUDY, results, command="moekit compare s", workers=1, plots=[]).splitlines()
+    head = row(text, "arm")
+    col = head.index("tokens/CPU s")
+    assert head[col - 1] == "tokens/s"
+    assert row(text, "dense")[col] == "2,500" and row(text, "moe")[col] == "-"
+    assert row(text, "dense")[col - 1] == f"{(10.0 + 1000.0) / 2:,.0f}"
+    assert row(text, "moe")[head.index("Δ bits/byte vs dense")] == "-0.1000 ± 0.0000"  # -0.1 on both seeds
+    assert "leaves out time spent waiting for a core" in "\n".join(text)
