@@ -6,6 +6,7 @@ No training here: each outcome carries a summary written by hand, so every figur
 from pathlib import Path
 
 import pytest
+import torch
 
 from moekit.compare.plan import RunSpec
 from moekit.compare.report import aggregate, markdown_report
@@ -59,3 +60,40 @@ def test_tokens_per_cpu_second_is_the_mean_over_seeds_and_shows_in_the_table():
     assert row(text, "dense")[col - 1] == f"{(10.0 + 1000.0) / 2:,.0f}"
     assert row(text, "moe")[head.index("Δ bits/byte vs dense")] == "-0.1000 ± 0.0000"  # -0.1 on both seeds
     assert "leaves out time spent waiting for a core" in "\n".join(text)
+
+
+def test_header_and_an_arm_with_no_finished_seed():
+    results = aggregate(STUDY, [outcome("dense", 0, 2.0), outcome("moe", 0, None)])
+    text = markdown_report(STUDY, results, command="c", workers=1, plots=["val_curves.png"]).splitlines()
+    assert row(text, "arm") == ["arm", "seeds", "val loss", "bits/byte", "Δ bits/byte vs dense", "active params",
+                                "total params", "MFLOP/token", "steps", "train FLOPs", "tokens/s", "tokens/CPU s",
+                                "peak MiB", "load CV"]
+    assert row(text, "dense")[:4] == ["dense", "1", "1.4000 (n=1)", "2.0000 (n=1)"]
+    moe = row(text, "moe")
+    assert moe[1] == "0 (missing [0])" and moe[2:5] == ["-", "-", "-"] and moe[10:12] == ["-", "-"]
+    assert "![val_curves.png](val_curves.png)" in text
+
+
+def test_results_json_keeps_every_figure_and_each_runs_summary_without_the_load_table():
+    from moekit.compare.report import results_json
+
+    runs = [outcome("dense", 0, 2.0), outcome("dense", 1, 2.2), outcome("moe", 0, 1.9), outcome("moe", 1, None)]
+    runs[0].summary["load"] = {"layers.0.ffn": [0.5, 0.5]}
+    record = results_json(STUDY, aggregate(STUDY, runs), runs, command="moekit compare s")
+    assert (record["study"], record["description"], record["claim"], record["command"]) == ("s", "", "",
+                                                                                            "moekit compare s")
+    assert record["budget"] == {"kind": "tokens", "amount": 1000} and record["reference"] == "dense"
+    assert set(record) == {"study", "description", "claim", "source", "budget", "seeds", "reference", "command",
+                           "date", "machine", "arms", "runs"}
+    assert record["seeds"] == list(STUDY.seeds) and record["source"] == STUDY.source
+    assert record["date"][:2] == "20" and "torch " + torch.__version__ in record["machine"]
+    timed = study_from_dict({"base": "tiny", "budget": {"kind": "time", "seconds": 60, "clock": "cpu"},
+                             "arms": [{"name": "a"}]}, "t")
+    assert results_json(timed, [], [], command="c")["budget"] == {"kind": "time", "amount": 60, "clock": "cpu"}
+    dense, moe = record["arms"]
+    assert dense["per_seed_bpb"] == {"0": 2.0, "1": 2.2} and dense["tokens_per_cpu_s"] == pytest.approx(3000)
+    assert moe["delta_bpb"][0] == pytest.approx(-0.1) and moe["missing_seeds"] == [1]
+    first, last = record["runs"][0], record["runs"][-1]
+    assert first["arm"] == "dense" and first["seed"] == 0 and first["finished"] and "load" not in first["summary"]
+    assert first["summary"]["val_bpb"] == 2.0 and first["folder"] == "dense-0"
+    assert last["summary"] is None and not last["finished"]
