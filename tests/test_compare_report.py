@@ -97,3 +97,22 @@ def test_results_json_keeps_every_figure_and_each_runs_summary_without_the_load_
     assert first["arm"] == "dense" and first["seed"] == 0 and first["finished"] and "load" not in first["summary"]
     assert first["summary"]["val_bpb"] == 2.0 and first["folder"] == "dense-0"
     assert last["summary"] is None and not last["finished"]
+
+
+def test_routing_statistics_and_the_studys_own_metrics_reach_the_table():
+    study = study_from_dict({"base": "tiny", "reference": "dense", "budget": {"kind": "tokens", "tokens": 1000},
+                             "metrics": ["dead_experts"], "arms": [{"name": "dense"}, {"name": "moe"}]}, "s")
+    layers = {"l0": {"load_cv": 0.2, "dead_experts": 1.0}, "l1": {"load_cv": 0.4, "dead_experts": 0.0}}
+    runs = [outcome("dense", 0, 2.0), outcome("moe", 0, 1.9), outcome("moe", 1, 1.8)]
+    for o in runs[1:]:
+        o.summary.update(layers=layers, flops_per_token=7_310_000)
+    runs[2].routing = {"l0": {"load_cv": 0.9, "dead_experts": 3.0}}  # the evaluation's own record wins
+    results = aggregate(study, runs)
+    moe = results[1]
+    assert moe.load_cv == pytest.approx((0.3 + 0.9) / 2) and moe.metrics["dead_experts"] == pytest.approx(1.75)
+    assert results[0].load_cv is None and results[0].metrics == {"dead_experts": None}
+    text = markdown_report(study, results, command="c", workers=1, plots=[]).splitlines()
+    head, cells = row(text, "arm"), row(text, "moe")
+    assert head[-1] == "dead_experts" and cells[-1] == "1.750" and cells[head.index("load CV")] == "0.600"
+    assert cells[head.index("MFLOP/token")] == "7.31" and row(text, "dense")[head.index("load CV")] == "-"
+    assert any(line.startswith("Loss figures are mean ± sample sd over seeds; Δ is paired by seed.") for line in text)
