@@ -70,7 +70,7 @@ def test_header_and_an_arm_with_no_finished_seed():
                                 "peak MiB", "load CV"]
     assert row(text, "dense")[:4] == ["dense", "1", "1.4000 (n=1)", "2.0000 (n=1)"]
     moe = row(text, "moe")
-    assert moe[1] == "0 (missing [0])" and moe[2:5] == ["-", "-", "-"] and moe[10:12] == ["-", "-"]
+    assert moe[1] == "0 (missing [0])" and moe[2:5] == ["-", "-", "-"] and moe[8:12] == ["-", "-", "-", "-"]
     assert "![val_curves.png](val_curves.png)" in text
 
 
@@ -105,7 +105,7 @@ def test_routing_statistics_and_the_studys_own_metrics_reach_the_table():
     layers = {"l0": {"load_cv": 0.2, "dead_experts": 1.0}, "l1": {"load_cv": 0.4, "dead_experts": 0.0}}
     runs = [outcome("dense", 0, 2.0), outcome("moe", 0, 1.9), outcome("moe", 1, 1.8)]
     for o in runs[1:]:
-        o.summary.update(layers=layers, flops_per_token=7_310_000)
+        o.summary.update(layers=layers, flops_per_token=7_305_005)  # 7.305005 M: rounds to 7.31, not 7.30
     runs[2].routing = {"l0": {"load_cv": 0.9, "dead_experts": 3.0}}  # the evaluation's own record wins
     results = aggregate(study, runs)
     moe = results[1]
@@ -116,3 +116,13 @@ def test_routing_statistics_and_the_studys_own_metrics_reach_the_table():
     assert head[-1] == "dead_experts" and cells[-1] == "1.750" and cells[head.index("load CV")] == "0.600"
     assert cells[head.index("MFLOP/token")] == "7.31" and row(text, "dense")[head.index("load CV")] == "-"
     assert any(line.startswith("Loss figures are mean ± sample sd over seeds; Δ is paired by seed.") for line in text)
+
+
+def test_the_date_line_and_the_flops_note_of_an_equal_flops_study():
+    import re
+
+    flops = study_from_dict({"base": "tiny", "budget": {"kind": "flops", "flops": 1e9}, "arms": [{"name": "a"}]}, "f")
+    text = markdown_report(flops, aggregate(flops, [outcome("a", 0, 2.0)]), command="c", workers=3, plots=[])
+    assert re.search(r"^- Date: 20\d\d-[01]\d-[0-3]\d [0-2]\d:[0-5]\d .*; 3 run\(s\) at a time\.$", text, re.M)
+    assert "\nFLOPs per token come from `moekit.models.count` (6 × matmul parameters + attention scores); " in text
+    assert "FLOPs per token come from" not in markdown_report(STUDY, [], command="c", workers=1, plots=[])
