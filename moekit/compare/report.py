@@ -10,9 +10,10 @@ parameters and training FLOPs per token (:func:`moekit.models.count`); the reali
 (``tokens * FLOPs per token``, from the run's own summary); tokens/s (training steps only, machine-load
 dependent); tokens per CPU second (the run's tokens over the CPU seconds of its training steps, all threads
 summed: other processes on a shared machine do not lower it, so with one thread per run it compares the arms'
-speed where tokens/s cannot; "-" for runs that predate the ``cpu_time_s`` summary field); peak resident memory of the run's process; load CV (coefficient of variation of expert load on
-the validation batches, averaged over MoE layers); and the study's own statistics (averaged over layers and
-validation batches, from the run summary).
+speed where tokens/s cannot; "-" for runs that predate the ``cpu_time_s`` summary field); peak resident
+memory of the run's process; load CV (coefficient of variation of expert load on the validation batches,
+averaged over MoE layers); and the study's own statistics (averaged over layers and validation batches, from the
+run summary).
 """
 
 from __future__ import annotations
