@@ -61,7 +61,7 @@ TESTS: dict[str, list[str]] = {
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_attention_*.py")),
                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_variants_*.py"))],
     # the budget and time-clock code of the trainer, and the study/compare code (seconds-long quick studies)
-    "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_time_clock.py",
+    "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_display.py", "tests/test_time_clock.py",
                  "tests/test_first_hour.py", "tests/test_train.py", "tests/test_default_recipe.py"],
     "compare": ["tests/test_compare_study.py", "tests/test_compare_report.py", "tests/test_compare.py",
                 "tests/test_time_clock.py", "tests/test_default_recipe.py"],

@@ -53,24 +53,16 @@ from .checkpoint import (
     write_json,
 )
 from .config import RunConfig
+from .display import RunDisplay
 from .distributed import Distributed
 from .evaluate import evaluate, resolve_device
-from .metrics import (
-    MetricsLog,
-    Progress,
-    TensorBoardLog,
-    budget_status,
-    format_duration,
-    measure_matmul_peak,
-    read_metrics,
-    summary_table,
-)
+from .metrics import MetricsLog, TensorBoardLog, measure_matmul_peak, read_metrics, summary_table
 from .optim import build_optimizer, learning_rate
 from .plots import plot_run
 from .rundir import LOCK_FILE, RunLock, check_run_dir
 from .signals import StopFlag
 from .step import MAX_SKIPPED_IN_A_ROW, NonFiniteError, call_on_step, train_step
-from .throughput import SLOW_FACTOR, ThroughputCheck
+from .throughput import SLOW_FACTOR
 
 __all__ = ["SLOW_FACTOR", "NonFiniteError", "TrainResult", "budget_plan", "call_on_step", "spent_budget", "spent_time",
            "train", "train_step"]
@@ -238,19 +230,16 @@ class _Run:
         self.saved = resume  # a resumed run's checkpoint is of its current step
         self.skipped_in_a_row = 0
         self.tb = TensorBoardLog(out_dir / "tensorboard") if tensorboard and par.is_main else None
-        self.bar = Progress(tc.max_steps, self.state["step"], enabled=self.show)
-        self.session_start = (self.state["step"], spent_time(tc.time_clock, self.state))
-        # the slow-machine warning, from this session's first steps (rank 0 only)
-        self.throughput = ThroughputCheck(tc.expected_tokens_per_s if par.is_main else None, par.world_size,
-                                          tc.max_seconds is not None)
+        self.display = RunDisplay(tc, self.state, show=self.show, check_throughput=par.is_main,
+                              world_size=par.world_size)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.context * par.world_size
         self.val: dict[str, Any] | None = None
         self.load_cv = None
         c = self.counts
-        self.bar.write(f"{cfg.name}: {c.total_params:,} params ({c.active_params:,} active), "
+        self.display.write(f"{cfg.name}: {c.total_params:,} params ({c.active_params:,} active), "
                        f"{c.flops_per_token / 1e6:.1f} MFLOP/token; data: {self.data.description}; "
                        f"matmul peak {self.peak / 1e9:.0f} GFLOP/s; run folder {out_dir}{par.describe()}")
-        self.bar.write(budget_plan(cfg, par.world_size))
+        self.display.write(budget_plan(cfg, par.world_size))
 
     def loop(self, until_step: int | None) -> TrainResult:
         tc, state = self.cfg.train, self.state
@@ -272,7 +261,7 @@ class _Run:
                 _, stopped = self.par.agree(0.0, stop.requested)
                 if stopped or (until_step is not None and state["step"] < tc.max_steps):
                     launch = "moekit" if not self.par.is_distributed else "torchrun ... -m moekit"
-                    self.bar.write(f"stopped at step {state['step']}; continue with: "
+                    self.display.write(f"stopped at step {state['step']}; continue with: "
                                    f"{launch} train --resume --out {self.out_dir}")
                     if not stopped:  # until_step: the resume writes the summary
                         return TrainResult(self.out_dir, dict(state), self._records())
@@ -281,7 +270,7 @@ class _Run:
                 if self.val is None or self.val["step"] != state["step"]:
                     self._validate()
         finally:
-            self.bar.close()
+            self.display.close()
             self.log.close()
             if self.tb is not None:
                 self.tb.close()
@@ -303,7 +292,7 @@ class _Run:
                                  f"gradient norm and were skipped; training stopped (the last checkpoint is kept). "
                                  f"Lower --train.lr (now {tc.lr})")
         if rec.get("skipped"):
-            self.bar.write(f"step {step + 1}: non-finite loss or gradient norm; step skipped")
+            self.display.write(f"step {step + 1}: non-finite loss or gradient norm; step skipped")
         state.update(step=step + 1, tokens=state["tokens"] + self.tokens_per_step,
                      train_time=state["train_time"] + dt, elapsed=time.perf_counter() - self.start,
                      cpu_time=state["cpu_time"] + cpu_dt)
@@ -313,21 +302,7 @@ class _Run:
         self.log.write(record)
         if self.tb is not None:
             self.tb.write(record)
-        fields = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{self.tokens_per_step / dt:,.0f}"}
-        if self.load_cv is not None:
-            fields["load_cv"] = f"{self.load_cv:.2f}"
-        fraction, eta, governs = budget_status(step + 1, spent_time(tc.time_clock, state), tc.max_steps, tc.max_seconds,
-                                               start_step=self.session_start[0],
-                                               start_elapsed=self.session_start[1])
-        label = (f"step {step + 1:,}/{tc.max_steps:,}" if governs == "steps" else
-                 f"time {format_duration(spent_time(tc.time_clock, state))}/{format_duration(tc.max_seconds)} "
-                 f"(step {step + 1:,})")
-        self.bar.update(step + 1, fields, force=step + 1 == tc.max_steps, fraction=fraction, eta=eta, label=label)
-        warning = self.throughput.add(self.tokens_per_step / dt, eta)
-        if warning is not None and self.show:
-            self.bar.write(warning)
-        elif warning is not None:
-            print(warning, file=sys.stderr, flush=True)
+        self.display.step(state, rec["loss"], self.tokens_per_step / dt, self.load_cv)
         if tc.eval_every and (step + 1) % tc.eval_every == 0:
             self._validate()
             state["elapsed"] = time.perf_counter() - self.start
@@ -357,7 +332,7 @@ class _Run:
         if self.tb is not None:
             self.tb.write({"step": step, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"]})
             self.tb.write_layers(step, val["layers"])
-        self.bar.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte")
+        self.display.write(f"step {step}: val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte")
         self.val = {**val, "step": step}
 
     def _stopped_early(self, by: str) -> TrainResult:
