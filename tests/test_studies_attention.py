@@ -11,7 +11,7 @@ from moekit.models import LanguageModel
     ("switchhead", {"switchhead": "switchhead", "switchhead-narrow": "switchhead", "dense-attention": "dense"}),
     ("mom", {"mom": "mom", "single-memory": "mom"}),
     ("routing-transformer", {"full": "dense", "local": "routing", "routing": "routing"}),
-    ("drllm", {"all-layers": "dense", "drllm": "dense"}),
+    ("drllm", {"all-layers": "dense", "drllm": "dense", "drllm-routers": "dense"}),
     ("moma", {"dense": "dense", "mixed-moe": "dense", "moma": "dense"}),
 ])
 def test_study_plans_and_builds_its_arms(name, expect):
@@ -27,8 +27,10 @@ def test_study_plans_and_builds_its_arms(name, expect):
                 assert model.layers[0].attn.num_states == 1
             if spec.arm == "local":
                 assert model.layers[0].attn.config.local_heads == model_cfg.num_heads
-            if spec.arm == "drllm":
+            if spec.arm in ("drllm", "drllm-routers"):
                 assert model.depth_router is not None
+                stage = "routers" if spec.arm == "drllm-routers" else "joint"
+                assert model_cfg.depth_routing["stage"] == stage and (spec.init_from is not None) == (stage == "routers")
             if name == "moma":  # every arm reads the multimodal data; only the MoMa arm groups experts by modality
                 assert spec.config.data.source == "multimodal" and model_cfg.vocab_size == 320
                 groups = {"dense": None, "mixed-moe": 1, "moma": 2}[spec.arm]

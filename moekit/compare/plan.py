@@ -17,8 +17,9 @@ an interrupted study loses at most one interval per run.
 Cache key: a run's folder is ``<arm>-seed<seed>-<hash>``, the hash taken over its resolved ``model``,
 ``data``, ``train`` and ``parallel`` settings, except ``train.threads`` (which changes with ``--workers`` but
 not what is computed), and ``train.time_clock`` when it is the default ``wall`` (so the folders of runs made
-before that field existed are still found). Changing anything that matters gives a new folder; rerunning an unchanged study finds
-its finished runs.
+before that field existed are still found). A two-stage arm's hash (``init_from``) also covers the folder of the
+run it starts from, so a changed base gives new runs on top of it. Changing anything that matters gives a new
+folder; rerunning an unchanged study finds its finished runs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RunSpec:
     folder: str
     flops_per_token: int
     tokens_per_step: int
+    init_from: str | None = None  # the folder of the run (same seed, another arm) whose weights this one starts from
 
     @property
     def planned_flops(self) -> float | None:
@@ -79,13 +81,16 @@ def arm_config(study: Study, arm: Arm, extra: dict[str, Any] | None = None) -> R
         raise ConfigError(f"study {study.name!r}, arm {arm.name!r}: {e}") from None
 
 
-def run_key(cfg: RunConfig) -> str:
-    """A short hash of everything that decides what a run computes (see the module docstring)."""
+def run_key(cfg: RunConfig, init_from: str | None = None) -> str:
+    """A short hash of everything that decides what a run computes (see the module docstring): its settings
+    and, for a two-stage arm, the folder of the run whose weights it starts from."""
     d = to_dict(cfg)
-    material = {"model": d["model"], "data": d["data"], "parallel": d["parallel"],
-                "train": {**d["train"], "threads": None}}
+    material: dict[str, Any] = {"model": d["model"], "data": d["data"], "parallel": d["parallel"],
+                                "train": {**d["train"], "threads": None}}
     if material["train"].get("time_clock") == "wall":
         del material["train"]["time_clock"]
+    if init_from is not None:
+        material["init_from"] = init_from
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -122,7 +127,18 @@ def plan_study(study: Study, extra: dict[str, Any] | None = None, threads: int |
             run = replace(run, train=replace(run.train, threads=threads))
             specs.append(RunSpec(arm=arm.name, seed=seed, config=run, folder=f"{arm.name}-seed{seed}-{run_key(run)}",
                                  flops_per_token=c.flops_per_token, tokens_per_step=tokens_per_step))
-    return specs
+    # two-stage arms: their folders (and hashes) name the run they start from, which needs every folder first
+    source = {(s.arm, s.seed): s.folder for s in specs}
+    init = {a.name: a.init_from for a in study.arms}
+    out = []
+    for s in specs:
+        base = init[s.arm]
+        if base is None:
+            out.append(s)
+            continue
+        folder = source[(base, s.seed)]
+        out.append(replace(s, folder=f"{s.arm}-seed{s.seed}-{run_key(s.config, folder)}", init_from=folder))
+    return out
 
 
 def describe_plan(specs: list[RunSpec]) -> str:

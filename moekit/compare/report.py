@@ -153,6 +153,9 @@ def markdown_report(study: Study, results: list[ArmResult], *, command: str, wor
     lines += [f"- Budget: {study.budget.describe()}.", f"- Seeds: {seeds} (same data and batch order per seed "
               f"across arms).", f"- Command: `{command}`", f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; "
               f"machine: {machine_line()}; {workers} run(s) at a time.", ""]
+    staged = [f"`{a.name}` starts from `{a.init_from}`'s trained weights" for a in study.arms if a.init_from]
+    if staged:
+        lines[-1:-1] = [f"- Two-stage arms: {'; '.join(staged)} (same seed); its budget counts its own steps."]
     lines += _table(study, results)
     lines += ["", "Loss figures are mean ± sample sd over seeds; Δ is paired by seed. tokens/s and peak memory "
               "(max resident set of the run's process) depend on the machine's load at the time; tokens/CPU s "
@@ -172,7 +175,8 @@ def results_json(study: Study, results: list[ArmResult], outcomes: list[RunOutco
         d["per_seed_bpb"] = {str(k): v for k, v in r.per_seed_bpb.items()}
         return d
 
-    runs = [{"arm": o.spec.arm, "seed": o.spec.seed, "folder": o.folder.name, "finished": o.finished,
+    runs = [{"arm": o.spec.arm, "seed": o.spec.seed, "folder": o.folder.name, "init_from": o.spec.init_from,
+             "finished": o.finished,
              "cached": o.cached, "planned_flops": o.spec.planned_flops, "peak_rss_mb": o.peak_rss_mb,
              "summary": None if o.summary is None else {k: v for k, v in o.summary.items() if k != "load"},
              "val_curve": o.val_curve} for o in outcomes]

@@ -16,6 +16,10 @@ process maximum would mix runs).
 
 Ctrl-C reaches the workers too: each finishes its current step, checkpoints and returns; rerunning the
 study resumes them.
+
+Two-stage arms (``init_from``) run after the runs they start from: first every run that trains from scratch,
+then those that start from a finished one (:func:`start_from` loads its final weights); a two-stage run whose
+source did not finish is left for a rerun.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from ..training.checkpoint import has_checkpoint, read_json, write_json
+from torch import nn
+
+from ..configs import ConfigError
+from ..training.checkpoint import has_checkpoint, read_checkpoint, read_json, write_json
 from ..training.metrics import Progress, read_metrics
 from .plan import RunSpec, folder_of
 
-__all__ = ["RunOutcome", "run_specs", "default_workers", "peak_rss_mb", "COMPARE_FILE"]
+__all__ = ["RunOutcome", "run_specs", "default_workers", "peak_rss_mb", "start_from", "COMPARE_FILE"]
 
 COMPARE_FILE = "compare.json"
 
@@ -83,19 +91,44 @@ def read_outcome(spec: RunSpec, out_dir: Path, cached: bool = False) -> RunOutco
     return RunOutcome(spec, folder, summary, curve, extra.get("peak_rss_mb"), cached, routing)
 
 
+def start_from(source: Path) -> Callable[[nn.Module], None]:
+    """``prepare_model`` of a two-stage run: load the final weights of the finished run in ``source`` into the
+    fresh model. Every tensor of that run must exist in the model with the same shape; the model's other tensors
+    (what the second stage adds) keep their initialisation."""
+    def prepare(model: nn.Module) -> None:
+        _, tensors, _, _ = read_checkpoint(source)
+        own = model.state_dict()
+        extra = sorted(set(tensors) - set(own))
+        if extra:
+            raise ConfigError(f"init_from: the run in {source} has tensors this arm's model lacks ({', '.join(extra[:3])}"
+                              f"{', ...' if len(extra) > 3 else ''}); the arm must contain the model it starts from")
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ConfigError(f"init_from: tensors of the run in {source} differ in shape from this arm's model "
+                              f"({'; '.join(wrong[:3])}); give both arms the same model sizes")
+        model.load_state_dict(tensors, strict=False)
+    return prepare
+
+
 def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
     """Worker body: train (or resume) one run; returns ``done`` or ``interrupted``."""
     from ..training import train
     folder = folder_of(Path(out_dir), spec)
     resume = has_checkpoint(folder)
     start = time.time()
-    result = train(spec.config, folder, resume=resume, progress=False)
+    prepare = start_from(Path(out_dir) / "runs" / spec.init_from) if spec.init_from is not None else None
+    result = train(spec.config, folder, resume=resume, progress=False, prepare_model=prepare)
     finished = "val_loss" in result.summary
     if finished:
         write_json(folder / COMPARE_FILE, {"peak_rss_mb": peak_rss_mb() if record_memory else None,
                                            "resumed": resume, "process_wall_s": time.time() - start,
                                            "threads": spec.config.train.threads})
     return "done" if finished else "interrupted"
+
+
+def _finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` finished (a summary with its final validation; not an early stop)."""
+    return (folder / "summary.json").is_file() and "val_loss" in read_json(folder / "summary.json")
 
 
 def _steps_done(folder: Path) -> int:
@@ -164,14 +197,18 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int | None 
             todo.append(spec)
     display.start_timing()
     try:
-        if workers == 0:
-            for spec in todo:
-                display.active.add(spec.folder)
-                _train_one(spec, str(out_dir), record_memory=False)
-                outcomes[spec.folder] = read_outcome(spec, out_dir)
-                display.finish(outcomes[spec.folder], "ran")
-        elif todo:
-            _run_pool(todo, out_dir, workers or default_workers(len(todo)), outcomes, display)
+        first = [s for s in todo if s.init_from is None]
+        for wave in (first, [s for s in todo if s.init_from is not None]):
+            if wave is not first:  # two-stage runs, once the runs they start from are done
+                wave = [s for s in wave if _finished(out_dir / "runs" / str(s.init_from))]
+            if workers == 0:
+                for spec in wave:
+                    display.active.add(spec.folder)
+                    _train_one(spec, str(out_dir), record_memory=False)
+                    outcomes[spec.folder] = read_outcome(spec, out_dir)
+                    display.finish(outcomes[spec.folder], "ran")
+            elif wave:
+                _run_pool(wave, out_dir, workers or default_workers(len(wave)), outcomes, display)
     finally:
         display.close()
     return [outcomes.get(s.folder) or read_outcome(s, out_dir) for s in specs]

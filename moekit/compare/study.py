@@ -24,6 +24,12 @@ users write their own and pass the path. The format::
     preset = "dense"            # default: the base
     overrides = { "model.dense_hidden_dim" = 512 }
 
+    [[arms]]
+    name = "routers"
+    preset = "drllm"
+    init_from = "dense"         # start from that arm's trained weights (same seed); see below
+    overrides = { "model.depth_routing.stage" = "routers" }
+
     [quick]                     # --quick: a seconds-long version for tests and smoke checks
     seeds = [0]
     budget = { kind = "flops", flops = 2e9 }
@@ -34,6 +40,13 @@ How an arm's config is built: the arm's preset (a *complete* preset, with ``mode
 variant preset such as ``coe`` that only sets the feed-forward is laid over ``base``), then the study's
 ``overrides``, the arm's ``overrides``, in quick mode the quick ``overrides`` and the quick arm overrides,
 then command-line overrides. The seed and the budget come last (see :mod:`moekit.compare.plan`).
+
+Two-stage arms (``init_from``): the arm's runs start from the final weights of the named arm's run with the same
+seed, which trains first (a paper's "train the base, then add X to it": Dr.LLM's routers on a trained model).
+Every tensor of that run must load into the arm's model with the same shape; tensors the arm adds (new routers)
+keep their fresh initialisation. The source arm must itself train from scratch (one level), and stays in the
+study's comparison like any arm. What the arm trains is up to its config (e.g. ``stage = "routers"`` freezes the
+base); its budget counts its own steps only.
 """
 
 from __future__ import annotations
@@ -116,6 +129,7 @@ class Arm:
     name: str
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # another arm whose trained weights (same seed) this arm starts from
 
     def __post_init__(self) -> None:
         check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
@@ -150,6 +164,17 @@ class Study:
         check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
               f"study {self.name!r}: seeds={list(self.seeds)} must be a non-empty list of distinct integers")
         check(self.evals >= 1, f"study {self.name!r}: evals={self.evals} must be >= 1")
+        by_name = {a.name: a for a in self.arms}
+        for a in self.arms:
+            if a.init_from is None:
+                continue
+            check(a.init_from != a.name, f"study {self.name!r}: arm {a.name!r} has init_from={a.init_from!r}, "
+                                         f"itself; name the arm whose trained weights it starts from")
+            check(a.init_from in by_name, f"study {self.name!r}: arm {a.name!r} has init_from={a.init_from!r}, "
+                                          f"which is not an arm (arms: {names})")
+            check(by_name[a.init_from].init_from is None,
+                  f"study {self.name!r}: arm {a.name!r} starts from arm {a.init_from!r}, which itself starts "
+                  f"from {by_name[a.init_from].init_from!r}; init_from must name an arm trained from scratch")
 
     def with_budget(self, amount: float | None = None, clock: str | None = None) -> "Study":
         """The study with its budget amount (tokens, FLOPs or seconds, per its kind) and/or clock replaced."""
@@ -164,6 +189,9 @@ class Study:
         check(not unknown, f"--arms {' '.join(unknown)}: no such arm in study {self.name!r} (arms: {known})")
         check(self.reference is None or self.reference in names,
               f"--arms must keep the reference arm {self.reference!r}: the others are compared with it")
+        needed = [f"{a.name} (starts from {a.init_from})" for a in self.arms
+                  if a.name in names and a.init_from is not None and a.init_from not in names]
+        check(not needed, f"--arms must keep the arms that others start from: {', '.join(needed)}; add them")
         return replace(self, arms=tuple(a for a in self.arms if a.name in names))
 
     def with_seeds(self, num_seeds: int) -> "Study":
@@ -211,11 +239,14 @@ def study_from_dict(data: dict[str, Any], name: str, source: str = "", quick: bo
         raise ConfigError(f"study {name!r}: arms must be an array of tables ([[arms]] name = ..., preset = ...)")
     arms = []
     for i, a in enumerate(raw_arms):
-        unknown = set(a) - {"name", "preset", "overrides"}
+        unknown = set(a) - {"name", "preset", "overrides", "init_from"}
         check(not unknown, f"study {name!r}: arm {i} has unknown keys {sorted(unknown)} "
-                           f"(valid: name, preset, overrides)")
+                           f"(valid: name, preset, overrides, init_from)")
         check("name" in a, f"study {name!r}: arm {i} has no name")
-        arms.append(Arm(name=str(a["name"]), preset=a.get("preset"),
+        init_from = a.get("init_from")
+        check(init_from is None or isinstance(init_from, str),
+              f"study {name!r}: arm {a['name']!r} has init_from={init_from!r}; give the name of another arm")
+        arms.append(Arm(name=str(a["name"]), preset=a.get("preset"), init_from=init_from,
                         overrides=flatten_overrides(a.get("overrides", {}), f"arms.{a['name']}.overrides")))
     fields: dict[str, Any] = dict(
         name=name, description=str(data.get("description", "")), claim=str(data.get("claim", "")),
