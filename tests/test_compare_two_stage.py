@@ -12,7 +12,7 @@ import torch
 
 from moekit.compare import load_study, plan_study, run_key, run_study
 from moekit.compare import runner as runner_mod
-from moekit.compare.plan import folder_of
+from moekit.compare.plan import describe_plan, folder_of
 from moekit.compare.runner import run_specs, start_from
 from moekit.compare.study import study_from_dict
 from moekit.configs import ConfigError
@@ -62,6 +62,8 @@ def test_plan_names_the_source_run_of_the_same_seed_and_hashes_it():
         assert more.folder == f"more-seed{seed}-{run_key(more.config, base.folder)}"
         assert run_key(more.config, base.folder) != run_key(more.config)
     # a different base gives the second stage new runs too, though its own settings did not change
+    assert describe_plan(specs).splitlines()[0].endswith(", 10 steps, 2.55e+08 FLOPs, starting from base's trained weights")
+    assert "starting from" not in describe_plan(specs).splitlines()[1]
     changed = plan_study(study({"name": "more", "init_from": "base", "overrides": {"train.lr": 1e-3}},
                                {"name": "base", "overrides": {"train.lr": 2e-3}}))
     assert changed[0].config == specs[0].config and changed[0].folder != specs[0].folder

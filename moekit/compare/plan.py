@@ -154,9 +154,11 @@ def describe_plan(specs: list[RunSpec]) -> str:
         steps_text = (f"{steps:,} steps" if s.planned_flops is not None else
                       f"{tc.max_seconds:g} s ({'CPU seconds of training steps' if tc.time_clock == 'cpu' else 'wall'})")
         flops = f", {s.planned_flops:.3g} FLOPs" if s.planned_flops is not None else ""
+        source = next((o.arm for o in specs if o.folder == s.init_from), None)
+        staged = f", starting from {source}'s trained weights" if source is not None else ""
         lines.append(f"{s.arm}: {c.total_params:,} params ({c.active_params:,} active), "
                      f"{s.flops_per_token / 1e6:.2f} MFLOP/token, {s.tokens_per_step:,} tokens/step, "
-                     f"{steps_text}{flops}")
+                     f"{steps_text}{flops}{staged}")
     return "\n".join(lines)
 
 
