@@ -64,6 +64,7 @@ TESTS: dict[str, list[str]] = {
     "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_display.py", "tests/test_time_clock.py",
                  "tests/test_first_hour.py", "tests/test_train.py", "tests/test_default_recipe.py"],
     "compare": ["tests/test_compare_study.py", "tests/test_compare_report.py", "tests/test_compare.py",
+                "tests/test_compare_two_stage.py",
                 "tests/test_time_clock.py", "tests/test_default_recipe.py"],
 }
 CORE = ("routing", "ops", "dispatch", "experts", "layers")  # the default packages; training, compare on request
