@@ -126,11 +126,6 @@ def _train_one(spec: RunSpec, out_dir: str, record_memory: bool) -> str:
     return "done" if finished else "interrupted"
 
 
-def _finished(folder: Path) -> bool:
-    """Whether the run in ``folder`` finished (a summary with its final validation; not an early stop)."""
-    return (folder / "summary.json").is_file() and "val_loss" in read_json(folder / "summary.json")
-
-
 def _steps_done(folder: Path) -> int:
     """The last step logged in a run's metrics (cheap enough to poll: a few hundred short lines)."""
     records = read_metrics(folder / "metrics.jsonl")
@@ -199,8 +194,8 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int | None 
     try:
         first = [s for s in todo if s.init_from is None]
         for wave in (first, [s for s in todo if s.init_from is not None]):
-            if wave is not first:  # two-stage runs, once the runs they start from are done
-                wave = [s for s in wave if _finished(out_dir / "runs" / str(s.init_from))]
+            if wave is not first:  # two-stage runs whose source (cached or just run: in outcomes) finished
+                wave = [s for s in wave if (o := outcomes.get(str(s.init_from))) is not None and o.finished]
             if workers == 0:
                 for spec in wave:
                     display.active.add(spec.folder)
