@@ -27,8 +27,9 @@ def engines(monkeypatch) -> dict[str, Engine]:
     return table
 
 
-def _bank(activation: str = "swiglu"):
-    return MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=3, top_k=2, activation=activation)).experts
+def _bank(activation: str = "swiglu", hidden_dim: int = 16):
+    """Experts wider than the model (``hidden_dim > dim``): ``auto`` runs plain ``sorted`` on them on CPU."""
+    return MoE(MoEConfig(dim=8, hidden_dim=hidden_dim, num_experts=3, top_k=2, activation=activation)).experts
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -76,6 +77,32 @@ def test_auto_prefers_compile_friendly_engines_while_compiling(monkeypatch):
     assert resolve_engine("auto", x, bank).name == "sorted"  # eagerly: the highest priority that runs
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert resolve_engine("auto", x, bank).name == "sorted_op"  # tracing: compile-friendly first
+
+
+def test_auto_ranks_by_a_priority_computed_from_the_inputs(engines, monkeypatch):
+    def wide_batches(x_TD, bank):
+        return 100 if x_TD.shape[0] >= 4 else -100
+
+    register_engine("test_shaped", priority=wide_batches)(get_engine("reference").fn)
+    assert engines["test_shaped"].priority is wide_batches
+    bank = _bank()
+    assert resolve_engine("auto", torch.randn(4, 8), bank).name == "test_shaped"
+    assert resolve_engine("auto", torch.randn(3, 8), bank).name == "sorted"
+    register_engine("test_fixed", priority=101)(get_engine("reference").fn)  # a fixed priority still competes
+    assert resolve_engine("auto", torch.randn(4, 8), bank).name == "test_fixed"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert resolve_engine("auto", torch.randn(4, 8), bank).name == "sorted_op"  # compile-friendly still first
+
+
+def test_auto_runs_sorted_blocked_on_cpu_for_experts_no_wider_than_the_model():
+    x = torch.randn(3, 8)
+    assert resolve_engine("auto", x, _bank(hidden_dim=4)).name == "sorted_blocked"  # fine-grained
+    assert resolve_engine("auto", x, _bank(hidden_dim=8)).name == "sorted_blocked"  # as wide as the model
+    assert resolve_engine("auto", x, _bank(hidden_dim=9)).name == "sorted"  # wider: Mixtral-like
+    # and only on CPU: elsewhere it ranks below sorted (and grouped_mm, 20, on CUDA)
+    blocked, plain = get_engine("sorted_blocked"), get_engine("sorted")
+    assert blocked.rank(x, _bank(hidden_dim=4)) > plain.rank(x, _bank(hidden_dim=4))
+    assert blocked.rank(x.to("meta"), _bank(hidden_dim=4)) < plain.rank(x.to("meta"), _bank(hidden_dim=4))
 
 
 def test_auto_with_no_engine_that_can_run_says_so(engines):
