@@ -15,7 +15,7 @@ from moekit import MoE, MoEConfig, RouterConfig, Routing
 from moekit.bench.timing import saved_activation_bytes
 from moekit.dispatch import get_engine
 from moekit.ops import blocked_moe_ffn, sorted_moe_ffn
-from moekit.ops.blocked_moe import row_blocks
+from moekit.ops.blocked_moe import _scale_hidden, row_blocks
 
 from .reference import assert_close
 from .test_engines import CASES, _grads, check_against_reference
@@ -99,9 +99,12 @@ def test_property_blocked_equals_reference(dim, hidden, num_experts, data, token
 @pytest.mark.parametrize("activation,use_bias", [("swiglu", False), ("gelu", False), ("relu", False),
                                                  ("swiglu", True), ("clamped_swiglu", True), ("gelu", True)])
 @pytest.mark.parametrize("block", [None, 2])
-def test_blocked_moe_ffn_gradcheck_float64(activation, use_bias, block):
+@pytest.mark.parametrize("D,F", [(5, 4), (4, 5)], ids=["hidden-narrower", "hidden-wider"])
+def test_blocked_moe_ffn_gradcheck_float64(activation, use_bias, block, D, F):
+    """Both ways of applying the combine weights (to the hidden activation when it is the narrower and there is
+    no down bias, else to the expert output) are the same function, with the same gradients."""
     torch.manual_seed(0)
-    E, D, F, T = 3, 5, 4, 6
+    E, T = 3, 6
     counts = [3, 0, 4]  # expert 1 gets nothing; with block=2 the segments split as 2+1 and 2+2
     token_N = torch.tensor([0, 2, 5, 1, 2, 3, 4])
     dbl = dict(dtype=torch.float64, requires_grad=True)
@@ -159,3 +162,9 @@ def test_blocked_saves_less_for_backward_than_sorted():
         saved[engine] = saved_activation_bytes(lambda: moe(x), moe)
     N, F = 50 * 2, 64
     assert saved["sorted"] - saved["sorted_blocked"] == N * F * 4
+
+
+def test_the_combine_weights_scale_the_narrower_of_hidden_and_output_unless_a_down_bias_needs_them():
+    assert _scale_hidden(4, 5, None) and _scale_hidden(5, 5, None)
+    assert not _scale_hidden(6, 5, None)  # the output is narrower
+    assert not _scale_hidden(4, 5, torch.zeros(2, 5))  # w * (W a + b) needs the weights on the bias too

@@ -45,7 +45,7 @@ def test_opcheck_fake_and_autograd_registrations():
 
 
 def test_auto_prefers_plain_sorted_eagerly():
-    moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=4, top_k=2))
+    moe = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=4, top_k=2))
     assert resolve_engine("auto", torch.randn(3, 8), moe.experts).name == "sorted"
 
 

@@ -157,7 +157,7 @@ def test_permuting_tokens_permutes_output():
 
 def test_auto_picks_sorted_on_cpu_and_grouped_mm_refuses_clearly():
     from moekit.dispatch import resolve_engine
-    bank = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=2, top_k=1)).experts
+    bank = MoE(MoEConfig(dim=8, hidden_dim=16, num_experts=2, top_k=1)).experts  # wider than the model
     x = torch.randn(3, 8)
     assert resolve_engine("auto", x, bank).name == "sorted"
     with pytest.raises(ValueError, match="grouped_mm.*cannot run here.*CUDA"):

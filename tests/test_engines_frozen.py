@@ -1,6 +1,8 @@
 """Engines when only some inputs need gradients (frozen experts, a frozen or detached router, frozen input):
-the sorted engine's backward must give the reference's gradients for what is trained and nothing else.
-(Found by mutation testing: the partial-gradient branches were not exercised.)"""
+the sorted engines' backwards must give the reference's gradients for what is trained and nothing else.
+(Found by mutation testing: the partial-gradient branches were not exercised.) ``sorted_blocked`` runs with
+experts narrower and wider than the model: it applies the combine weights to the narrower of its hidden
+activation and its output, so both of its backward branches are covered."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from moekit.dispatch import get_engine
 from .reference import assert_close
 
 
-def _setup(activation: str, use_bias: bool):
+def _setup(activation: str, use_bias: bool, hidden_dim: int = 7):
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=10, hidden_dim=7, num_experts=4, top_k=2, activation=activation, use_ffn_bias=use_bias,
+    cfg = MoEConfig(dim=10, hidden_dim=hidden_dim, num_experts=4, top_k=2, activation=activation, use_ffn_bias=use_bias,
                     router=RouterConfig(aux_loss_coef=0.0))
     moe = MoE(cfg)
     with torch.no_grad():
@@ -52,14 +54,16 @@ SUBSETS = [{"x"}, {"weights"}, {"w_down"}, {"w_up", "w_gate"}, {"x", "w_up"}, {"
            {"x", "weights", "b_down"}, set()]
 
 
-@pytest.mark.parametrize("activation,use_bias", [("swiglu", True), ("gelu", False)])
-def test_sorted_engine_partial_gradients_match_reference(activation, use_bias):
-    moe, x, routing = _setup(activation, use_bias)
+@pytest.mark.parametrize("activation,use_bias,hidden_dim", [("swiglu", True, 7), ("gelu", False, 7),
+                                                            ("swiglu", False, 7), ("swiglu", False, 13)])
+@pytest.mark.parametrize("engine", ["sorted", "sorted_blocked"])
+def test_sorted_engine_partial_gradients_match_reference(activation, use_bias, hidden_dim, engine):
+    moe, x, routing = _setup(activation, use_bias, hidden_dim)
     names = {n for n, _ in moe.experts.named_parameters()} | {"x", "weights"}
     for train in SUBSETS:
         train = train & names
         y_ref, g_ref = _run("reference", moe, x, routing, train)
-        y, g = _run("sorted", moe, x, routing, train)
+        y, g = _run(engine, moe, x, routing, train)
         assert_close(y, y_ref, f"output, training {sorted(train)}")
         for part in names:
             if part in train:

@@ -44,11 +44,19 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
 BLOCK_ROWS = 512  # most rows per block of the ``sorted_blocked`` engine (docs/benchmarks.md)
 
 
-@register_engine("sorted_blocked", priority=5)
+def _blocked_priority(x: torch.Tensor, bank: ExpertBank) -> int:
+    """Above ``sorted`` (10) on CPU for experts no wider than the model (fine-grained experts: the ``default``
+    preset's 32 x 128 at dim 256), where it measured faster; below it on wider experts (Mixtral-like, the
+    ``coarse`` preset), where it was level or slower, and off CPU (docs/benchmarks.md)."""
+    return 15 if x.device.type == "cpu" and bank.hidden_dim <= bank.dim else 5
+
+
+@register_engine("sorted_blocked", priority=_blocked_priority)
 def sorted_blocked_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
     """The ``sorted`` engine's computation, one block of at most :data:`BLOCK_ROWS` rows of one expert at a
     time (:func:`moekit.ops.blocked_moe_ffn`): gather, products, activation and weighted scatter of a block
-    while it is in cache, and the hidden activation recomputed in backward instead of saved."""
+    while it is in cache, and the hidden activation recomputed in backward instead of saved. ``auto`` picks it
+    on CPU for experts no wider than the model (:func:`_blocked_priority`)."""
     T, K = routing.expert_ids_TK.shape
     _, order_N, counts = _sort(routing, bank.num_experts)
     counts = counts.tolist()

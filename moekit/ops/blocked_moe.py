@@ -57,6 +57,12 @@ def row_blocks(counts: list[int], block_rows: int | None) -> Iterator[tuple[int,
         start += n
 
 
+def _scale_hidden(F_: int, D: int, b_down_ED: torch.Tensor | None) -> bool:
+    """Whether the combine weights scale the hidden activation (``n x F``) rather than the expert output
+    (``n x D``): the narrower of the two, when there is no down bias (which the weights must scale too)."""
+    return F_ <= D and b_down_ED is None
+
+
 def _weight_grad(g_nX: torch.Tensor, a_nY: torch.Tensor, out_XY: torch.Tensor, first: bool) -> None:
     """``out_XY (+)= g_nX.T @ a_nY``: written by an expert's first block, accumulated by the others."""
     if first:
@@ -73,15 +79,19 @@ class _BlockedMoEFFN(torch.autograd.Function):
         h_up_NF = x_TD.new_empty(N, F_)
         h_gate_NF = x_TD.new_empty(N, F_) if w_gate_EFD is not None else None
         w_N1 = weights_N.to(x_TD.dtype)[:, None]
+        scale_hidden = _scale_hidden(F_, x_TD.shape[1], b_down_ED)
         y_TD = torch.zeros_like(x_TD)
         for e, rows, _ in row_blocks(counts, block_rows):
             tok_n = token_N[rows]
             x_nD = x_TD.index_select(0, tok_n)
             h_up_nF = _linear(x_nD, w_up_EFD[e], b_up_EF, e, h_up_NF[rows])
             h_gate_nF = None if h_gate_NF is None else _linear(x_nD, w_gate_EFD[e], b_gate_EF, e, h_gate_NF[rows])
-            a_nF = hidden(activation, h_gate_nF, h_up_nF)
-            out_nD = _linear(a_nF, w_down_EDF[e], b_down_ED, e, out=x_nD)  # x_nD is no longer needed
-            y_TD.index_add_(0, tok_n, out_nD.mul_(w_N1[rows]))
+            a_nF = hidden(activation, h_gate_nF, h_up_nF)  # a fresh buffer: scaled in place below when narrower
+            if scale_hidden:  # w * (W_down a) = W_down (w * a)
+                out_nD = _linear(a_nF.mul_(w_N1[rows]), w_down_EDF[e], None, e, out=x_nD)
+            else:
+                out_nD = _linear(a_nF, w_down_EDF[e], b_down_ED, e, out=x_nD).mul_(w_N1[rows])
+            y_TD.index_add_(0, tok_n, out_nD)  # (out_nD reuses x_nD's buffer: the products above have read it)
         ctx.save_for_backward(x_TD, weights_N, token_N, w_gate_EFD, w_up_EFD, w_down_EDF, b_down_ED, h_gate_NF,
                               h_up_NF)
         ctx.counts, ctx.activation, ctx.block_rows = counts, activation, block_rows
@@ -106,6 +116,7 @@ class _BlockedMoEFFN(torch.autograd.Function):
         grad_bu = h_up_NF.new_zeros(E, F_) if need_bu else None
         grad_bd = grad_y_TD.new_zeros(E, D) if need_bd else None
         w_N1 = weights_N.to(grad_y_TD.dtype)[:, None]
+        scale_hidden = _scale_hidden(F_, D, b_down)
         for e, rows, first in row_blocks(counts, ctx.block_rows):
             tok_n = token_N[rows]
             g_nD = grad_y_TD.index_select(0, tok_n)
@@ -123,7 +134,9 @@ class _BlockedMoEFFN(torch.autograd.Function):
                 grad_weights[rows] = gw_n
             w_n1 = w_N1[rows]
             grad_a_nF.mul_(w_n1)
-            if grad_down is not None or grad_bd is not None:
+            if grad_down is not None and scale_hidden:  # (w * g).T @ a = g.T @ (w * a): scale the narrower
+                _weight_grad(g_nD, a_nF.mul_(w_n1), grad_down[e], first)
+            elif grad_down is not None or grad_bd is not None:
                 g_nD.mul_(w_n1)
                 if grad_down is not None:
                     _weight_grad(g_nD, a_nF, grad_down[e], first)
