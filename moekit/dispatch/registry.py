@@ -73,7 +73,8 @@ def resolve_engine(name: str, x_TD: torch.Tensor, bank: ExpertBank) -> Engine:
     ``torch.compile``, the best compile-friendly one: no graph break inside the layer)."""
     if name == "auto":
         compiling = torch.compiler.is_compiling()
-        for engine in sorted(ENGINES.values(), key=lambda e: (-(compiling and e.compile_friendly), -e.rank(x_TD, bank))):
+        ranked = sorted(ENGINES.values(), key=lambda e: (-(compiling and e.compile_friendly), -e.rank(x_TD, bank)))
+        for engine in ranked:
             if engine.supports(x_TD, bank) is None:
                 return engine
         raise RuntimeError("no registered engine supports these inputs")  # reference supports everything

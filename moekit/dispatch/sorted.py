@@ -41,7 +41,9 @@ def sorted_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
                           bank.activation, bank.b_gate, bank.b_up, bank.b_down)
 
 
-BLOCK_ROWS = 512  # most rows per block of the ``sorted_blocked`` engine (docs/benchmarks.md)
+# Most rows per block of the ``sorted_blocked`` engine; None: one block per expert segment, which measured
+# fastest (docs/benchmarks.md, 2026-12-07: blocks of 512 rows were 2-5% slower on every shape measured).
+BLOCK_ROWS: int | None = None
 
 
 def _blocked_priority(x: torch.Tensor, bank: ExpertBank) -> int:
@@ -53,10 +55,10 @@ def _blocked_priority(x: torch.Tensor, bank: ExpertBank) -> int:
 
 @register_engine("sorted_blocked", priority=_blocked_priority)
 def sorted_blocked_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> torch.Tensor:
-    """The ``sorted`` engine's computation, one block of at most :data:`BLOCK_ROWS` rows of one expert at a
-    time (:func:`moekit.ops.blocked_moe_ffn`): gather, products, activation and weighted scatter of a block
-    while it is in cache, and the hidden activation recomputed in backward instead of saved. ``auto`` picks it
-    on CPU for experts no wider than the model (:func:`_blocked_priority`)."""
+    """The ``sorted`` engine's computation one expert's segment at a time (blocks of at most :data:`BLOCK_ROWS`
+    rows when set; :func:`moekit.ops.blocked_moe_ffn`): gather, products, activation and weighted scatter of a
+    segment while it is in cache, and the hidden activation recomputed in backward instead of saved. ``auto``
+    picks it on CPU for experts no wider than the model (:func:`_blocked_priority`)."""
     T, K = routing.expert_ids_TK.shape
     _, order_N, counts = _sort(routing, bank.num_experts)
     counts = counts.tolist()

@@ -1,4 +1,4 @@
-"""The dropless MoE computation over expert-sorted assignments, one cache-sized block of rows at a time.
+"""The dropless MoE computation over expert-sorted assignments, one expert segment (or block of rows) at a time.
 
 Dim legend: T tokens, D model dim, N valid assignments (sorted by expert), F expert hidden dim, E experts,
 n rows of one block (at most ``block_rows`` consecutive assignments of one expert).
@@ -20,11 +20,18 @@ written in place into one ``[E, ...]`` buffer per weight (blocks after an expert
 ``addmm_``; experts with no rows get zeros); the combine weights' gradient is ``<grad_y_t @ w_down[e], a_n>``
 (+ ``<grad_y_t, b_down[e]>``), as in :func:`sorted_moe_ffn`.
 
-Choice made (measured, ``docs/benchmarks.md``): ``block_rows`` (default 512) bounds the rows per block so that
-a block's ``n x max(D, F)`` buffers stay near the L2 cache (2 MB per core here); each expert's segment is split
-into near-equal blocks. 128 rows was slower (smaller products), whole segments and 256 rows no faster. Measured
-against :func:`sorted_moe_ffn` (CPU, float32, one thread): 1-4% faster forward+backward on fine-grained shapes,
-within noise or slower on Mixtral-like ones, a third less saved for backward; so it is an opt-in engine.
+The combine weights scale the narrower of the hidden activation (``n x F``) and the expert output (``n x D``):
+``w * (W_down a) = W_down (w * a)``, and in backward ``(w * g).T @ a = g.T @ (w * a)``, so fine-grained experts
+(``F <= D``) scale ``n x F`` values where the output would have ``n x D`` (not with a down bias, which the weights
+must scale too).
+
+Choices made (measured, ``docs/benchmarks.md``, ``benchmarks/engine_ab.py``): the engine
+(``moekit.dispatch.sorted.BLOCK_ROWS``) runs one block per expert segment. On 2026-12-07 (idle, one thread, CPU
+clock), forward+backward against the ``sorted`` op: 0.89x on the ``default`` preset's layer (32 experts x 128,
+top-7, dim 256), 0.93x on ``fine-s``, 0.95x on 16 x 256 top-3, 1.01x on the coarse 8 x 512 top-2 and 1.02x on
+``mixtral-s``; blocks of 512 rows were 2-5% slower than whole segments on every shape. With two threads (wall
+clock): 1.00x, 0.98x and 1.00x on ``default``, ``fine-s`` and ``mixtral-s``. ``auto`` therefore runs it on CPU
+for experts no wider than the model. ``block_rows`` (a positive int) still bounds a block for callers that want it.
 Segment sizes arrive as a Python list: one host sync per layer, not per block.
 """
 
@@ -180,12 +187,12 @@ def blocked_moe_ffn(
     b_gate_EF: torch.Tensor | None = None,
     b_up_EF: torch.Tensor | None = None,
     b_down_ED: torch.Tensor | None = None,
-    block_rows: int | None = 512,
+    block_rows: int | None = None,
 ) -> torch.Tensor:
     """``y_TD`` for assignments sorted by expert, block by block (same contract as
     :func:`moekit.ops.sorted_moe_ffn`): assignment ``n`` sends token ``token_N[n]`` to the expert whose segment
     holds ``n`` (``counts[e]`` consecutive assignments per expert) with weight ``weights_N[n]``.
-    ``block_rows``: most rows per block (``None``: one block per expert segment)."""
+    ``block_rows``: most rows per block (``None``, the default: one block per expert segment)."""
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"blocked_moe_ffn: block_rows must be a positive int or None, got {block_rows!r}")
     assert sum(counts) == token_N.numel() == weights_N.numel(), "counts must cover every assignment"
