@@ -1,6 +1,7 @@
 """Compiled vs eager training step of a preset (issue 20), in one run: A B A B alternation, medians.
 
     python benchmarks/compile_step.py [--preset default] [--repeats 6] [--threads 1] [--backend inductor]
+        [--clock wall|cpu] [--out docs/bench/compile_step.json]
 
 The compiled arm is ``torch.compile(model)`` of the same weights (``engine="auto"`` then runs the
 compile-friendly ``sorted_op`` custom op, no graph break inside the MoE layers); the optimizer step, clipping
@@ -11,7 +12,10 @@ and the steady-state step-time ratio.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import sys
 import time
 
@@ -28,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--out", default=None, help="write the figures as JSON (with date, machine and torch version)")
     args = p.parse_args(argv)
     tune_cpu_allocator()
     torch.set_num_threads(args.threads)
@@ -37,12 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     compiled.model = torch.compile(compiled.model, backend=args.backend)  # same parameters, optimizer unchanged
     t0 = time.perf_counter()
     compiled(False), compiled(True)  # both variants of the step (with and without statistics)
-    print(f"compile (first two steps): {time.perf_counter() - t0:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
-    out = compare_steps({"eager": eager, f"compiled-{args.backend}": compiled}, repeats=args.repeats)
+    compile_s = time.perf_counter() - t0
+    print(f"compile (first two steps): {compile_s:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+    out = compare_steps({"eager": eager, f"compiled-{args.backend}": compiled}, repeats=args.repeats,
+                        clock=args.clock)
     for name, r in out.items():
         print(f"{name:<20} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
               f"x{r['tokens_per_s_ratio']:.3f} of eager")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
+    if args.out:
+        record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                  "preset": args.preset, "threads": args.threads, "backend": args.backend, "clock": args.clock,
+                  "repeats": args.repeats, "compile_s_first_two_steps": compile_s, "timing": out,
+                  "load_after": os.getloadavg()[0]}
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, args.out)
     return 0
 
 
