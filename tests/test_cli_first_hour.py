@@ -98,6 +98,8 @@ def test_bench_quick_shows_progress(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["shape"] for r in result] == ["mixtral-s"] and result[0]["tokens"] == 32 and result[0]["repeats"] == 1
     assert "moekit-sorted" in captured.out
+    # by default both CPU engines that ``auto`` chooses between (by the experts' width) are timed
+    assert {"moekit-sorted", "moekit-sorted_blocked"} <= set(result[0]["results"])
 
 
 def test_threads_must_be_positive(capsys):

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default: 10; 3 with --quick)")
     p.add_argument("--tokens", type=int, default=None, help="override the shape's token count (default: the shape's)")
     p.add_argument("--engines", nargs="*", default=None,
-                   help="moekit engines to time (default: sorted; sorted and grouped_mm on CUDA)")
+                   help="moekit engines to time (default: sorted and sorted_blocked on CPU, between which auto "
+                   "chooses by shape; sorted and grouped_mm on CUDA)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--repeats and --tokens must be >= 1")
     dtype = torch.bfloat16 if gpu else torch.float32
     shapes = args.shapes or (QUICK_SHAPES if args.quick else [n for n, s in SHAPES.items() if gpu or not s.gpu_only])
-    engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted",)))
+    engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted", "sorted_blocked")))
     _check_memory(shapes, tokens, engines, gpu)
     rounds_per_shape = 2 * (repeats + 2)
     bar = Progress(len(shapes) * rounds_per_shape, 0, enabled=not args.no_progress, unit="round", desc="bench ")
