@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from moekit.bench.step import StepHarness, compare_steps
 from moekit.recipes import load_preset
 from moekit.runtime import tune_cpu_allocator
+from moekit.training.runfiles import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                   "preset": args.preset, "threads": args.threads, "backend": args.backend, "clock": args.clock,
                   "repeats": args.repeats, "compile_s_first_two_steps": compile_s, "timing": out,
                   "load_after": os.getloadavg()[0]}
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(Path(args.out), record)
     return 0
 
 

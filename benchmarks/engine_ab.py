@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 
 from moekit.bench.timing import alternate
 from moekit.ops import blocked_moe_ffn, sorted_moe_ffn
 from moekit.runtime import tune_cpu_allocator
+from moekit.training.runfiles import write_json
 
 SHAPES = {  # name: (tokens, dim, experts, hidden, top_k)
     "default": (4096, 256, 32, 128, 7),
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for c, t in times.items()), flush=True)
     result["load_after"] = os.getloadavg()[0]
     if a.out:
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, a.out)
+        write_json(Path(a.out), result)
     return 0
 
 
