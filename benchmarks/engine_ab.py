@@ -25,17 +25,24 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.layer import SHAPES as LAYER_SHAPES
 from moekit.bench.timing import alternate
 from moekit.ops import blocked_moe_ffn, sorted_moe_ffn
 from moekit.runtime import tune_cpu_allocator
 from moekit.training.runfiles import write_json
 
+
+def _bench_shape(name: str) -> tuple[int, int, int, int, int]:
+    s = LAYER_SHAPES[name]  # moekit bench's shape (its shared expert is not part of the engine)
+    return s.tokens, s.dim, s.num_experts, s.hidden_dim, s.top_k
+
+
 SHAPES = {  # name: (tokens, dim, experts, hidden, top_k)
     "default": (4096, 256, 32, 128, 7),
-    "fine-s": (4096, 512, 64, 256, 8),
+    "fine-s": _bench_shape("fine-s"),
     "mid": (4096, 256, 16, 256, 3),
     "coarse": (4096, 256, 8, 512, 2),
-    "mixtral-s": (4096, 512, 8, 1024, 2),
+    "mixtral-s": _bench_shape("mixtral-s"),
 }
 
 
@@ -107,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "load_cv": load_cv, "largest_segment": int(rows.max()),
                                   "seconds": times, "ratio_to_sorted": {c: t / times["sorted"]
                                                                        for c, t in times.items()}}
-        print(f"{name:<10} load CV {load_cv:.2f}  " + "  ".join(f"{c} {t * 1e3:7.1f} ms x{t / times['sorted']:.3f}"
-                                         for c, t in times.items()), flush=True)
+        cells = "  ".join(f"{c} {t * 1e3:7.1f} ms x{t / times['sorted']:.3f}" for c, t in times.items())
+        print(f"{name:<10} load CV {load_cv:.2f}  {cells}", flush=True)
     result["load_after"] = os.getloadavg()[0]
     if a.out:
         write_json(Path(a.out), result)

@@ -19,8 +19,8 @@ from .reference import assert_close
 
 def _setup(activation: str, use_bias: bool, hidden_dim: int = 7):
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=10, hidden_dim=hidden_dim, num_experts=4, top_k=2, activation=activation, use_ffn_bias=use_bias,
-                    router=RouterConfig(aux_loss_coef=0.0))
+    cfg = MoEConfig(dim=10, hidden_dim=hidden_dim, num_experts=4, top_k=2, activation=activation,
+                    use_ffn_bias=use_bias, router=RouterConfig(aux_loss_coef=0.0))
     moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.experts.parameters():
