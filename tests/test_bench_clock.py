@@ -53,3 +53,16 @@ def test_bench_cli_refuses_an_unknown_clock(capsys):
         main(["bench", "--clock", "sundial"])
     assert exc.value.code == 2
     assert "--clock" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine,says", [("trition", "did you mean 'triton'"), ("grouped_mm", "grouped_mm"),
+                                         ("triton", "TRITON_INTERPRET=1")])
+def test_bench_cli_refuses_an_engine_it_cannot_time(capsys, monkeypatch, engine, says):
+    """An unknown engine, or one that cannot run on the device, is refused before any timing (exit 2)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if engine == "triton":  # refused for the device even where Triton is not installed (then: "not installed")
+        from moekit.dispatch import fused_triton
+        monkeypatch.setattr(fused_triton, "_triton_installed", lambda: True)
+    assert main(["bench", "--quick", "--engines", "sorted", engine, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--engines" in err and says in err

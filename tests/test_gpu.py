@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -36,6 +37,45 @@ def test_cuda_sorted_float32_matches_reference(cf):
     assert_close(y, y_ref, "output", atol=1e-4)
     for a, b in zip(grads, grads_ref):
         assert_close(a, b, "grad", atol=1e-4, rtol=1e-3)
+
+
+_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (the 'triton' extra)")
+
+
+@_triton
+@pytest.mark.parametrize("cf,activation", [(None, "swiglu"), (0.6, "swiglu"), (0.6, "gelu")])
+def test_cuda_triton_float32_matches_reference(cf, activation):
+    """The triton engine's kernels compiled for the GPU (their CPU twin: tests/test_triton_engine.py)."""
+    cfg = MoEConfig(dim=96, hidden_dim=136, num_experts=6, top_k=2, activation=activation,
+                    router=RouterConfig(capacity_factor=cf))
+    moe = MoE(replace(cfg, engine="reference")).cuda()
+    fast = MoE(replace(cfg, engine="triton")).cuda()
+    fast.load_state_dict(moe.state_dict())
+    x, g = torch.randn(2, 33, 96, device="cuda"), torch.randn(2, 33, 96, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y_ref, grads_ref = _run(moe, x, g)
+    y, grads = _run(fast, x, g)
+    assert_close(y, y_ref, "output", atol=1e-4)
+    for a, b in zip(grads, grads_ref):
+        assert_close(a, b, "grad", atol=1e-4, rtol=1e-3)
+
+
+@_triton
+def test_cuda_triton_bfloat16_matches_float32_reference():
+    cfg = MoEConfig(dim=128, hidden_dim=256, num_experts=8, top_k=2, router=RouterConfig(capacity_factor=0.8))
+    ref = MoE(replace(cfg, engine="reference")).cuda()
+    fast = MoE(replace(cfg, engine="triton")).cuda().bfloat16()
+    fast.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})
+    x = torch.randn(4, 64, 128, device="cuda").bfloat16()
+    g = torch.randn_like(x)
+    y_ref, grads_ref = _run(ref, x.float(), g.float())
+    y, grads = _run(fast, x, g)
+    rel = (y - y_ref).abs().max() / y_ref.abs().max()
+    assert rel < 3e-2, f"bf16 triton output off by {rel:.3g} relative"
+    for a, b in zip(grads, grads_ref):
+        rel = (a - b).abs().max() / b.abs().max().clamp_min(1e-6)
+        assert rel < 6e-2, f"bf16 triton gradient off by {rel:.3g} relative"
 
 
 def test_cuda_grouped_mm_bfloat16_matches_float32_reference():

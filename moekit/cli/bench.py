@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if gpu else torch.float32
     shapes = args.shapes or (QUICK_SHAPES if args.quick else [n for n, s in SHAPES.items() if gpu or not s.gpu_only])
     engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted", "sorted_blocked")))
+    _check_engines(engines, args.device, dtype)
     _check_memory(shapes, tokens, engines, gpu)
     rounds_per_shape = 2 * (repeats + 2)
     bar = Progress(len(shapes) * rounds_per_shape, 0, enabled=not args.no_progress, unit="round", desc="bench ")
@@ -91,6 +92,25 @@ def run(args: argparse.Namespace) -> int:
         write_json(path, results)
         print(f"wrote {path}")
     return 0
+
+
+def _check_engines(engines: tuple[str, ...], device: str, dtype) -> None:
+    """Refuse (exit 2) an unknown engine, or one that cannot run on this device and dtype, before timing."""
+    import torch
+
+    from ..dispatch import get_engine
+    from ..experts import ExpertBank
+    from .main import UsageError
+
+    bank = ExpertBank(2, 16, 16).to(device=device, dtype=dtype)
+    x = torch.zeros(4, 16, device=device, dtype=dtype)
+    for name in engines:
+        try:
+            reason = get_engine(name).supports(x, bank)
+        except ValueError as e:
+            raise UsageError(f"--engines: {e}") from None
+        if reason is not None:
+            raise UsageError(f"--engines: engine {name!r} cannot run on {device} in {dtype}: {reason}")
 
 
 def _check_memory(shapes: list[str], tokens: int | None, engines: tuple[str, ...], gpu: bool) -> None:
