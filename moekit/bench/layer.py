@@ -135,12 +135,12 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
             (module(xg) * g).sum().backward()
         return run
 
-    env_before = run_environment()
+    env_before = run_environment(device)
     forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
                         clock=clock)
     train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
                       clock=clock)
-    env_after = run_environment()
+    env_after = run_environment(device)
     memory = {}
     for n, m in candidates.items():
         xg = x.detach().requires_grad_(True)

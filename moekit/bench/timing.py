@@ -88,13 +88,57 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | N
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_environment() -> dict:
-    """What a benchmark JSON records about the run: date (UTC), torch version, CPU threads, load average."""
+CPUINFO = "/proc/cpuinfo"  # read for the CPU's model name (a module constant so that tests can point it elsewhere)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name: the first ``model name`` line of :data:`CPUINFO` where that file is readable (Linux
+    on x86), else ``platform.processor()``, else ``platform.machine()``; never raises."""
+    import platform
+
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip().lower() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except (OSError, ValueError):
+        pass
+    try:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    except Exception:  # platform.processor() may run `uname -p`
+        return "unknown CPU"
+
+
+def _device_fields(device: torch.device | str | None) -> dict:
+    """``device``: a readable name of the device a benchmark ran on (the GPU's name for CUDA, the CPU model for
+    CPU); ``cuda``: the CUDA version torch was built with, for CUDA devices only."""
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError, ValueError):
+        return {"device": str(device)}
+    if dev.type == "cpu":
+        return {"device": _cpu_name()}
+    if dev.type == "cuda":
+        try:
+            name = torch.cuda.get_device_name(dev)
+        except Exception as e:  # no CUDA device or driver: record what was asked for and why no name came
+            name = f"{dev} (name unavailable: {type(e).__name__})"
+        return {"device": name, "cuda": torch.version.cuda}
+    return {"device": str(dev)}
+
+
+def run_environment(device: torch.device | str | None = "cpu") -> dict:
+    """What a benchmark JSON records about the run: date (UTC), torch version, the device (:func:`_device_fields`),
+    CPU threads, load average. Cheap (no subprocess where ``/proc/cpuinfo`` is readable) and never raises."""
     import datetime
     import os
     import platform
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    try:
+        load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    except OSError:
+        load = None
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_average": None if load is None else [round(v, 2) for v in load]}
+            "torch": torch.__version__, **_device_fields(device), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": load}
