@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import adapters
+from moekit.bench.timing import run_environment
 from moekit.data.synthetic import arithmetic_line, copy_line, sort_line
 from moekit.training import load_run
 
@@ -128,7 +129,8 @@ def main() -> None:
               f"{statistics.mean(fin):.3f}±{sd(fin):.3f}, layers that grew per stage {rows[0]['grown_layers']}, "
               f"trainable per stage {rows[0]['trainable']}", flush=True)
     with open(args.out, "w") as fh:
-        json.dump({"args": vars(args), "tasks": TASKS, "results": results}, fh, indent=2)
+        json.dump({"args": vars(args), "environment": run_environment("cpu"), "tasks": TASKS, "results": results},
+                  fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 import torch
 
 from moekit import adapters
+from moekit.bench.timing import run_environment
 from moekit.models import LanguageModel, ModelConfig
 
 OPTIONS = {
@@ -113,8 +114,9 @@ def main() -> None:
     print(f"MixLoRA naive / shared-base trick, in the LM: {trick:.2f}x; one FFN of dim {4 * args.dim}, hidden "
           f"{16 * args.dim}, E=8, k=2: {layer_trick:.2f}x")
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows,
-                   "mixlora_naive_over_trick": trick, "mixlora_layer_naive_over_trick": layer_trick}, f, indent=2)
+        json.dump({"args": vars(args), "environment": run_environment("cpu"), "threads": torch.get_num_threads(),
+                   "rows": rows, "mixlora_naive_over_trick": trick, "mixlora_layer_naive_over_trick": layer_trick},
+                  f, indent=2)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit import adapters
+from moekit.bench.timing import run_environment
 
 ARMS = {  # method -> options; targets are query and value everywhere
     "frozen": None,
@@ -131,7 +132,8 @@ def main() -> None:
         print(f"{arm:<11} trainable {rows[0]['trainable']:>9,}  accuracy {statistics.mean(accs):.3f}±{sd:.3f}",
               flush=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "modules": names, "train": len(train_x), "test": len(test_x),
+        json.dump({"args": vars(args), "environment": run_environment("cpu"), "modules": names, "train": len(train_x),
+                   "test": len(test_x),
                    "results": results}, f, indent=2)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from moekit import adapters
 from moekit.adapters.finetune import finetune
+from moekit.bench.timing import run_environment
 from moekit.cli.main import main as cli
 from moekit.data.synthetic import _snippet, arithmetic_line, copy_line, sort_line
 from moekit.models import LanguageModel
@@ -169,7 +170,8 @@ def main() -> None:
         print(f"{method:<11}{rows[0]['trainable']:>10,}" + "".join(f"{ms([r[c] for r in rows]):>15}" for c in cols)
               + f"  {beats}")
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "budget": budget, "runs": results, "summary": summary}, f, indent=2)
+        json.dump({"args": vars(args), "environment": run_environment("cpu"), "budget": budget, "runs": results,
+                   "summary": summary}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 from moekit import MoE, MoEConfig
+from moekit.bench.timing import run_environment
 from moekit.parallel import (contiguous_placement, init_from_env, placement_metrics, plan_placement,
                              record_routing, round_robin_placement, run_local, shard_experts, uniform_plan)
 
@@ -148,7 +149,8 @@ def main() -> None:
     cfg = {"tokens": a.tokens, "dim": a.dim, "hidden_dim": a.hidden_dim, "experts": a.experts,
            "top_k": a.top_k, "warmup": a.warmup, "iters": a.iters}
     report = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), gloo",
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "environment": run_environment("cpu"),
+              "config": cfg,
               "a2a": {}, "placement": {}}
     print(f"Part 1: all-to-all share of MoE layer forward+backward ({a.dim}/{a.hidden_dim}, E={a.experts}, "
           f"top-{a.top_k}, {a.tokens} tokens/rank, float32, 1 thread/rank)")

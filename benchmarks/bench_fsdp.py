@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from moekit.bench.timing import run_environment  # noqa: E402
 from moekit.data import load_data  # noqa: E402
 from moekit.models import LanguageModel  # noqa: E402
 from moekit.parallel import init_from_env, memory_per_rank, run_local, sharded_banks  # noqa: E402
@@ -113,7 +114,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(), "steps": args.steps}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"meta": meta, "environment": run_environment("cpu"), "rows": rows},
+                                     indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

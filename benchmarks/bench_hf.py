@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import moekit.hf as mh  # noqa: E402
+from moekit.bench.timing import run_environment  # noqa: E402
 from moekit.dispatch import resolve_engine  # noqa: E402
 from moekit.hf.tiny import tiny_model  # noqa: E402
 
@@ -143,17 +143,17 @@ def main(argv=None) -> int:
                 print(f"{arch:<10} {scope:<6} E={r['experts']:<3} k={r['top_k']}  {r['pass']:<8} {name:<26} wall "
                       f"{r['median_wall_ms']:8.1f} ms x{r['speedup_wall']:.2f}   cpu {r['median_cpu_ms']:8.1f} ms "
                       f"x{r['speedup_cpu']:.2f}", flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    env = run_environment(device)
     moe = next(m.moe for m in variants["moekit[auto]"].modules() if isinstance(m, mh.PatchedMoEBlock))
     engines = resolve_engine(moe.config.engine, x.view(-1, x.shape[-1]), moe.experts).name
-    meta = {"device": name, "dtype": args.dtype, "threads": torch.get_num_threads(), "moekit_engine": engines,
+    meta = {"device": env["device"], "dtype": args.dtype, "threads": torch.get_num_threads(), "moekit_engine": engines,
             "load_avg": os.getloadavg(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "tokens_per_step": args.batch * args.seq,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    print(json.dumps(meta))
+    print(json.dumps({"meta": meta, "environment": env}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": meta, "environment": env, "rows": rows}, indent=1))
     return 0
 
 

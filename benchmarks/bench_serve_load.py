@@ -22,6 +22,7 @@ import httpx
 import torch
 import uvicorn
 
+from moekit.bench.timing import run_environment
 from moekit.configs import to_dict
 from moekit.data import get_tokenizer
 from moekit.models import LanguageModel
@@ -117,7 +118,7 @@ def main() -> None:
                       f"{r['tokens_per_s']:.1f} tok/s, latency p50 {r['latency_p50_s']:.2f} s p90 "
                       f"{r['latency_p90_s']:.2f} s p99 {r['latency_p99_s']:.2f} s, largest batch "
                       f"{r['largest_batch']}", flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps({"environment": run_environment("cpu"), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.bench.timing import run_environment
 from moekit.configs import to_dict
 from moekit.models import LanguageModel
 from moekit.recipes import load_preset
@@ -184,8 +185,8 @@ def main() -> None:
         print(f"config {args.config}: {dataclasses.asdict(cfg.moe)['num_experts']} experts x "
               f"{cfg.num_layers} layers, dim {cfg.dim}, expert hidden {cfg.moe.hidden_dim}", flush=True)
         parts = args.parts.split(",")
-        result = {"config": args.config, "model": to_dict(cfg), "tokens": args.tokens, "repeats": args.repeats,
-                  "threads": 1,
+        result = {"config": args.config, "environment": run_environment("cpu"), "model": to_dict(cfg),
+                  "tokens": args.tokens, "repeats": args.repeats, "threads": 1,
                   "speed": speed(run, args.tokens, args.repeats) if "speed" in parts else None,
                   "memory_mb": peak_rss(run, args.tokens) if "rss" in parts else None,
                   "simulated": simulated(run, args.tokens) if "sim" in parts else [],

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moekit.bench.timing import run_environment
 from moekit.compression import compress
 from moekit.data import load_data
 from moekit.recipes import load_preset
@@ -214,7 +215,7 @@ def main() -> None:
             print("nested", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
     out = {"model": MODEL, "steps": args.steps, "train_seconds": train_seconds, "seqs": args.seqs,
            "length": args.length, "threads": 1, "recall": recall, "simulated": sims, "speed": sp, "nested": nest,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "environment": run_environment("cpu")}
     Path(args.out).write_text(json.dumps(out, indent=1, default=lambda o: None if isinstance(o, float)
                                          and math.isnan(o) else str(o)) + "\n")
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moekit import MoE, MoEConfig, RouterConfig, RoutingContext
+from moekit.bench.timing import run_environment
 from moekit.layers.variants.moepp import MoEPlusPlus, MoEPPConfig
 from moekit.layers.variants.topp import TopPConfig, TopPMoE
 
@@ -136,7 +137,7 @@ def main() -> None:
         print(f"{r['variant']:8} {r['setting']:52} {1e3 * r['baseline_s']:9.2f} {1e3 * r['variant_s']:11.2f} "
               f"{r['speedup']:8.2f} {r['flop_ratio']:11.2f}")
     with open(args.out, "w") as f:
-        json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+        json.dump(dict(args=vars(args), environment=run_environment("cpu"), rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from moekit.bench.step import StepHarness, compare_steps
+from moekit.bench.timing import run_environment
 from moekit.recipes import load_preset
 from moekit.runtime import tune_cpu_allocator
 from moekit.training.runfiles import write_json
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                   "preset": args.preset, "threads": args.threads, "backend": args.backend, "clock": args.clock,
-                  "repeats": args.repeats, "compile_s_first_two_steps": compile_s, "timing": out,
+                  "repeats": args.repeats, "environment": run_environment("cpu"),
+                  "compile_s_first_two_steps": compile_s, "timing": out,
                   "load_after": os.getloadavg()[0]}
         write_json(Path(args.out), record)
     return 0

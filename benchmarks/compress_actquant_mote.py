@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moekit.bench.timing import run_environment
 from moekit.compression.api import compress
 from moekit.compression.mote import compress_mote_run, upcycle_to_mote
 from moekit.compression.runs import calibration_tokens, format_table, sweep_run
@@ -105,6 +106,7 @@ def main() -> None:
                           "folder_bytes": disk}
         print(json.dumps(result["mote"], indent=2), flush=True)
     if args.out:
+        result["environment"] = run_environment("cpu")
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moekit.bench.timing import run_environment
 from moekit.cli.main import main as cli
 from moekit.compression import compress
 from moekit.compression.runs import calibration_tokens, format_table, sweep_run
@@ -108,7 +109,8 @@ def main() -> None:
               f"alternated)")
     name = "speed.json" if args.speed_only else "results.json"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / name, {"rows": rows, "forward_time_ratio": speed, "sweep_seconds": sweep_s})
+    write_json(out / name, {"environment": run_environment("cpu"), "rows": rows, "forward_time_ratio": speed,
+                            "sweep_seconds": sweep_s})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moekit.bench.timing import run_environment
 from moekit.compression import compress
 from moekit.compression.calibrate import find_moe_layers
 from moekit.compression.runs import calibration_tokens
@@ -64,7 +65,7 @@ def main() -> None:
          "dequantize/float": statistics.median(d / f for d, f in zip(times["dequantize"], times["float"])),
          "int8/dequantize": statistics.median(i / d for i, d in zip(times["int8"], times["dequantize"])),
          "logit_mean_rel_diff_int8_vs_dequantize": diff, "bits": args.bits, "threads": args.threads,
-         "repeats": args.repeats}
+         "repeats": args.repeats, "environment": run_environment("cpu")}
     print(json.dumps(r, indent=2))
 
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moekit.analysis import stdlib_sentences  # noqa: E402
+from moekit.bench.timing import run_environment  # noqa: E402
 from moekit.compression import compress  # noqa: E402
 from moekit.hf.bert import calibration_inputs, sentence_embeddings, upcycle_bert  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
               flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"environment": run_environment("cpu"), "rows": rows}, indent=1) + "\n")
     return 0
 
 

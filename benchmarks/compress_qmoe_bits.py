@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moekit.bench.timing import run_environment
 from moekit.compression import compress
 from moekit.compression.artifact import header_of, save_compressed_run
 from moekit.compression.calibrate import find_moe_layers
@@ -69,6 +70,7 @@ def main() -> None:
                                   {"step": state["step"]})
         file_bytes = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     res = {
+        "environment": run_environment("cpu"),
         "float_bpb": base, "ternary_bpb": ternary_bpb, "fitted_bpb": fit_bpb, "delta_bpb": fit_bpb - base,
         "expert_params": params,
         "bits_per_param": {k: 8 * v / params for k, v in totals.items()},

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moekit.bench.layer import SHAPES as LAYER_SHAPES
-from moekit.bench.timing import alternate
+from moekit.bench.timing import alternate, run_environment
 from moekit.ops import blocked_moe_ffn, sorted_moe_ffn
 from moekit.runtime import tune_cpu_allocator
 from moekit.training.runfiles import write_json
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
               "threads": a.threads, "clock": a.clock, "repeats": a.repeats, "uneven": a.uneven,
-              "load_before": os.getloadavg()[0], "shapes": {}}
+              "load_before": os.getloadavg()[0], "environment": run_environment("cpu"), "shapes": {}}
     for name in a.shapes:
         args, grad_y = _inputs(*SHAPES[name], uneven=a.uneven)
         rows = torch.tensor(args[3], dtype=torch.float)

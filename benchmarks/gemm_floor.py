@@ -88,7 +88,7 @@ def floor(name: str, repeats: int) -> dict:
                       repeats=repeats, warmup=1, clock="cpu")
     flops = 9 * 2 * N * D * F
     return {"shape": name, "E": E, "n": n, "D": D, "F": F, "H": H, "repeats": repeats, "clock": "cpu",
-            "environment": run_environment(), "seconds": times,
+            "environment": run_environment("cpu"), "seconds": times,
             "gflops": {"experts": flops / times["experts"] / 1e9, "dense": flops / times["dense"] / 1e9},
             "experts_over_dense": times["experts"] / times["dense"],
             "gate_up_over_dense": {k: times[f"gate_up_{k}"] / times["gate_up_dense"]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"loop x{g['loop']:.3f}, fused x{g['fused']:.3f}, bmm x{g['bmm']:.3f}")
     if args.out:
         from moekit.training.checkpoint import write_json
-        write_json(args.out, results)
+        write_json(args.out, {"environment": run_environment("cpu"), "results": results})
         print(f"wrote {args.out}")
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moekit import RoutingContext
+from moekit.bench.timing import run_environment
 from moekit.data import load_data
 from moekit.data.dataset import val_batches
 from moekit.models import LanguageModel
@@ -100,7 +101,8 @@ def main() -> None:
         print(f"| {router} | {ms('threshold', 'val_bpb')} | {ms('expert_choice', 'val_bpb')} | "
               f"{ms('threshold', 'mean_depth')} | {ms('expert_choice', 'mean_depth')} | "
               f"{statistics.mean(agree):.3f} |")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "size": SIZE, "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"args": vars(args), "environment": run_environment("cpu"), "size": SIZE,
+                                          "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

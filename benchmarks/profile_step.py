@@ -19,6 +19,7 @@ import sys
 import torch
 
 from moekit.bench.step import StepHarness, compare_steps, format_profile, profile_step
+from moekit.bench.timing import run_environment
 from moekit.recipes import load_preset
 from moekit.runtime import tune_cpu_allocator
 from moekit.training.config import with_overrides
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-              "threads": args.threads, "load_before": load, "overrides": overrides,
+              "threads": args.threads, "load_before": load, "environment": run_environment("cpu"),
+              "overrides": overrides,
               "timing": compare_steps(harnesses, repeats=args.repeats, clock=args.clock),
               "clock": args.clock}
     for name, r in result["timing"].items():

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moekit.analysis import stdlib_sentences  # noqa: E402
+from moekit.bench.timing import run_environment  # noqa: E402
 from moekit.compression import set_top_k  # noqa: E402
 from moekit.hf.bert import calibration_inputs, sentence_embeddings, upcycle_bert  # noqa: E402
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     print(f"total {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"environment": run_environment("cpu"), "rows": rows}, indent=1))
     return 0
 
 
