@@ -28,8 +28,8 @@ GPU the order of the additions into one token's row (and its last bits) may vary
 Status (session 14, 2026-12-07): tested on CPU only, under the Triton interpreter (``TRITON_INTERPRET=1``,
 ``tests/test_triton_engine.py``: outputs and gradients against the reference engine, float64 gradcheck); no
 GPU was lent to this session, so it is untimed and unrun on a GPU, and the block sizes (:data:`BLOCKS`) are
-untuned. On a GPU: ``python -m pytest -m gpu tests/test_gpu.py -k triton``, then
-``moekit bench --device cuda --engines sorted grouped_mm triton``. The Triton interpreter (3.9) computes
+untuned. On a GPU: ``bash benchmarks/gpu_check.sh`` (``pytest -m gpu tests/test_gpu.py``, then
+``moekit bench --device cuda --engines sorted grouped_mm triton``). The Triton interpreter (3.9) computes
 ``tl.dot`` on bfloat16 wrongly on CPU; float16, float32 and float64 are right. The kernels use only Triton's
 builtins, none of its ``@triton.jit`` library helpers (``tl.zeros`` is one; ``tl.full`` is used instead): helpers
 built before ``TRITON_INTERPRET=1`` was set (torch.compile imports Triton) cannot run inside the interpreter.
