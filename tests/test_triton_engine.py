@@ -262,3 +262,22 @@ def test_mismatched_op_inputs_are_refused(interpreter):
     with pytest.raises(ValueError, match="one count per expert"):
         interpreter.triton_moe_ffn(x, torch.ones(4), torch.arange(4), torch.zeros(4, dtype=torch.long),
                                    torch.tensor([4, 0]), None, w_up, w_down, "gelu")
+
+
+def test_refusal_messages_in_full(monkeypatch):
+    """The device and dtype rules on CUDA (judged from the tensor's device and dtype alone, so checked here with
+    a stand-in for a CUDA tensor) and the exact messages a user reads."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bank = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=2, top_k=1)).experts
+    cuda = torch.device("cuda")
+    assert fused_triton._triton_supported(SimpleNamespace(device=cuda, dtype=torch.float32), bank) is None
+    assert fused_triton._triton_supported(SimpleNamespace(device=cuda, dtype=torch.float64), bank) == (
+        "the Triton kernels take float16, bfloat16, float32 inputs, got torch.float64")  # float64: CPU twin only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused_triton._triton_supported(torch.zeros(2, 8, dtype=torch.int64), bank) == (
+        "the Triton kernels take float16, bfloat16, float32, float64 inputs, got torch.int64")
+    monkeypatch.setattr(fused_triton, "_triton_installed", lambda: False)
+    assert fused_triton._triton_supported(torch.zeros(2, 8), bank) == (
+        "Triton is not installed (pip install 'moekit[triton]', Linux only)")
