@@ -24,32 +24,19 @@ def _run(moe, x, g):
     return y.detach().float(), [x.grad.float()] + [p.grad.float() for p in moe.parameters()]
 
 
-@pytest.mark.parametrize("cf", [None, 0.6])
-def test_cuda_sorted_float32_matches_reference(cf):
-    cfg = MoEConfig(dim=96, hidden_dim=136, num_experts=6, top_k=2, router=RouterConfig(capacity_factor=cf))
-    moe = MoE(replace(cfg, engine="reference")).cuda()
-    fast = MoE(replace(cfg, engine="sorted")).cuda()
-    fast.load_state_dict(moe.state_dict())
-    x, g = torch.randn(2, 33, 96, device="cuda"), torch.randn(2, 33, 96, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    y_ref, grads_ref = _run(moe, x, g)
-    y, grads = _run(fast, x, g)
-    assert_close(y, y_ref, "output", atol=1e-4)
-    for a, b in zip(grads, grads_ref):
-        assert_close(a, b, "grad", atol=1e-4, rtol=1e-3)
-
-
 _triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (the 'triton' extra)")
 
 
-@_triton
-@pytest.mark.parametrize("cf,activation", [(None, "swiglu"), (0.6, "swiglu"), (0.6, "gelu")])
-def test_cuda_triton_float32_matches_reference(cf, activation):
-    """The triton engine's kernels compiled for the GPU (their CPU twin: tests/test_triton_engine.py)."""
+@pytest.mark.parametrize("engine,cf,activation", [
+    ("sorted", None, "swiglu"), ("sorted", 0.6, "swiglu"),
+    # the triton engine's kernels compiled for the GPU (their CPU twin: tests/test_triton_engine.py)
+    *(pytest.param("triton", cf, act, marks=_triton) for cf, act in [(None, "swiglu"), (0.6, "swiglu"), (0.6, "gelu")]),
+])
+def test_cuda_float32_matches_reference(engine, cf, activation):
     cfg = MoEConfig(dim=96, hidden_dim=136, num_experts=6, top_k=2, activation=activation,
                     router=RouterConfig(capacity_factor=cf))
     moe = MoE(replace(cfg, engine="reference")).cuda()
-    fast = MoE(replace(cfg, engine="triton")).cuda()
+    fast = MoE(replace(cfg, engine=engine)).cuda()
     fast.load_state_dict(moe.state_dict())
     x, g = torch.randn(2, 33, 96, device="cuda"), torch.randn(2, 33, 96, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -60,37 +47,22 @@ def test_cuda_triton_float32_matches_reference(cf, activation):
         assert_close(a, b, "grad", atol=1e-4, rtol=1e-3)
 
 
-@_triton
-def test_cuda_triton_bfloat16_matches_float32_reference():
+@pytest.mark.parametrize("engine", ["auto", pytest.param("triton", marks=_triton)])
+def test_cuda_bfloat16_matches_float32_reference(engine):
+    """``auto`` must pick grouped_mm here; triton is named explicitly."""
     cfg = MoEConfig(dim=128, hidden_dim=256, num_experts=8, top_k=2, router=RouterConfig(capacity_factor=0.8))
     ref = MoE(replace(cfg, engine="reference")).cuda()
-    fast = MoE(replace(cfg, engine="triton")).cuda().bfloat16()
-    fast.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
-    ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})
-    x = torch.randn(4, 64, 128, device="cuda").bfloat16()
-    g = torch.randn_like(x)
-    y_ref, grads_ref = _run(ref, x.float(), g.float())
-    y, grads = _run(fast, x, g)
-    rel = (y - y_ref).abs().max() / y_ref.abs().max()
-    assert rel < 3e-2, f"bf16 triton output off by {rel:.3g} relative"
-    for a, b in zip(grads, grads_ref):
-        rel = (a - b).abs().max() / b.abs().max().clamp_min(1e-6)
-        assert rel < 6e-2, f"bf16 triton gradient off by {rel:.3g} relative"
-
-
-def test_cuda_grouped_mm_bfloat16_matches_float32_reference():
-    cfg = MoEConfig(dim=128, hidden_dim=256, num_experts=8, top_k=2, router=RouterConfig(capacity_factor=0.8))
-    ref = MoE(replace(cfg, engine="reference")).cuda()
-    fast = MoE(replace(cfg, engine="auto")).cuda().bfloat16()
+    fast = MoE(replace(cfg, engine=engine)).cuda().bfloat16()
     fast.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
     ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})  # same (rounded) weights
     x = torch.randn(4, 64, 128, device="cuda").bfloat16()
-    assert resolve_engine("auto", x.view(-1, 128), fast.experts).name == "grouped_mm"
+    if engine == "auto":
+        assert resolve_engine("auto", x.view(-1, 128), fast.experts).name == "grouped_mm"
     g = torch.randn_like(x)
     y_ref, grads_ref = _run(ref, x.float(), g.float())
     y, grads = _run(fast, x, g)
     rel = (y - y_ref).abs().max() / y_ref.abs().max()
-    assert rel < 3e-2, f"bf16 grouped_mm output off by {rel:.3g} relative"
+    assert rel < 3e-2, f"bf16 {engine} output off by {rel:.3g} relative"
     for a, b in zip(grads, grads_ref):
         rel = (a - b).abs().max() / b.abs().max().clamp_min(1e-6)
-        assert rel < 6e-2, f"bf16 grouped_mm gradient off by {rel:.3g} relative"
+        assert rel < 6e-2, f"bf16 {engine} gradient off by {rel:.3g} relative"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from moekit import MoE, MoEConfig, RouterConfig, Routing
 from moekit.dispatch import fused_triton, get_engine, resolve_engine
 
 from .reference import assert_close
-from .test_engines import CASES, check_against_reference
+from .test_engines import CASES, _grads, check_against_reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (the 'triton' extra)")
@@ -73,17 +72,10 @@ def test_triton_with_biases_matches_reference(activation):
                 getattr(moe.experts, name).normal_()
     x, g = torch.randn(18, 20), torch.randn(18, 20)
     assert (moe.route(x).expert_ids_TK < 0).any(), "some slots should be dropped here"
-    outs = {}
-    for engine in ("reference", "triton"):
-        moe.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        moe.config = replace(moe.config, engine=engine)
-        y = moe(xi)
-        (y * g).sum().backward()
-        outs[engine] = (y.detach(), {"x": xi.grad, **{n: p.grad for n, p in moe.named_parameters()}})
+    outs = {engine: _grads(moe, engine, x, g) for engine in ("reference", "triton")}
     assert_close(outs["triton"][0], outs["reference"][0], "output", atol=1e-5)
     ref = outs["reference"][1]
-    assert {"experts.b_up", "experts.b_down"} <= {n for n, t in ref.items() if t is not None and t.abs().sum() > 0}
+    assert {"experts.b_up", "experts.b_down"} <= {n for n, t in ref.items() if t.abs().sum() > 0}
     for name, t in ref.items():
         assert_close(outs["triton"][1][name], t, name, atol=1e-5)
 
@@ -96,14 +88,7 @@ def test_triton_float64_many_tiles():
     moe = MoE(cfg).double()
     x = torch.randn(40, 70, dtype=torch.float64)
     g = torch.randn(40, 70, dtype=torch.float64)
-    outs = {}
-    for engine in ("reference", "triton"):
-        moe.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        moe.config = replace(moe.config, engine=engine)
-        y = moe(xi)
-        (y * g).sum().backward()
-        outs[engine] = (y.detach(), {"x": xi.grad, **{n: p.grad for n, p in moe.named_parameters()}})
+    outs = {engine: _grads(moe, engine, x, g) for engine in ("reference", "triton")}
     counts = torch.bincount(moe.route(x).expert_ids_TK.reshape(-1), minlength=3)
     assert (counts > 16).sum() >= 2, "several row tiles per expert expected"
     assert_close(outs["triton"][0], outs["reference"][0], "output", atol=1e-10, rtol=1e-10)
