@@ -66,3 +66,16 @@ def test_bench_cli_refuses_an_engine_it_cannot_time(capsys, monkeypatch, engine,
     assert main(["bench", "--quick", "--engines", "sorted", engine, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--engines" in err and says in err
+
+
+
+def test_bench_engine_check_lets_auto_through():
+    """``auto`` is one of the layer's engine choices, so the check accepts it (and still refuses a typo)."""
+    import torch
+
+    from moekit.cli.bench import _check_engines
+    from moekit.cli.main import UsageError
+
+    assert _check_engines(("auto", "sorted", "sorted_blocked"), "cpu", torch.float32) is None
+    with pytest.raises(UsageError, match="did you mean 'sorted'"):
+        _check_engines(("auto", "sortd"), "cpu", torch.float32)

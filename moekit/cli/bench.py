@@ -95,10 +95,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_engines(engines: tuple[str, ...], device: str, dtype) -> None:
-    """Refuse (exit 2) an unknown engine, or one that cannot run on this device and dtype, before timing."""
+    """Refuse (exit 2) an unknown engine, or one that cannot run on this device and dtype, before timing (the
+    layer's own check, :func:`~moekit.dispatch.resolve_engine`, on a small bank of the benchmark's dtype)."""
     import torch
 
-    from ..dispatch import get_engine
+    from ..dispatch import resolve_engine
     from ..experts import ExpertBank
     from .main import UsageError
 
@@ -106,11 +107,9 @@ def _check_engines(engines: tuple[str, ...], device: str, dtype) -> None:
     x = torch.zeros(4, 16, device=device, dtype=dtype)
     for name in engines:
         try:
-            reason = get_engine(name).supports(x, bank)
+            resolve_engine(name, x, bank)
         except ValueError as e:
-            raise UsageError(f"--engines: {e}") from None
-        if reason is not None:
-            raise UsageError(f"--engines: engine {name!r} cannot run on {device} in {dtype}: {reason}")
+            raise UsageError(f"--engines: {e} (on {device} in {dtype})") from None
 
 
 def _check_memory(shapes: list[str], tokens: int | None, engines: tuple[str, ...], gpu: bool) -> None:

@@ -21,6 +21,7 @@ import torch
 from ..experts import ExpertBank
 from ..types import Routing
 from .registry import register_engine
+from .sorted import sort_empty_last
 
 __all__ = ["triton_engine"]
 
@@ -55,13 +56,9 @@ def triton_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) -> tor
     """Dropless sort-by-expert with fused Triton kernels (:func:`moekit.ops.triton_moe.triton_moe_ffn`)."""
     from ..ops.triton_moe import triton_moe_ffn  # imported on first use: Triton reads TRITON_INTERPRET then
 
-    T, K = routing.expert_ids_TK.shape
+    K = routing.expert_ids_TK.shape[1]
     E = bank.num_experts
-    ids_N = routing.expert_ids_TK.reshape(-1)
-    ids_N = torch.where(ids_N < 0, torch.full_like(ids_N, E), ids_N)  # empty slots sort last
-    order_N = torch.argsort(ids_N, stable=True)
-    expert_N = ids_N[order_N]
-    counts_E = torch.bincount(ids_N, minlength=E + 1)[:E]
+    order_N, expert_N, counts_E = sort_empty_last(routing, E)
     weights_N = routing.weights_TK.reshape(-1)[order_N]
     weights_N = torch.where(expert_N < E, weights_N, weights_N.new_zeros(()))
     return triton_moe_ffn(x_TD, weights_N, order_N // K, expert_N, counts_E, bank.w_gate, bank.w_up,

@@ -19,7 +19,19 @@ from ..ops import blocked_moe_ffn, sorted_moe_ffn
 from ..types import Routing
 from .registry import register_engine
 
-__all__ = ["sorted_engine", "sorted_blocked_engine", "grouped_mm_engine", "BLOCK_ROWS"]
+__all__ = ["sorted_engine", "sorted_blocked_engine", "grouped_mm_engine", "sort_empty_last", "BLOCK_ROWS"]
+
+
+def sort_empty_last(routing: Routing, num_experts: int):
+    """The ``T*K`` slots stably sorted by expert with the empty slots (``-1``) last, without a host sync:
+    ``(order_N, sorted_ids_N, counts_E)``, where an empty slot's sorted id is ``num_experts`` and ``counts_E``
+    (a device tensor) counts each expert's slots. Used by the engines that run without host syncs
+    (``grouped_mm``, ``triton``)."""
+    E = num_experts
+    ids_N = routing.expert_ids_TK.reshape(-1)
+    ids_N = torch.where(ids_N < 0, torch.full_like(ids_N, E), ids_N)
+    order_N = torch.argsort(ids_N, stable=True)
+    return order_N, ids_N[order_N], torch.bincount(ids_N, minlength=E + 1)[:E]
 
 
 def _sort(routing: Routing, num_experts: int):
@@ -104,13 +116,11 @@ def grouped_mm_engine(x_TD: torch.Tensor, routing: Routing, bank: ExpertBank) ->
     """
     T, K = routing.expert_ids_TK.shape
     E = bank.num_experts
-    ids_N = routing.expert_ids_TK.reshape(-1)
-    ids_N = torch.where(ids_N < 0, torch.full_like(ids_N, E), ids_N)  # empty slots sort last
-    order_N = torch.argsort(ids_N, stable=True)
-    offs_E = torch.cumsum(torch.bincount(ids_N, minlength=E + 1)[:E], 0).to(torch.int32)
+    order_N, sorted_ids_N, counts_E = sort_empty_last(routing, E)
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     token_N = order_N // K
-    valid_N1 = (ids_N[order_N] < E)[:, None]
-    sorted_ids_N = ids_N[order_N].clamp_max(E - 1)  # empty slots borrow the last expert's bias; masked
+    valid_N1 = (sorted_ids_N < E)[:, None]
+    sorted_ids_N = sorted_ids_N.clamp_max(E - 1)  # empty slots borrow the last expert's bias; masked
 
     def masked(t):
         return torch.where(valid_N1, t, t.new_zeros(()))

@@ -162,10 +162,7 @@ def tile_schedule(counts_E: torch.Tensor, num_rows: int, block_rows: int) -> tor
     e_M = expert_M.clamp_max(E - 1)
     start_M = offs_E[e_M] + (slot_M - (last_tile_E[e_M] - tiles_E[e_M])) * block_rows
     end_M = torch.minimum(start_M + block_rows, offs_E[e_M] + counts_E[e_M])
-    zero = torch.zeros((), dtype=torch.int64, device=counts_E.device)
-    out = torch.stack([torch.where(used_M, e_M, zero), torch.where(used_M, start_M, zero),
-                       torch.where(used_M, end_M, zero)])
-    return out.to(torch.int32).contiguous()
+    return torch.stack([e_M, start_M, end_M]).masked_fill_(~used_M, 0).to(torch.int32)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -255,19 +252,20 @@ class _TritonMoEFFN(torch.autograd.Function):
         need_gate, need_up, need_down = ctx.needs_input_grad[6:9]
         need_bg, need_bu, need_bd = (has and need for has, need in zip(ctx.has_bias, ctx.needs_input_grad[9:12]))
         g_TD = grad_y_TD.contiguous().to(x_TD.dtype)
-        E, F_, D = w_up.shape
+        E, F_, _ = w_up.shape
         N = token_N.numel()
         valid_N = expert_N < E  # empty slots: expert index E, sorted last
         e_N = expert_N.clamp_max(E - 1)
         a_NF = hidden(activation, h_gate_NF, h_up_NF)  # recomputed from the saved products
         grad_a_NF = x_TD.new_zeros(N, F_)  # unscaled: the combine weights' gradient comes from it
         _grouped_mm(g_TD, w_down.transpose(1, 2), grad_a_NF, tiles, blocks, a_idx=token_N)
+        g_ND = g_TD[token_N] if b_down is not None and (need_w or need_bd) else None  # for the down bias
         grad_weights = None
         if need_w:
             gw_N = (grad_a_NF.to(torch.float32 if x_TD.dtype != torch.float64 else x_TD.dtype)
                     * a_NF).sum(-1)
-            if b_down is not None:
-                gw_N = gw_N + (g_TD[token_N] * b_down[e_N]).sum(-1)
+            if g_ND is not None:
+                gw_N = gw_N + (g_ND * b_down[e_N]).sum(-1)
             grad_weights = torch.where(valid_N, gw_N, gw_N.new_zeros(())).to(weights_N.dtype)
         grad_a_NF = grad_a_NF * weights_N.to(grad_a_NF.dtype)[:, None]
         grad_gate_NF, grad_up_NF = hidden_backward(activation, h_gate_NF, h_up_NF, grad_a_NF)
@@ -281,17 +279,16 @@ class _TritonMoEFFN(torch.autograd.Function):
         if need_gate and grad_gate_NF is not None:
             grad_gate = _weight_grad(grad_gate_NF.contiguous(), x_TD, offs_E1, _like(w_gate), blocks,
                                      x_idx=token_N)
-        mask_N1 = valid_N[:, None]
+        def per_expert_sum(rows_NX: torch.Tensor) -> torch.Tensor:  # a bias gradient: rows summed by expert
+            rows_NX = torch.where(valid_N[:, None], rows_NX, rows_NX.new_zeros(()))
+            return rows_NX.new_zeros(E, rows_NX.shape[1]).index_add_(0, e_N, rows_NX)
+
         if need_bu:
-            grad_bu = torch.zeros(E, F_, dtype=grad_up_NF.dtype, device=x_TD.device).index_add_(
-                0, e_N, torch.where(mask_N1, grad_up_NF, grad_up_NF.new_zeros(())))
+            grad_bu = per_expert_sum(grad_up_NF)
         if need_bg and grad_gate_NF is not None:
-            grad_bg = torch.zeros(E, F_, dtype=grad_gate_NF.dtype, device=x_TD.device).index_add_(
-                0, e_N, torch.where(mask_N1, grad_gate_NF, grad_gate_NF.new_zeros(())))
-        if need_bd:
-            g_ND = g_TD[token_N] * weights_N.to(g_TD.dtype)[:, None]
-            grad_bd = torch.zeros(E, D, dtype=g_TD.dtype, device=x_TD.device).index_add_(
-                0, e_N, torch.where(mask_N1, g_ND, g_ND.new_zeros(())))
+            grad_bg = per_expert_sum(grad_gate_NF)
+        if need_bd and g_ND is not None:
+            grad_bd = per_expert_sum(g_ND * weights_N.to(g_TD.dtype)[:, None])
         if need_x:
             gx_TD = _acc_buffer(x_TD)
             _grouped_mm(grad_up_NF.contiguous(), w_up.transpose(1, 2), gx_TD, tiles, blocks, out_idx=token_N)
