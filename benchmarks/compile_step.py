@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                         clock=args.clock)
     for name, r in out.items():
         print(f"{name:<20} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
-              f"x{r['tokens_per_s_ratio']:.3f} of eager")
+              f"x{r['tokens_per_s_ratio']:.3f} of eager"
+              f"  (per round q1-q3 {r['tokens_per_s_ratio_quartiles'][0]:.3f}"
+              f"-{r['tokens_per_s_ratio_quartiles'][2]:.3f})")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     if args.out:
         record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
               "clock": args.clock}
     for name, r in result["timing"].items():
         print(f"{name:<40} step {r['step_s'] * 1e3:8.1f} ms  {r['tokens_per_s']:8.0f} tokens/s  "
-              f"x{r['tokens_per_s_ratio']:.3f} of {args.presets[0]}'s tokens/s")
+              f"x{r['tokens_per_s_ratio']:.3f} of {args.presets[0]}'s tokens/s"
+              f"  (per round q1-q3 {r['tokens_per_s_ratio_quartiles'][0]:.3f}"
+              f"-{r['tokens_per_s_ratio_quartiles'][2]:.3f})")
     if args.profile_steps:
         result["profiles"] = {}
         for name, h in harnesses.items():

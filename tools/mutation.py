@@ -64,11 +64,13 @@ TESTS: dict[str, list[str]] = {
     # the budget and time-clock code of the trainer, and the study/compare code (seconds-long quick studies)
     "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_display.py", "tests/test_time_clock.py",
                  "tests/test_first_hour.py", "tests/test_train.py", "tests/test_default_recipe.py"],
+    "bench": ["tests/test_bench.py", "tests/test_bench_clock.py", "tests/test_bench_spread.py",
+              "tests/test_step_speed.py", "tests/test_bench_environment.py"],
     "compare": ["tests/test_compare_study.py", "tests/test_compare_report.py", "tests/test_compare.py",
                 "tests/test_compare_two_stage.py",
                 "tests/test_time_clock.py", "tests/test_default_recipe.py"],
 }
-CORE = ("routing", "ops", "dispatch", "experts", "layers")  # the default packages; training, compare on request
+CORE = ("routing", "ops", "dispatch", "experts", "layers")  # the default; training, bench, compare on request
 STATUS = ("killed", "survived", "timeout", "no tests", "suspicious", "skipped", "segfault", "not checked",
           "caught by type check")
 

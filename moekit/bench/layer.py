@@ -12,6 +12,7 @@ to agree before anything is timed.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from ..experts import FeedForward
 from ..layers import MoE, MoEConfig
 from ..routing import RouterConfig
-from .timing import alternate, peak_memory, run_environment, saved_activation_bytes
+from .timing import alternate_rounds, paired_ratios, peak_memory, run_environment, saved_activation_bytes
 
 __all__ = ["SHAPES", "bench_layer", "format_table"]
 
@@ -136,10 +137,12 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
         return run
 
     env_before = run_environment(device)
-    forward = alternate({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
-                        clock=clock)
-    train = alternate({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats, device=device, tick=tick,
-                      clock=clock)
+    forward_rounds = alternate_rounds({n: fwd(m) for n, m in candidates.items()}, repeats=repeats, device=device,
+                                      tick=tick, clock=clock)
+    train_rounds = alternate_rounds({n: fwd_bwd(m) for n, m in candidates.items()}, repeats=repeats,
+                                    device=device, tick=tick, clock=clock)
+    forward = {n: statistics.median(ts) for n, ts in forward_rounds.items()}
+    train = {n: statistics.median(ts) for n, ts in train_rounds.items()}
     env_after = run_environment(device)
     memory = {}
     for n, m in candidates.items():
@@ -151,8 +154,10 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
 
         memory[n] = peak if peak is not None else saved_activation_bytes(forward_once, m)
     base = "dense-equivalent"
+    forward_spread, train_spread = paired_ratios(forward_rounds, base), paired_ratios(train_rounds, base)
     rows = {n: {"forward_s": forward[n], "train_s": train[n], "memory_bytes": memory[n],
                 "forward_ratio": forward[n] / forward[base], "train_ratio": train[n] / train[base],
+                "forward_ratio_quartiles": list(forward_spread[n]), "train_ratio_quartiles": list(train_spread[n]),
                 "memory_ratio": memory[n] / memory[base]} for n in candidates}
     return {"shape": name, **dataclasses.asdict(s), "tokens": T, "device": device, "dtype": str(dtype),
             "threads": torch.get_num_threads(), "repeats": repeats, "clock": clock,
@@ -163,8 +168,13 @@ def bench_layer(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
 def format_table(result: dict) -> str:
     lines = [f"## {result['shape']}  (T={result['tokens']}, {result['device']}, {result['dtype']}, "
              f"threads={result['threads']}, clock={result.get('clock', 'wall')}; memory = {result['memory_kind']})",
-             f"{'candidate':<24}{'fwd ms':>10}{'fwd x':>8}{'fwd+bwd ms':>12}{'fwd+bwd x':>11}{'mem x':>8}"]
+             f"{'candidate':<24}{'fwd ms':>10}{'fwd x':>8}{'fwd+bwd ms':>12}{'fwd+bwd x':>11}"
+             f"{'per-round x q1-q3':>19}{'mem x':>8}"]
     for n, r in result["results"].items():
+        q = r.get("train_ratio_quartiles")
+        spread = f"{q[0]:.2f}-{q[2]:.2f}" if q else "-"
         lines.append(f"{n:<24}{r['forward_s'] * 1e3:>10.1f}{r['forward_ratio']:>8.2f}"
-                     f"{r['train_s'] * 1e3:>12.1f}{r['train_ratio']:>11.2f}{r['memory_ratio']:>8.2f}")
+                     f"{r['train_s'] * 1e3:>12.1f}{r['train_ratio']:>11.2f}{spread:>19}{r['memory_ratio']:>8.2f}")
+    lines.append("(fwd+bwd x: ratio of medians; q1-q3: quartiles of the ratio to dense-equivalent taken round by "
+                 "round; a difference inside that range is noise)")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..training.config import RunConfig
-from .timing import alternate
+from .timing import alternate_rounds, paired_ratios
 
 __all__ = ["StepHarness", "compare_steps", "profile_step", "format_profile"]
 
@@ -65,14 +66,21 @@ class StepHarness:
 
 
 def compare_steps(harnesses: dict[str, StepHarness], repeats: int = 8, warmup: int = 2,
-                  tick: Callable[[], None] | None = None, clock: str = "wall") -> dict[str, dict[str, float]]:
+                  tick: Callable[[], None] | None = None, clock: str = "wall") -> dict[str, dict[str, Any]]:
     """Median seconds per training step of each harness, alternated; tokens/s and the ratio to the first
-    (on ``clock``: ``wall``, or ``cpu`` for CPU seconds, :mod:`moekit.bench.timing`)."""
-    times = alternate({name: h for name, h in harnesses.items()}, repeats=repeats, warmup=warmup, tick=tick,
-                      clock=clock)
+    (on ``clock``: ``wall``, or ``cpu`` for CPU seconds, :mod:`moekit.bench.timing`), and the quartiles of that
+    ratio taken round by round (:func:`moekit.bench.timing.paired_ratios`)."""
+    rounds = alternate_rounds({name: h for name, h in harnesses.items()}, repeats=repeats, warmup=warmup,
+                              tick=tick, clock=clock)
+    times = {n: statistics.median(ts) for n, ts in rounds.items()}
     first = next(iter(harnesses))
     rate = {n: harnesses[n].tokens_per_step / t for n, t in times.items()}
-    return {n: {"step_s": times[n], "tokens_per_s": rate[n], "tokens_per_s_ratio": rate[n] / rate[first]}
+    # tokens/s ratio of a round = (tokens_n / t_n) / (tokens_first / t_first): per-round time ratios of the first
+    # to each, scaled by the tokens per step
+    inverse = paired_ratios({n: [1 / t for t in ts] for n, ts in rounds.items()}, first)
+    scale = {n: harnesses[n].tokens_per_step / harnesses[first].tokens_per_step for n in harnesses}
+    return {n: {"step_s": times[n], "tokens_per_s": rate[n], "tokens_per_s_ratio": rate[n] / rate[first],
+                "tokens_per_s_ratio_quartiles": [q * scale[n] for q in inverse[n]]}
             for n in harnesses}
 
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["CLOCKS", "alternate", "saved_activation_bytes", "peak_memory", "run_environment"]
+__all__ = ["CLOCKS", "alternate", "alternate_rounds", "paired_ratios", "saved_activation_bytes", "peak_memory",
+           "run_environment"]
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -33,6 +34,30 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
               clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each function, measured in interleaved rounds (``tick()`` after each round,
     warm-up rounds included: ``warmup + repeats`` calls) on ``clock`` (``wall`` or ``cpu``, module doc)."""
+    rounds = alternate_rounds(fns, repeats=repeats, warmup=warmup, device=device, tick=tick, clock=clock)
+    return {name: statistics.median(ts) for name, ts in rounds.items()}
+
+
+def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+    """Per round, each function's seconds divided by ``base``'s in the same round; their quartiles
+    ``(q1, median, q3)`` per function. Pairing by round cancels what slows a whole round (another process on the
+    machine), so the quartiles show how far a ratio moves within one run: a difference between two candidates
+    inside that range is noise. (The median of these ratios can differ from the ratio of the medians.)"""
+    out = {}
+    for name, ts in rounds.items():
+        ratios = [t / b for t, b in zip(ts, rounds[base])]
+        q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[name] = (q1, median, q3)
+    return out
+
+
+def alternate_rounds(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
+                     device: torch.device | str | None = None, tick: Callable[[], None] | None = None,
+                     clock: str = "wall") -> dict[str, list[float]]:
+    """The seconds of every timed call of each function, in round order (as :func:`alternate`, whose medians
+    are taken from these)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
     if clock == "cpu" and device is not None and torch.device(device).type != "cpu":
@@ -54,7 +79,7 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
             times[name].append(now() - t0)
         if tick is not None:
             tick()
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], module: torch.nn.Module | None = None) -> int:
