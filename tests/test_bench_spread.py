@@ -106,3 +106,13 @@ def test_compare_steps_quartiles_are_tokens_per_second_ratios(clock):
     # per-round tokens/s ratios: 2/1, 2/3, 2/2 -> quartiles of (0.667, 1, 2)
     assert out["b"]["tokens_per_s_ratio_quartiles"] == pytest.approx([5 / 6, 1.0, 1.5])
     assert out["b"]["tokens_per_s_ratio"] == pytest.approx(1.0)  # 200 / 2 (median) vs 100 / 1
+
+
+def test_alternate_defaults_to_two_warm_up_and_ten_timed_rounds_and_ticks_after_each(clock):
+    calls, ticks = [], []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    out = alternate(fns, tick=lambda: ticks.append(len(calls)))
+    assert calls == ["a", "b"] * 12  # A B A B ...
+    assert ticks == [2 * (i + 1) for i in range(12)]  # after every round, warm-up rounds included
+    assert out == {"a": 0.0, "b": 0.0}
+    assert len(alternate_rounds(fns)["a"]) == 10

@@ -65,7 +65,7 @@ TESTS: dict[str, list[str]] = {
     "training": ["tests/test_budget.py", "tests/test_throughput.py", "tests/test_display.py", "tests/test_time_clock.py",
                  "tests/test_first_hour.py", "tests/test_train.py", "tests/test_default_recipe.py"],
     "bench": ["tests/test_bench.py", "tests/test_bench_clock.py", "tests/test_bench_spread.py",
-              "tests/test_step_speed.py", "tests/test_bench_environment.py"],
+              "tests/test_step_speed.py"],  # (test_bench_environment reads benchmarks/, not copied)
     "compare": ["tests/test_compare_study.py", "tests/test_compare_report.py", "tests/test_compare.py",
                 "tests/test_compare_two_stage.py",
                 "tests/test_time_clock.py", "tests/test_default_recipe.py"],
