@@ -155,3 +155,61 @@ def test_recipe_study_plans_equal_flops_at_equal_active_parameters():
             assert max(active.values()) / min(active.values()) < 1.02, active
             auxfree = next(s for s in specs if s.arm == "fine-shared-auxfree").config.model.moe.router
             assert auxfree.aux_loss_coef == 0 and auxfree.bias_update_rate > 0
+
+
+def test_harness_collects_routing_statistics_when_asked_and_on_logging_steps():
+    h = StepHarness.build(_tiny(**{"train.log_every": "2"}))
+    assert "load_cv" in h(collect_stats=True)
+    assert "load_cv" not in h(collect_stats=False)
+    assert "load_cv" in h()  # step 2: a logging step
+    assert "load_cv" not in h()  # step 3: not one
+
+
+def test_profile_runs_its_steps_with_the_requested_statistics(monkeypatch):
+    h = StepHarness.build(_tiny())
+    seen = []
+    real = StepHarness.__call__
+
+    def spy(self, collect_stats=None):
+        seen.append(collect_stats)
+        return real(self, collect_stats)
+
+    monkeypatch.setattr(StepHarness, "__call__", spy)
+    profile_step(h, steps=2, warmup=1, collect_stats=True)
+    assert seen == [True, True, True]
+
+
+def test_profile_figures_are_per_step_sorted_and_count_host_reads_exactly():
+    from torch.profiler import ProfilerActivity, profile
+
+    h = StepHarness.build(_tiny())
+    h(False)
+    with profile(activities=[ProfilerActivity.CPU]) as own:  # the same step, counted independently
+        h(False)
+    reads = sum(e.name == "aten::_local_scalar_dense" for e in own.events())
+    assert reads >= 3
+    prof = profile_step(h, steps=2, warmup=0, collect_stats=False)
+    assert prof["syncs_per_step"]["aten::_local_scalar_dense"] == reads
+    cats = prof["categories_ms_per_step"]
+    assert sum(cats.values()) == pytest.approx(prof["total_ms_per_step"], rel=1e-6)  # both per step (2 steps)
+    assert list(cats.values()) == sorted(cats.values(), reverse=True)
+    assert list(prof["ops_ms_per_step"].values()) == sorted(prof["ops_ms_per_step"].values(), reverse=True)
+    assert not any(op.startswith(("autograd::", "Optimizer.")) for op in prof["ops_ms_per_step"])
+    text = format_profile("tiny", prof)
+    shown = [float(line.rsplit(" ms ", 1)[0].split()[-1]) for line in text.splitlines()[1:]
+             if line.rstrip().endswith("%")]
+    assert shown == sorted(shown, reverse=True) and len(shown) >= 4
+    assert "  top backward functions: " in text
+
+
+def test_profile_categories_of_modules():
+    from moekit.bench.step import _category_of
+    from moekit.models import LanguageModel
+
+    model = LanguageModel(_tiny().model)
+    by_class = {type(m).__name__: _category_of(m) for m in model.modules()}
+    assert {c for n, c in by_class.items() if "Attention" in n} == {"attention"}
+    assert by_class["Embedding"] == "embedding"
+    assert by_class[type(model).__name__] is None
+    assert _category_of(torch.nn.RMSNorm(4)) == "norms" and _category_of(torch.nn.LayerNorm(4)) == "norms"
+    assert _category_of(torch.nn.Linear(2, 2)) is None
