@@ -79,3 +79,30 @@ def test_bench_engine_check_lets_auto_through():
     assert _check_engines(("auto", "sorted", "sorted_blocked"), "cpu", torch.float32) is None
     with pytest.raises(UsageError, match="did you mean 'sorted'"):
         _check_engines(("auto", "sortd"), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("load,clock,device,warned", [
+    (2.0, "wall", "cpu", True), (7.5, "wall", "cpu", True), (1.99, "wall", "cpu", False),
+    (5.0, "cpu", "cpu", False), (5.0, "wall", "cuda", False)])
+def test_a_busy_machine_gets_a_note_about_wall_clock_noise(monkeypatch, load, clock, device, warned):
+    import os
+
+    from moekit.cli.bench import busy_machine_note
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    note = busy_machine_note(clock, device == "cuda")
+    if warned:
+        assert note == (f"note: load average {load:.1f} on 2 cores: other processes share this CPU, so wall-clock "
+                        "ratios move between runs (compare with the q1-q3 column); --clock cpu --threads 1 is steadier")
+    else:
+        assert note is None
+
+
+def test_bench_prints_the_busy_note_on_stderr(monkeypatch, capsys):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert main(["bench", "--quick", "--tokens", "32", "--repeats", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "note: load average 9.0" in captured.err and "note:" not in captured.out

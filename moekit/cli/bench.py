@@ -12,7 +12,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import sys
 
 from .common import add_threads_argument, apply_threads
 
@@ -70,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     engines = tuple(args.engines or (("sorted", "grouped_mm") if gpu else ("sorted", "sorted_blocked")))
     _check_engines(engines, args.device, dtype)
     _check_memory(shapes, tokens, engines, gpu)
+    note = busy_machine_note(args.clock, gpu)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     rounds_per_shape = 2 * (repeats + 2)
     bar = Progress(len(shapes) * rounds_per_shape, 0, enabled=not args.no_progress, unit="round", desc="bench ")
     done = [0]
@@ -92,6 +97,18 @@ def run(args: argparse.Namespace) -> int:
         write_json(path, results)
         print(f"wrote {path}")
     return 0
+
+
+def busy_machine_note(clock: str, gpu: bool) -> str | None:
+    """A warning for a CPU benchmark on the wall clock when, before timing starts, the 1-minute load average is at
+    least the number of cores: other processes are running, and wall-clock ratios then move from run to run."""
+    if gpu or clock != "wall" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cores:
+        return None
+    return (f"note: load average {load:.1f} on {cores} cores: other processes share this CPU, so wall-clock ratios "
+            f"move between runs (compare with the q1-q3 column); --clock cpu --threads 1 is steadier")
 
 
 def _check_engines(engines: tuple[str, ...], device: str, dtype) -> None:
