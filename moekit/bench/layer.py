@@ -171,8 +171,8 @@ def format_table(result: dict) -> str:
              f"{'candidate':<24}{'fwd ms':>10}{'fwd x':>8}{'fwd+bwd ms':>12}{'fwd+bwd x':>11}"
              f"{'per-round x q1-q3':>19}{'mem x':>8}"]
     for n, r in result["results"].items():
-        q = r.get("train_ratio_quartiles")
-        spread = f"{q[0]:.2f}-{q[2]:.2f}" if q else "-"
+        q = r["train_ratio_quartiles"]
+        spread = f"{q[0]:.2f}-{q[2]:.2f}"
         lines.append(f"{n:<24}{r['forward_s'] * 1e3:>10.1f}{r['forward_ratio']:>8.2f}"
                      f"{r['train_s'] * 1e3:>12.1f}{r['train_ratio']:>11.2f}{spread:>19}{r['memory_ratio']:>8.2f}")
     lines.append("(fwd+bwd x: ratio of medians; q1-q3: quartiles of the ratio to dense-equivalent taken round by "

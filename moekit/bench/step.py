@@ -75,12 +75,9 @@ def compare_steps(harnesses: dict[str, StepHarness], repeats: int = 8, warmup: i
     times = {n: statistics.median(ts) for n, ts in rounds.items()}
     first = next(iter(harnesses))
     rate = {n: harnesses[n].tokens_per_step / t for n, t in times.items()}
-    # tokens/s ratio of a round = (tokens_n / t_n) / (tokens_first / t_first): per-round time ratios of the first
-    # to each, scaled by the tokens per step
-    inverse = paired_ratios({n: [1 / t for t in ts] for n, ts in rounds.items()}, first)
-    scale = {n: harnesses[n].tokens_per_step / harnesses[first].tokens_per_step for n in harnesses}
+    spread = paired_ratios({n: [harnesses[n].tokens_per_step / t for t in ts] for n, ts in rounds.items()}, first)
     return {n: {"step_s": times[n], "tokens_per_s": rate[n], "tokens_per_s_ratio": rate[n] / rate[first],
-                "tokens_per_s_ratio_quartiles": [q * scale[n] for q in inverse[n]]}
+                "tokens_per_s_ratio_quartiles": list(spread[n])}
             for n in harnesses}
 
 

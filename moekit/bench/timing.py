@@ -39,8 +39,8 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: i
 
 
 def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
-    """Per round, each function's seconds divided by ``base``'s in the same round; their quartiles
-    ``(q1, median, q3)`` per function. Pairing by round cancels what slows a whole round (another process on the
+    """Per round, each function's value (seconds, or a rate) divided by ``base``'s in the same round; their
+    quartiles ``(q1, median, q3)`` per function. Pairing by round cancels what slows a whole round (another process on the
     machine), so the quartiles show how far a ratio moves within one run: a difference between two candidates
     inside that range is noise. (The median of these ratios can differ from the ratio of the medians.)"""
     out = {}

@@ -141,7 +141,7 @@ class _BlockedMoEFFN(torch.autograd.Function):
         w_N1 = weights_N.to(grad_y_TD.dtype)[:, None]
         scale_hidden = _scale_hidden(F_, D, b_down)
         g_buf = _gather_buffer(grad_y_TD, counts, ctx.block_rows)
-        x_buf = _gather_buffer(x_TD, counts, ctx.block_rows)
+        x_buf = _gather_buffer(x_TD, counts, ctx.block_rows) if grad_up is not None or grad_gate is not None else None
         for e, rows, first in row_blocks(counts, ctx.block_rows):
             tok_n = token_N[rows]
             g_nD = _gather(grad_y_TD, tok_n, g_buf)
