@@ -193,3 +193,27 @@ def test_gemm_floor_script_writes_the_environment(tmp_path, monkeypatch):
     _check(data["environment"])
     assert [r["shape"] for r in data["results"]] == ["tiny"]
     _check(data["results"][0]["environment"])
+
+
+def test_trained_step_speed_script_times_two_trained_runs(tmp_path, capsys):
+    from moekit.cli.main import main as moekit_main
+
+    spec = importlib.util.spec_from_file_location("trained_step_speed_under_test", BENCHMARKS / "trained_step_speed.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in ("a", "b"):
+        assert moekit_main(["train", "--preset", "tiny", "--out", str(tmp_path / name), "--train.max_steps=2",
+                            "--train.batch_size=2", "--no-progress"]) == 0
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    try:
+        assert script.main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--repeats", "1", "--out", str(out)]) == 0
+        with pytest.raises(SystemExit, match="expected NAME=RUN_DIR with RUN_DIR/config.json, got 'c=nowhere'"):
+            script.main(["c=nowhere", f"a={tmp_path / 'a'}"])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(out.read_text())
+    _check(data["environment"])
+    assert data["timing"]["a"]["tokens_per_s_ratio"] == 1.0 and data["timing"]["b"]["tokens_per_s"] > 0
+    assert "x1.000 of a's" in capsys.readouterr().out
