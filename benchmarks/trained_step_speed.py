@@ -1,7 +1,7 @@
 """Training-step speed of trained runs, alternated (A B A B ..., medians and per-round quartiles), issue 20.
 
     python benchmarks/trained_step_speed.py NAME=RUN_DIR NAME=RUN_DIR ... [--repeats 20] [--threads 1]
-        [--clock cpu|wall] [--out docs/results/trained_step_speed.json]
+        [--clock cpu|wall] [--no-progress] [--out docs/results/trained_step_speed.json]
 
 Each ``RUN_DIR`` is a ``moekit train`` (or ``moekit compare``) run folder: its model is built from its
 ``config.json`` and loaded from its latest checkpoint (weights and optimizer), then every run trains on, step by
@@ -24,6 +24,7 @@ from moekit.bench.timing import run_environment
 from moekit.runtime import tune_cpu_allocator
 from moekit.training.checkpoint import load_checkpoint
 from moekit.training.config import run_config_from_dict
+from moekit.training.metrics import Progress
 from moekit.training.runfiles import write_json
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     runs = dict(_run(spec) for spec in args.runs)
     if len(runs) < 2:
@@ -52,7 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         h = StepHarness.build(run_config_from_dict(json.loads((folder / "config.json").read_text())))
         load_checkpoint(folder, h.model, h.optimizer)
         harnesses[name] = h
-    out = compare_steps(harnesses, repeats=args.repeats, clock=args.clock)
+    rounds = args.repeats + 2  # compare_steps' two warm-up rounds included
+    bar = Progress(rounds, 0, enabled=not args.no_progress, unit="round", desc="steps ")
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        bar.update(done[0])
+
+    try:
+        out = compare_steps(harnesses, repeats=args.repeats, clock=args.clock, tick=tick)
+    finally:
+        bar.close()
     first = next(iter(runs))
     for name, r in out.items():
         q = r["tokens_per_s_ratio_quartiles"]
